@@ -1,0 +1,392 @@
+"""Our wrapper around pysyncobj 0.3.17: the replicated log that carries MailState's commands.
+
+pysyncobj as shipped is unsafe for us in ways ../shared/research/pysyncobj.md documents; each fix
+lives here, in our own code, with a test that reproduces the defect:
+
+* Journal tail dropped on restart (report §3.3): a snapshot written by a fork child that outlived
+  its killed parent is newer than the journal head, and `__loadDumpFile` then clears the whole
+  journal, committed entries included. `_SyncObj__loadDumpFile` below first cuts the journal only
+  up to the snapshot point, keeping every newer entry.
+  (tests/test_raft_wrapper.py::test_restart_keeps_journal_tail_newer_than_snapshot)
+* Snapshots are pickle, gzip level 9, and written in the tick thread when customised (§4.1, §4.2):
+  `SnapshotFile` writes msgpack (zlib level 1) in a forked child that closes every inherited socket
+  (so an orphaned child cannot hold the node's ports, §3.3 point 5), fsyncs, then renames.
+* The Raft port trusts whoever connects (§7): a password (Fernet) is mandatory and the port binds
+  the configured address only, never 0.0.0.0.
+* Positional method ids (§9.6): exactly one replicated method takes a msgpack command.
+* Tick thread dies with its creator thread (§9.11): we run our own tick thread.
+* Unbounded waits (§2.6): commandsWaitLeader=False; callers bound their own waits.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.node import TCPNode
+
+from .state import MailState
+
+log = logging.getLogger("raftmail.raft")
+
+SNAPSHOT_MAGIC = b"RMSNAP1\n"
+
+ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+
+
+class SnapshotFile:
+    """pysyncobj's serializer interface, backed by our msgpack snapshot file.
+
+    pysyncobj calls `serialize` from its tick thread when it compacts the log, `checkSerializing`
+    on every tick, `deserialize` when it loads the file at start or after receiving it from the
+    leader, and the transmission methods to stream the file to a follower that is far behind.
+    """
+
+    def __init__(self, path: Path, chunk_bytes: int, snapshot_state: Callable[[], bytes],
+                 load_state: Callable[[bytes], None], fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.chunk_bytes = chunk_bytes
+        self._snapshot_state = snapshot_state
+        self._load_state = load_state
+        self._fsync = fsync
+        self._pid = 0
+        self._current_id = None
+        self._outgoing: dict[Any, Any] = {}
+        self._incoming = None
+        self._peeked: tuple | None = None
+        self.last_duration: float | None = None
+        self._started = 0.0
+
+    # -- writing (log compaction)
+
+    def serialize(self, data: tuple, entry_id: int) -> None:
+        if self._pid != 0:
+            return
+        _, last, prev, cluster = data
+        self._current_id = entry_id
+        self._started = time.monotonic()
+        read_fd, write_fd = -1, -1
+        pid = os.fork()
+        if pid:
+            self._pid = pid
+            return
+        # Child: only this thread exists. Never take locks other threads may have held at fork.
+        code = 1
+        try:
+            tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            _close_inherited_fds(keep=fd)
+            blob = encode_snapshot(self._snapshot_state(), last, prev, [str(n) for n in cluster])
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+                f.flush()
+                if self._fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            if self._fsync:
+                _fsync_dir(self.path.parent)
+            code = 0
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+
+    def checkSerializing(self) -> tuple[int, Any]:
+        if self._pid == 0:
+            return SERIALIZER_STATE.NOT_SERIALIZING, None
+        try:
+            rpid, status = os.waitpid(self._pid, os.WNOHANG)
+        except ChildProcessError:
+            self._pid = 0
+            return SERIALIZER_STATE.FAILED, self._current_id
+        if rpid == 0:
+            return SERIALIZER_STATE.SERIALIZING, self._current_id
+        self._pid = 0
+        if os.waitstatus_to_exitcode(status) == 0:
+            self._outgoing = {}
+            self.last_duration = time.monotonic() - self._started
+            return SERIALIZER_STATE.SUCCESS, self._current_id
+        log.error("snapshot child failed (status %s)", status)
+        return SERIALIZER_STATE.FAILED, self._current_id
+
+    # -- reading
+
+    def peek(self) -> tuple:
+        """Decode the file once; `deserialize` reuses it (our journal fix reads it first)."""
+        if self._peeked is None:
+            state_blob, last, prev, cluster = decode_snapshot(self.path.read_bytes())
+            # pysyncobj compares members as Node objects; a bare string would add ourselves as a peer.
+            self._peeked = state_blob, last, prev, [TCPNode(a) for a in cluster]
+        return self._peeked
+
+    def deserialize(self) -> tuple:
+        state_blob, last, prev, cluster = self.peek()
+        self._peeked = None
+        self._load_state(state_blob)
+        return None, last, prev, cluster
+
+    # -- streaming to a follower that needs the snapshot
+
+    def getTransmissionData(self, tid: Any):
+        if self._pid != 0:
+            return None
+        t = self._outgoing.get(tid)
+        if t is None:
+            try:
+                t = self._outgoing[tid] = [open(self.path, "rb"), 0]
+            except OSError:
+                log.exception("cannot open snapshot for transmission")
+                return None
+        is_first = t[1] == 0
+        try:
+            data = t[0].read(self.chunk_bytes)
+        except OSError:
+            log.exception("cannot read snapshot for transmission")
+            self._drop(tid)
+            return False
+        t[1] += len(data)
+        is_last = not data
+        if is_last:
+            self._drop(tid)
+        return data, is_first, is_last
+
+    def cancelTransmisstion(self, tid: Any) -> None:  # pysyncobj's spelling
+        self._drop(tid)
+
+    def _drop(self, tid: Any) -> None:
+        t = self._outgoing.pop(tid, None)
+        if t is not None:
+            t[0].close()
+
+    def setTransmissionData(self, data) -> bool:
+        if data is None:
+            return False
+        chunk, is_first, is_last = data
+        tmp = self.path.with_name(self.path.name + ".incoming.tmp")
+        if is_first:
+            if self._incoming is not None:
+                self._incoming.close()
+            self._incoming = open(tmp, "wb")
+        elif self._incoming is None:
+            return False
+        try:
+            self._incoming.write(chunk)
+            if not is_last:
+                return False
+            self._incoming.flush()
+            if self._fsync:
+                os.fsync(self._incoming.fileno())
+            self._incoming.close()
+            self._incoming = None
+            decode_snapshot(tmp.read_bytes())  # refuse a damaged transfer before it replaces ours
+            os.replace(tmp, self.path)
+            self._peeked = None
+            return True
+        except Exception:
+            log.exception("received snapshot is unusable; waiting for the leader to resend")
+            if self._incoming is not None:
+                self._incoming.close()
+            self._incoming = None
+            return False
+
+
+def encode_snapshot(state_blob: bytes, last: tuple, prev: tuple, cluster: list[str]) -> bytes:
+    body = msgpack.packb([state_blob, list(last), list(prev), cluster], use_bin_type=True)
+    packed = zlib.compress(body, 1)
+    return SNAPSHOT_MAGIC + len(packed).to_bytes(8, "big") + zlib.crc32(packed).to_bytes(4, "big") + packed
+
+
+def decode_snapshot(raw: bytes) -> tuple:
+    if not raw.startswith(SNAPSHOT_MAGIC):
+        raise ValueError("not a raftmail snapshot")
+    n = int.from_bytes(raw[8:16], "big")
+    crc = int.from_bytes(raw[16:20], "big")
+    packed = raw[20:20 + n]
+    if len(packed) != n or zlib.crc32(packed) != crc:
+        raise ValueError("snapshot is truncated or corrupt")
+    state_blob, last, prev, cluster = msgpack.unpackb(zlib.decompress(packed), raw=False)
+    return state_blob, tuple(last), tuple(prev), cluster
+
+
+def _close_inherited_fds(keep: int) -> None:
+    """In a fork child: release every socket and file of the node (keeps stdio and `keep`)."""
+    try:
+        fds = [int(x) for x in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 4096))
+    for fd in fds:
+        if fd > 2 and fd != keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class RaftNode(SyncObj):
+    """One member of the cluster: pysyncobj plus MailState, with our fixes."""
+
+    def __init__(self, self_addr: str, peer_addrs: list[str], data_dir: Path, *, password: str,
+                 election_timeout_min: float = 0.4, election_timeout_max: float = 1.4,
+                 heartbeat_interval: float = 0.1, connection_timeout: float = 3.5,
+                 compaction_min_entries: int = 5000, compaction_min_seconds: float = 300.0,
+                 snapshot_chunk_bytes: int = 262144, commands_queue_size: int = 1000,
+                 fsync_snapshots: bool = True,
+                 on_role_change: Callable[[str, str], None] | None = None) -> None:
+        if not password:
+            raise ValueError("a cluster secret is required: pysyncobj unpickles what reaches its port")
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # Attributes set before SyncObj.__init__ are not part of pysyncobj's own snapshot data; ours
+        # are snapshotted by SnapshotFile through MailState.to_snapshot.
+        self.state_lock = threading.Lock()
+        self.state = MailState()
+        self._on_role_change = on_role_change
+        self._stopping = threading.Event()
+        self.leader_changes = 0
+        self.tick_errors = 0
+        self.snapshot_path = data_dir / "snapshot.bin"
+        conf = SyncObjConf(
+            journalFile=str(data_dir / "journal.bin"),
+            # Always set with journalFile (report §3.4); SnapshotFile replaces the pickle writer.
+            fullDumpFile=str(self.snapshot_path),
+            password=password,
+            bindAddress=self_addr,
+            autoTick=False,
+            appendEntriesUseBatch=False,
+            commandsWaitLeader=False,
+            commandsQueueSize=commands_queue_size,
+            raftMinTimeout=election_timeout_min,
+            raftMaxTimeout=election_timeout_max,
+            appendEntriesPeriod=heartbeat_interval,
+            connectionTimeout=connection_timeout,
+            logCompactionMinEntries=compaction_min_entries,
+            logCompactionMinTime=compaction_min_seconds,
+            logCompactionBatchSize=snapshot_chunk_bytes,
+            dynamicMembershipChange=True,
+            bindRetryTime=0.5,
+            maxBindRetries=6,
+            onStateChanged=self._role_changed,
+        )
+        self._tick_period = min(0.05, heartbeat_interval / 2)
+        super().__init__(self_addr, [p for p in peer_addrs if p != self_addr], conf)
+        self.snapshots = SnapshotFile(self.snapshot_path, snapshot_chunk_bytes,
+                                      self._snapshot_state, self._load_state, fsync=fsync_snapshots)
+        self._SyncObj__serializer = self.snapshots
+        self._tick_thread = threading.Thread(target=self._tick_loop, name="raft-tick", daemon=True)
+        self._tick_thread.start()
+
+    # -- the one replicated method
+
+    @replicated
+    def _command(self, blob: bytes) -> Any:
+        with self.state_lock:
+            return self.state.apply_blob(blob)
+
+    def submit(self, blob: bytes, callback: Callable[[Any, int], None]) -> None:
+        """Queue a msgpack command for replication; `callback(result, err)` runs on the tick thread
+        (QUEUE_FULL inline). err is a pysyncobj FAIL_REASON."""
+        self._command(blob, callback=callback)
+
+    def read(self, fn: Callable[[MailState], Any]) -> Any:
+        """Run `fn` on the state under the apply lock (the tick thread mutates it)."""
+        with self.state_lock:
+            return fn(self.state)
+
+    # -- snapshots
+
+    def _snapshot_state(self) -> bytes:
+        return self.state.to_snapshot()  # fork child: no other thread, no lock needed
+
+    def _load_state(self, blob: bytes) -> None:
+        loaded = MailState.from_snapshot(blob)
+        with self.state_lock:
+            self.state = loaded
+
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
+        """Fix for report §3.3: keep journal entries newer than the snapshot."""
+        if not clearJournal:
+            try:
+                self._keep_journal_tail()
+            except Exception:
+                log.exception("could not align the journal with the snapshot")
+        SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+
+    def _keep_journal_tail(self) -> None:
+        _, last, prev, _ = self.snapshots.peek()
+        journal = self._SyncObj__raftLog
+        if len(journal) < 2:
+            return
+        p = prev[1] - journal[0][1]
+        if 0 < p < len(journal) - 1 and tuple(journal[p]) == tuple(prev) and tuple(journal[p + 1]) == tuple(last):
+            log.warning("snapshot at %d is newer than the journal head %d: trimming the journal to it, "
+                        "keeping %d newer entries", last[1], journal[0][1], len(journal) - p - 2)
+            journal.deleteEntriesTo(p)
+
+    # -- the tick thread
+
+    def _tick_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.doTick(self._tick_period)
+            except Exception:
+                self.tick_errors += 1
+                log.exception("raft tick failed")
+                time.sleep(self._tick_period)
+        try:
+            self._doDestroy()
+        except Exception:
+            log.exception("raft shutdown failed")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        self._tick_thread.join(timeout)
+
+    def _role_changed(self, old: int, new: int) -> None:
+        if new == 2 or old == 2:
+            self.leader_changes += 1
+        log.info("raft role %s -> %s (term %s)", ROLE_NAMES.get(old), ROLE_NAMES.get(new),
+                 self.raftCurrentTerm)
+        if self._on_role_change is not None:
+            self._on_role_change(ROLE_NAMES.get(old, "?"), ROLE_NAMES.get(new, "?"))
+
+    # -- introspection
+
+    def raft_status(self) -> dict:
+        s = self.getStatus()
+        leader = s.get("leader")
+        return {
+            "role": ROLE_NAMES.get(s.get("state"), "unknown"),
+            "term": s.get("raft_term"),
+            "leader_addr": str(leader) if leader is not None else None,
+            "commit_index": s.get("commit_idx"),
+            "applied_index": s.get("last_applied"),
+            "leader_commit_index": s.get("leader_commit_idx"),
+            "log_len": s.get("log_len"),
+            "has_quorum": bool(s.get("has_quorum")),
+            "partners_connected": [str(k)[len("partner_node_status_server_"):]
+                                   for k, v in s.items()
+                                   if str(k).startswith("partner_node_status_server_") and v == 2],
+            "leader_changes": self.leader_changes,
+            "snapshot_seconds": self.snapshots.last_duration,
+        }
+
+    def is_leader(self) -> bool:
+        return self._isLeader()
+
+
+FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if isinstance(v, int)}

@@ -1,0 +1,597 @@
+"""The replicated state machine: every state transition of raftmail happens here.
+
+Pure and deterministic. No clock, no randomness, no I/O: time, ids and jitter arrive inside the
+command, made by the proposing node. `apply()` never raises; a bad command is refused with the same
+result on every replica. The state holds metadata only (bodies live in each node's body store,
+referenced by sha256), kept compact so a million queued recipients snapshot to a few MB.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from typing import Any, Iterator
+
+import msgpack
+
+from .outcomes import (
+    BOUNCED,
+    CANCELLED,
+    DEFERRED,
+    DELIVERED,
+    EXPIRED,
+    FINAL_STATES,
+    IN_FLIGHT,
+    PENDING,
+    STATE_NAMES,
+    SUPPRESSED,
+    classify,
+)
+
+SCHEMA_VERSION = 1
+N_STATES = len(STATE_NAMES)
+# Outcomes of a recipient whose batch went away before it reported (lease expiry, release).
+_WAITING = (PENDING, DEFERRED)
+
+# Bounds on what one command may carry: entries stay small, so Raft stays fast.
+MAX_SUBMISSIONS_PER_COMMAND = 1000
+MAX_ITEMS_PER_COMMAND = 5000
+MAX_TEXT = 200  # reply text kept per recipient
+
+
+class CommandRefused(Exception):
+    """A command that is invalid: refused identically on every replica, state unchanged."""
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+class Submission:
+    """One accepted SMTP transaction: envelope, body hash, and a compact state per recipient."""
+
+    __slots__ = ("id", "campaign", "sender", "body", "size", "accepted_at", "rcpts", "states",
+                 "detail", "counts", "finished_at", "next_due")
+
+    def __init__(self, sid: str, campaign: str, sender: str, body: str, size: int,
+                 accepted_at: float, rcpts: list[str]) -> None:
+        self.id = sid
+        self.campaign = campaign
+        self.sender = sender
+        self.body = body
+        self.size = size
+        self.accepted_at = accepted_at
+        self.rcpts = rcpts
+        self.states = bytearray(len(rcpts))  # all PENDING (0)
+        # Sparse per-recipient detail, only for recipients with an attempt: [attempts, next_at, code, text]
+        self.detail: dict[int, list] = {}
+        self.counts = [0] * N_STATES
+        self.counts[PENDING] = len(rcpts)
+        self.finished_at: float | None = None
+        # Earliest retry time among DEFERRED recipients, or earlier. A derived cache for the
+        # scheduler's scan: never snapshotted, never read by a transition.
+        self.next_due: float | None = None
+
+    def waiting(self) -> int:
+        return self.counts[PENDING] + self.counts[DEFERRED]
+
+    def to_wire(self) -> list:
+        return [self.id, self.campaign, self.sender, self.body, self.size, self.accepted_at,
+                self.rcpts, bytes(self.states), {k: v for k, v in self.detail.items()},
+                self.counts, self.finished_at]
+
+    @classmethod
+    def from_wire(cls, w: list) -> "Submission":
+        s = cls(w[0], w[1], w[2], w[3], w[4], w[5], list(w[6]))
+        s.states = bytearray(w[7])
+        s.detail = {int(k): list(v) for k, v in w[8].items()}
+        s.counts = list(w[9])
+        s.finished_at = w[10]
+        due = [d[1] for i, d in s.detail.items() if s.states[i] == DEFERRED]
+        s.next_due = min(due) if due else None
+        return s
+
+
+class Batch:
+    """Recipients of one domain leased to one node. The batch id is the fencing token."""
+
+    __slots__ = ("id", "node", "domain", "items", "lease_until", "term", "assigned_at")
+
+    def __init__(self, bid: str, node: str, domain: str, items: dict[tuple[str, int], None],
+                 lease_until: float, term: int, assigned_at: float) -> None:
+        self.id = bid
+        self.node = node
+        self.domain = domain
+        self.items = items  # ordered: (submission id, recipient index)
+        self.lease_until = lease_until
+        self.term = term
+        self.assigned_at = assigned_at
+
+    def to_wire(self) -> list:
+        return [self.id, self.node, self.domain, [list(k) for k in self.items], self.lease_until,
+                self.term, self.assigned_at]
+
+    @classmethod
+    def from_wire(cls, w: list) -> "Batch":
+        return cls(w[0], w[1], w[2], {(k[0], k[1]): None for k in w[3]}, w[4], w[5], w[6])
+
+
+class Campaign:
+    __slots__ = ("id", "created_at", "paused", "cancelled", "submissions", "counts")
+
+    def __init__(self, cid: str, created_at: float) -> None:
+        self.id = cid
+        self.created_at = created_at
+        self.paused = False
+        self.cancelled = False
+        self.submissions: list[str] = []
+        self.counts = [0] * N_STATES
+
+    def to_wire(self) -> list:
+        return [self.id, self.created_at, self.paused, self.cancelled, self.submissions, self.counts]
+
+    @classmethod
+    def from_wire(cls, w: list) -> "Campaign":
+        c = cls(w[0], w[1])
+        c.paused, c.cancelled, c.submissions, c.counts = w[2], w[3], list(w[4]), list(w[5])
+        return c
+
+
+class MailState:
+    """The campaign queue and per-recipient send state, replicated by Raft."""
+
+    def __init__(self) -> None:
+        self.schema = SCHEMA_VERSION
+        self.submissions: dict[str, Submission] = {}
+        self.campaigns: dict[str, Campaign] = {}
+        # Submissions with recipients PENDING or DEFERRED, in acceptance order (scheduler's scan list).
+        self.open: dict[str, None] = {}
+        self.batches: dict[str, Batch] = {}
+        self.batch_seq = 0
+        self.domain_batches: dict[str, int] = {}  # in-flight batches per domain (max_connections)
+        self.domain_recent: dict[str, deque] = {}  # domain -> [(assigned_at, n)] (max_per_minute)
+        self.suppressed: dict[str, list] = {}  # address (lowercase) -> [code, text, at]
+        self.dedupe: dict[str, list] = {}  # idempotency key -> [submission id, accepted_at]
+        self.counts = [0] * N_STATES  # recipients per state, whole cluster
+        self.stats = {"lease_expiries": 0, "reassigned_in_flight": 0, "fenced_reports": 0,
+                      "duplicates_refused": 0, "commands_refused": 0}
+        self.delivered_minutes: dict[int, int] = {}  # minute -> recipients delivered (last hour)
+        self.applied = 0  # commands applied (a cheap progress counter for status and tests)
+
+    # ---------------------------------------------------------------- entry point
+
+    def apply(self, command: dict) -> Any:
+        """Apply one decoded command. Never raises; refusals are results."""
+        self.applied += 1
+        op = command.get("op") if isinstance(command, dict) else None
+        handler = _HANDLERS.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self.stats["commands_refused"] += 1
+            return {"error": f"unknown command {op!r}"}
+        try:
+            return handler(self, command)
+        except CommandRefused as e:
+            self.stats["commands_refused"] += 1
+            return {"error": str(e)}
+        except Exception as e:  # a bug must not wedge the log: every replica fails the same way
+            self.stats["commands_refused"] += 1
+            return {"error": f"{type(e).__name__}: {e}"}
+
+    def apply_blob(self, blob: bytes) -> Any:
+        try:
+            command = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        except Exception as e:
+            self.applied += 1
+            self.stats["commands_refused"] += 1
+            return {"error": f"undecodable command: {type(e).__name__}"}
+        return self.apply(command)
+
+    # ---------------------------------------------------------------- transitions
+
+    def _set(self, sub: Submission, idx: int, new: int, now: float) -> None:
+        """The one place a recipient changes state; keeps every counter and index in step."""
+        old = sub.states[idx]
+        if old == new:
+            return
+        sub.states[idx] = new
+        camp = self.campaigns[sub.campaign]
+        for counts in (sub.counts, camp.counts, self.counts):
+            counts[old] -= 1
+            counts[new] += 1
+        if sub.waiting():
+            self.open[sub.id] = None
+        else:
+            self.open.pop(sub.id, None)
+        if new in FINAL_STATES and sub.counts[IN_FLIGHT] == 0 and not sub.waiting():
+            sub.finished_at = now
+        if new == DELIVERED:
+            minute = int(now // 60)
+            self.delivered_minutes[minute] = self.delivered_minutes.get(minute, 0) + 1
+
+    def _return_to_queue(self, sub: Submission, idx: int, now: float) -> None:
+        """A leased recipient that was not reported: back to the queue, or cancelled."""
+        if self.campaigns[sub.campaign].cancelled:
+            self._set(sub, idx, CANCELLED, now)
+        else:
+            self._set(sub, idx, PENDING, now)
+
+    def _end_batch(self, batch: Batch) -> None:
+        del self.batches[batch.id]
+        n = self.domain_batches.get(batch.domain, 0) - 1
+        if n > 0:
+            self.domain_batches[batch.domain] = n
+        else:
+            self.domain_batches.pop(batch.domain, None)
+
+    def _op_submit(self, c: dict) -> list:
+        now = _num(c, "now")
+        window = _num(c, "window")
+        max_queued = int(_num(c, "max_queued"))
+        subs = c.get("subs")
+        if not isinstance(subs, list) or not 0 < len(subs) <= MAX_SUBMISSIONS_PER_COMMAND:
+            raise CommandRefused("submit: subs must be a non-empty list")
+        self._prune_dedupe(now - window)
+        results = []
+        for s in subs:
+            results.append(self._submit_one(s, now, max_queued))
+        return results
+
+    def _submit_one(self, s: dict, now: float, max_queued: int) -> list:
+        try:
+            sid, campaign, sender, body = (_str(s, k) for k in ("id", "campaign", "sender", "body"))
+            size = int(_num(s, "size"))
+            rcpts = s["rcpts"]
+            key = s.get("key")
+            if not isinstance(rcpts, list) or not rcpts or not all(isinstance(r, str) and "@" in r for r in rcpts):
+                raise CommandRefused("rcpts must be a non-empty list of addresses")
+        except (KeyError, TypeError, ValueError, CommandRefused) as e:
+            self.stats["commands_refused"] += 1
+            return ["refused", str(e)]
+        if key is not None and key in self.dedupe:
+            self.stats["duplicates_refused"] += 1
+            return ["duplicate", self.dedupe[key][0]]
+        if sid in self.submissions:
+            return ["duplicate", sid]
+        queued = self.counts[PENDING] + self.counts[DEFERRED] + self.counts[IN_FLIGHT]
+        if queued + len(rcpts) > max_queued:
+            return ["full", None]
+        sub = Submission(sid, campaign, sender, body, size, now, list(rcpts))
+        camp = self.campaigns.get(campaign)
+        if camp is None:
+            camp = self.campaigns[campaign] = Campaign(campaign, now)
+        camp.submissions.append(sid)
+        self.submissions[sid] = sub
+        camp.counts[PENDING] += len(rcpts)
+        self.counts[PENDING] += len(rcpts)
+        self.open[sid] = None
+        for idx, rcpt in enumerate(sub.rcpts):
+            if rcpt.lower() in self.suppressed:
+                self._set(sub, idx, SUPPRESSED, now)
+            elif camp.cancelled:
+                self._set(sub, idx, CANCELLED, now)
+        if key is not None:
+            self.dedupe[key] = [sid, now]
+        return ["ok", sid]
+
+    def _prune_dedupe(self, cutoff: float) -> None:
+        # Keys are inserted in commit order; proposers' clocks differ a little, which only delays pruning.
+        while self.dedupe:
+            key = next(iter(self.dedupe))
+            if self.dedupe[key][1] >= cutoff:
+                break
+            del self.dedupe[key]
+
+    def _op_assign(self, c: dict) -> dict:
+        node, domain = _str(c, "node"), _str(c, "domain")
+        now, lease_until = _num(c, "now"), _num(c, "lease_until")
+        term = int(_num(c, "term"))
+        max_connections = int(_num(c, "max_connections"))
+        max_per_minute = int(_num(c, "max_per_minute"))
+        items = c.get("items")
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS_PER_COMMAND:
+            raise CommandRefused("assign: items must be a non-empty list")
+        if self.domain_batches.get(domain, 0) >= max_connections:
+            return {"batch": None, "reason": "max_connections"}
+        quota = len(items)
+        if max_per_minute > 0:
+            quota = min(quota, max_per_minute - self.sent_last_minute(domain, now))
+            if quota <= 0:
+                return {"batch": None, "reason": "max_per_minute"}
+        chosen: dict[tuple[str, int], None] = {}
+        for item in items:
+            if len(chosen) >= quota:
+                break
+            sid, idx = item[0], item[1]
+            sub = self.submissions.get(sid)
+            if sub is None or not isinstance(idx, int) or not 0 <= idx < len(sub.rcpts):
+                continue
+            if domain_of(sub.rcpts[idx]) != domain:
+                continue
+            camp = self.campaigns[sub.campaign]
+            if camp.paused or camp.cancelled:
+                continue
+            st = sub.states[idx]
+            if st == DEFERRED and sub.detail[idx][1] > now:
+                continue
+            if st not in _WAITING:
+                continue
+            if sub.rcpts[idx].lower() in self.suppressed:
+                self._set(sub, idx, SUPPRESSED, now)
+                continue
+            self._set(sub, idx, IN_FLIGHT, now)
+            chosen[(sid, idx)] = None
+        if not chosen:
+            return {"batch": None, "reason": "nothing eligible"}
+        self.batch_seq += 1
+        bid = f"b{self.batch_seq}"
+        self.batches[bid] = Batch(bid, node, domain, chosen, lease_until, term, now)
+        self.domain_batches[domain] = self.domain_batches.get(domain, 0) + 1
+        if max_per_minute > 0:
+            self.domain_recent.setdefault(domain, deque()).append([now, len(chosen)])
+        return {"batch": bid, "n": len(chosen)}
+
+    def sent_last_minute(self, domain: str, now: float) -> int:
+        """Recipients assigned to `domain` in the 60 s before `now` (prunes older records)."""
+        recent = self.domain_recent.get(domain)
+        if not recent:
+            return 0
+        while recent and recent[0][0] <= now - 60:
+            recent.popleft()
+        if not recent:
+            del self.domain_recent[domain]
+            return 0
+        return sum(n for _, n in recent)
+
+    def _op_renew(self, c: dict) -> dict:
+        batch = self.batches.get(_str(c, "batch"))
+        if batch is None or batch.node != _str(c, "node"):
+            return {"ok": False}
+        batch.lease_until = max(batch.lease_until, _num(c, "lease_until"))
+        return {"ok": True, "lease_until": batch.lease_until}
+
+    def _op_report(self, c: dict) -> dict:
+        """Outcomes of sends. Only the batch's holder may report, only for items it still holds."""
+        now, max_age = _num(c, "now"), _num(c, "max_age")
+        bid, node = _str(c, "batch"), _str(c, "node")
+        results = c.get("results", [])
+        release = c.get("release", [])
+        if not isinstance(results, list) or not isinstance(release, list) \
+                or len(results) + len(release) > MAX_ITEMS_PER_COMMAND:
+            raise CommandRefused("report: results and release must be lists")
+        batch = self.batches.get(bid)
+        if batch is None or batch.node != node:
+            # A fenced-out holder (lease expired, batch reassigned): its sends may be duplicates.
+            self.stats["fenced_reports"] += len(results)
+            return {"accepted": 0, "fenced": len(results)}
+        accepted = fenced = 0
+        suppressed_now = []
+        for r in results:
+            sid, idx, code, enhanced, text, next_at = r[0], r[1], r[2], r[3], r[4], r[5]
+            key = (sid, idx)
+            if key not in batch.items:
+                fenced += 1
+                continue
+            del batch.items[key]
+            sub = self.submissions[sid]
+            accepted += 1
+            text = str(text)[:MAX_TEXT]
+            d = sub.detail.get(idx)
+            if d is None:
+                d = sub.detail[idx] = [0, None, None, None]
+            d[0] += 1
+            d[2], d[3] = int(code), text
+            verdict = classify(int(code), enhanced)
+            if verdict.state == DEFERRED:
+                next_at = float(next_at)
+                if self.campaigns[sub.campaign].cancelled:
+                    self._set(sub, idx, CANCELLED, now)
+                elif next_at > sub.accepted_at + max_age:
+                    self._set(sub, idx, EXPIRED, now)
+                else:
+                    d[1] = next_at
+                    sub.next_due = next_at if sub.next_due is None else min(sub.next_due, next_at)
+                    self._set(sub, idx, DEFERRED, now)
+            else:
+                self._set(sub, idx, verdict.state, now)
+                if verdict.suppress:
+                    addr = sub.rcpts[idx].lower()
+                    if addr not in self.suppressed:
+                        self.suppressed[addr] = [int(code), text, now]
+                        suppressed_now.append(addr)
+        for r in release:
+            key = (r[0], r[1])
+            if key in batch.items:
+                del batch.items[key]
+                self._return_to_queue(self.submissions[r[0]], r[1], now)
+        if fenced:
+            self.stats["fenced_reports"] += fenced
+        if not batch.items:
+            self._end_batch(batch)
+        return {"accepted": accepted, "fenced": fenced, "suppressed": suppressed_now}
+
+    def _op_expire(self, c: dict) -> dict:
+        """Leases that ran out go back to the queue; the proposer's clock is the command's `now`."""
+        now = _num(c, "now")
+        expired = [b for b in self.batches.values() if b.lease_until < now]
+        returned = 0
+        for batch in expired:
+            for sid, idx in batch.items:
+                self._return_to_queue(self.submissions[sid], idx, now)
+                returned += 1
+            self._end_batch(batch)
+        self.stats["lease_expiries"] += len(expired)
+        self.stats["reassigned_in_flight"] += returned
+        return {"expired": [b.id for b in expired], "returned": returned}
+
+    def _campaign(self, c: dict) -> Campaign:
+        camp = self.campaigns.get(_str(c, "campaign"))
+        if camp is None:
+            raise CommandRefused(f"no campaign {c.get('campaign')!r}")
+        return camp
+
+    def _op_pause(self, c: dict) -> dict:
+        camp = self._campaign(c)
+        camp.paused = True
+        return {"ok": True}
+
+    def _op_resume(self, c: dict) -> dict:
+        camp = self._campaign(c)
+        camp.paused = False
+        return {"ok": True}
+
+    def _op_cancel(self, c: dict) -> dict:
+        camp = self._campaign(c)
+        now = _num(c, "now")
+        camp.cancelled = True
+        n = 0
+        for sid in camp.submissions:
+            sub = self.submissions[sid]
+            if not sub.waiting():
+                continue
+            for idx, st in enumerate(sub.states):
+                if st in _WAITING:
+                    self._set(sub, idx, CANCELLED, now)
+                    n += 1
+        return {"ok": True, "cancelled": n}
+
+    def _op_suppress(self, c: dict) -> dict:
+        addr = _str(c, "address").lower()
+        if "@" not in addr:
+            raise CommandRefused("suppress: not an address")
+        self.suppressed.setdefault(addr, [0, str(c.get("reason", "operator"))[:MAX_TEXT], _num(c, "now")])
+        return {"ok": True}
+
+    def _op_unsuppress(self, c: dict) -> dict:
+        return {"ok": self.suppressed.pop(_str(c, "address").lower(), None) is not None}
+
+    def _op_noop(self, c: dict) -> dict:
+        """A write whose only purpose is to learn that this node can commit (the drill, readiness)."""
+        return {"ok": True}
+
+    # ---------------------------------------------------------------- reads (no transitions)
+
+    def eligible(self, now: float, limit: int) -> dict[str, list[list]]:
+        """Recipients that may be assigned now, grouped by domain, oldest submission first."""
+        out: dict[str, list[list]] = {}
+        found = 0
+        for sid in self.open:
+            sub = self.submissions[sid]
+            camp = self.campaigns[sub.campaign]
+            if camp.paused or camp.cancelled:
+                continue
+            if sub.counts[PENDING] == 0 and (sub.next_due is None or sub.next_due > now):
+                continue
+            due_deferred = sub.counts[DEFERRED] and sub.next_due is not None and sub.next_due <= now
+            for idx, st in enumerate(sub.states):
+                if st == PENDING or (due_deferred and st == DEFERRED and sub.detail[idx][1] <= now):
+                    out.setdefault(domain_of(sub.rcpts[idx]), []).append([sid, idx])
+                    found += 1
+                    if found >= limit:
+                        return out
+            if due_deferred:
+                pending_next = [sub.detail[i][1] for i, st in enumerate(sub.states) if st == DEFERRED]
+                sub.next_due = min(pending_next) if pending_next else None  # derived cache only
+        return out
+
+    def batches_for(self, node: str) -> list[Batch]:
+        return [b for b in self.batches.values() if b.node == node]
+
+    def queue_counts(self) -> dict[str, int]:
+        return {name: self.counts[i] for i, name in enumerate(STATE_NAMES)}
+
+    def recipient(self, sid: str, idx: int) -> dict:
+        sub = self.submissions[sid]
+        d = sub.detail.get(idx) or [0, None, None, None]
+        return {"submission": sid, "index": idx, "address": sub.rcpts[idx],
+                "state": STATE_NAMES[sub.states[idx]], "attempts": d[0], "next_at": d[1],
+                "code": d[2], "text": d[3]}
+
+    def campaign_summary(self, camp: Campaign) -> dict:
+        total = sum(camp.counts)
+        final = sum(camp.counts[s] for s in FINAL_STATES)
+        return {"id": camp.id, "created_at": camp.created_at, "paused": camp.paused,
+                "cancelled": camp.cancelled, "submissions": len(camp.submissions), "recipients": total,
+                "counts": {STATE_NAMES[i]: n for i, n in enumerate(camp.counts)},
+                "percent_done": round(100.0 * final / total, 1) if total else 100.0}
+
+    def iter_recipients(self) -> Iterator[tuple[str, int, str, int]]:
+        for sid, sub in self.submissions.items():
+            for idx, rcpt in enumerate(sub.rcpts):
+                yield sid, idx, rcpt, sub.states[idx]
+
+    # ---------------------------------------------------------------- snapshots
+
+    def to_snapshot(self) -> bytes:
+        return msgpack.packb({
+            "schema": self.schema,
+            "submissions": [s.to_wire() for s in self.submissions.values()],
+            "campaigns": [c.to_wire() for c in self.campaigns.values()],
+            "open": list(self.open),
+            "batches": [b.to_wire() for b in self.batches.values()],
+            "batch_seq": self.batch_seq,
+            "domain_batches": self.domain_batches,
+            "domain_recent": {d: list(v) for d, v in self.domain_recent.items()},
+            "suppressed": self.suppressed,
+            "dedupe": self.dedupe,
+            "counts": self.counts,
+            "stats": self.stats,
+            "delivered_minutes": self.delivered_minutes,
+            "applied": self.applied,
+        }, use_bin_type=True)
+
+    @classmethod
+    def from_snapshot(cls, blob: bytes) -> "MailState":
+        w = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        if w.get("schema") != SCHEMA_VERSION:
+            raise ValueError(f"snapshot schema {w.get('schema')} is not {SCHEMA_VERSION}")
+        st = cls()
+        st.submissions = {s[0]: Submission.from_wire(s) for s in w["submissions"]}
+        st.campaigns = {c[0]: Campaign.from_wire(c) for c in w["campaigns"]}
+        st.open = dict.fromkeys(w["open"])
+        st.batches = {b[0]: Batch.from_wire(b) for b in w["batches"]}
+        st.batch_seq = w["batch_seq"]
+        st.domain_batches = dict(w["domain_batches"])
+        st.domain_recent = {d: deque(v) for d, v in w["domain_recent"].items()}
+        st.suppressed = dict(w["suppressed"])
+        st.dedupe = dict(w["dedupe"])
+        st.counts = list(w["counts"])
+        st.stats = dict(w["stats"])
+        st.delivered_minutes = {int(k): v for k, v in w["delivered_minutes"].items()}
+        st.applied = w["applied"]
+        return st
+
+    def digest(self) -> str:
+        """Replicas with the same applied history have the same digest."""
+        return hashlib.sha256(self.to_snapshot()).hexdigest()
+
+
+def _num(c: dict, key: str) -> float:
+    v = c[key] if key in c else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise CommandRefused(f"{key} must be a number")
+    return v
+
+
+def _str(c: dict, key: str) -> str:
+    v = c.get(key)
+    if not isinstance(v, str) or not v:
+        raise CommandRefused(f"{key} must be a non-empty string")
+    return v
+
+
+_HANDLERS = {
+    "submit": MailState._op_submit,
+    "assign": MailState._op_assign,
+    "renew": MailState._op_renew,
+    "report": MailState._op_report,
+    "expire": MailState._op_expire,
+    "pause": MailState._op_pause,
+    "resume": MailState._op_resume,
+    "cancel": MailState._op_cancel,
+    "suppress": MailState._op_suppress,
+    "unsuppress": MailState._op_unsuppress,
+    "noop": MailState._op_noop,
+}
+
+
+def encode_command(command: dict) -> bytes:
+    return msgpack.packb(command, use_bin_type=True)

@@ -1,0 +1,231 @@
+"""Content-addressed store for message bodies.
+
+Bodies never travel through Raft: the replicated log only carries a submission's metadata and
+the SHA-256 of its body. Each node keeps the bodies it holds here, one file per body at
+``root/<first 2 hex>/<sha256 hex>``. Files are written once, atomically (temp file + fsync +
+rename + directory fsync), and verified against their name on every read, so a torn or rotted
+file is never handed to the delivery path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+_SHARD_RE = re.compile(r"[0-9a-f]{2}")
+# Temp files start with a dot so they can never be mistaken for a digest.
+_TEMP_PREFIX = ".tmp-"
+_HASH_CHUNK = 1 << 20
+
+
+def is_digest(s: str) -> bool:
+    """True for a SHA-256 hex digest in canonical form (64 lowercase hex characters)."""
+    return isinstance(s, str) and _DIGEST_RE.fullmatch(s) is not None
+
+
+def body_digest(data: bytes) -> str:
+    """The store key of a body."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _require_digest(digest: str) -> None:
+    # Digests come from the network and the log; validating them here is what keeps a
+    # crafted value like "../../etc/passwd" from ever becoming a path.
+    if not is_digest(digest):
+        raise ValueError(f"not a sha256 hex digest: {digest!r}")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _file_matches(path: Path, digest: str, size: int) -> bool:
+    """Whether the file at *path* holds exactly the body with *digest* (of *size* bytes)."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+        return h.hexdigest() == digest
+    except FileNotFoundError:
+        return False
+
+
+class BodyStore:
+    """Write-once, hash-verified body files under one directory."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self._fsync = fsync
+        # Serialises "replace file" against "remove corrupt file" so a reader that saw a rotten
+        # copy cannot delete the good copy a concurrent put just renamed into place.
+        self._swap_lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftover_temps()
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def _path(self, digest: str) -> Path:
+        _require_digest(digest)
+        return self.root / digest[:2] / digest
+
+    def _shard_dirs(self) -> Iterator[Path]:
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if _SHARD_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                yield Path(entry.path)
+
+    def _remove_leftover_temps(self) -> None:
+        # A crash between mkstemp and os.replace leaves a temp file behind; nothing refers to it.
+        for shard in self._shard_dirs():
+            for entry in os.scandir(shard):
+                if entry.name.startswith(_TEMP_PREFIX):
+                    try:
+                        os.unlink(entry.path)
+                        log.info("removed leftover body temp file %s", entry.path)
+                    except FileNotFoundError:
+                        pass
+
+    def _ensure_shard(self, shard: Path) -> None:
+        try:
+            shard.mkdir()
+        except FileExistsError:
+            return
+        # The new directory entry must be durable too, or the body file is lost with it.
+        if self._fsync:
+            _fsync_dir(self.root)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put(self, data: bytes) -> str:
+        """Store *data* and return its sha256 hex digest. Storing a body twice is a no-op."""
+        digest = body_digest(data)
+        self._store(digest, data)
+        return digest
+
+    def put_verified(self, digest: str, data: bytes) -> None:
+        """Store a body received under a claimed *digest*; ValueError if it does not match."""
+        _require_digest(digest)
+        actual = body_digest(data)
+        if actual != digest:
+            raise ValueError(f"body hash {actual} does not match claimed digest {digest}")
+        self._store(digest, data)
+
+    def _store(self, digest: str, data: bytes) -> None:
+        path = self._path(digest)
+        if _file_matches(path, digest, len(data)):
+            # Refresh the mtime: age_seconds() is what orphan collection looks at, and a body
+            # that was just submitted again must not look old.
+            try:
+                os.utime(path)
+                return
+            except FileNotFoundError:
+                pass  # deleted between the check and the touch; write it again below
+        shard = path.parent
+        self._ensure_shard(shard)
+        # A unique temp name per writer makes concurrent puts of the same body safe: each
+        # renames a complete file over the same name, and the rename is atomic.
+        fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=shard)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self._fsync:
+                    os.fsync(f.fileno())
+            with self._swap_lock:
+                os.replace(tmp_name, path)
+        except BaseException:
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
+            raise
+        if self._fsync:
+            _fsync_dir(shard)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get(self, digest: str) -> bytes | None:
+        """The body with *digest*, or None if absent or found corrupt (and then removed)."""
+        path = self._path(digest)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        actual = body_digest(data)
+        if actual == digest:
+            return data
+        self._remove_corrupt(path, st, actual)
+        return None
+
+    def _remove_corrupt(self, path: Path, seen: os.stat_result, actual: str) -> None:
+        with self._swap_lock:
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                return
+            if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
+                return  # a put replaced the bad copy while we were reading it
+            os.unlink(path)
+        log.warning("body file %s is corrupt (content hashes to %s); removed it", path, actual)
+
+    def has(self, digest: str) -> bool:
+        """Whether a file for *digest* exists. Cheap: the content is verified only by get()."""
+        return self._path(digest).is_file()
+
+    def delete(self, digest: str) -> bool:
+        """Remove the body; True if it was there."""
+        path = self._path(digest)
+        try:
+            with self._swap_lock:
+                os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def digests(self) -> Iterator[str]:
+        """Digests of all stored bodies (unverified), in no particular order."""
+        for shard in self._shard_dirs():
+            for entry in os.scandir(shard):
+                if is_digest(entry.name) and entry.name.startswith(shard.name):
+                    yield entry.name
+
+    def stats(self) -> tuple[int, int]:
+        """(number of bodies, total bytes on disk)."""
+        count = total = 0
+        for digest in self.digests():
+            try:
+                total += self._path(digest).stat().st_size
+            except FileNotFoundError:
+                continue  # deleted while we were counting
+            count += 1
+        return count, total
+
+    def age_seconds(self, digest: str) -> float | None:
+        """Seconds since the body was last stored, from the file's mtime; None if absent."""
+        try:
+            mtime = self._path(digest).stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return max(0.0, time.time() - mtime)

@@ -1,0 +1,212 @@
+"""BodyStore: content-addressed, write-once, verified on read."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from raftmail.node.bodies import BodyStore, is_digest
+
+pytestmark = pytest.mark.timeout(30)
+
+NEWSLETTER = b"Subject: Spring sale\r\n\r\nEverything must go.\r\n"
+RECEIPT = b"Subject: Your receipt\r\n\r\nThanks for your order.\r\n" * 50
+
+
+def body_path(root: Path, digest: str) -> Path:
+    return root / digest[:2] / digest
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".tmp-*")]
+
+
+def test_round_trip_and_layout(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path / "bodies", fsync=True)
+    digest = store.put(NEWSLETTER)
+    assert digest == hashlib.sha256(NEWSLETTER).hexdigest()
+    assert body_path(tmp_path / "bodies", digest).read_bytes() == NEWSLETTER
+    assert store.has(digest)
+    assert store.get(digest) == NEWSLETTER
+    assert list(store.digests()) == [digest]
+
+
+def test_missing_body(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    absent = hashlib.sha256(b"never stored").hexdigest()
+    assert store.get(absent) is None
+    assert not store.has(absent)
+    assert store.delete(absent) is False
+    assert store.age_seconds(absent) is None
+
+
+def test_write_once_keeps_existing_file(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    digest = store.put(NEWSLETTER)
+    inode = body_path(tmp_path, digest).stat().st_ino
+    assert store.put(NEWSLETTER) == digest
+    store.put_verified(digest, NEWSLETTER)
+    # The valid file was left in place, not rewritten.
+    assert body_path(tmp_path, digest).stat().st_ino == inode
+    assert store.stats() == (1, len(NEWSLETTER))
+
+
+def test_put_repairs_a_corrupt_file(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    digest = store.put(NEWSLETTER)
+    body_path(tmp_path, digest).write_bytes(b"rotten")
+    store.put(NEWSLETTER)
+    assert store.get(digest) == NEWSLETTER
+
+
+def test_put_refreshes_age(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    digest = store.put(NEWSLETTER)
+    old = time.time() - 3600
+    os.utime(body_path(tmp_path, digest), (old, old))
+    assert store.age_seconds(digest) >= 3600
+    store.put(NEWSLETTER)
+    assert store.age_seconds(digest) < 60
+
+
+def test_corrupt_file_is_detected_and_removed(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    digest = store.put(RECEIPT)
+    path = body_path(tmp_path, digest)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert store.get(digest) is None
+    assert not path.exists()
+    assert not store.has(digest)
+
+
+def test_put_verified_rejects_mismatch(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    claimed = hashlib.sha256(NEWSLETTER).hexdigest()
+    with pytest.raises(ValueError):
+        store.put_verified(claimed, RECEIPT)
+    assert not store.has(claimed)
+    assert store.stats() == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "../../etc/passwd",
+        "A" * 64,
+        "0" * 63,
+        "0" * 65,
+        "0" * 64 + "\n",
+        "../" + "0" * 61,
+        "",
+    ],
+)
+def test_invalid_digest_rejected(tmp_path: Path, bad: str) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    assert not is_digest(bad)
+    for call in (store.get, store.has, store.delete, store.age_seconds):
+        with pytest.raises(ValueError):
+            call(bad)
+    with pytest.raises(ValueError):
+        store.put_verified(bad, NEWSLETTER)
+
+
+def test_is_digest() -> None:
+    assert is_digest(hashlib.sha256(b"x").hexdigest())
+    assert not is_digest(hashlib.sha256(b"x").hexdigest().upper())
+    assert not is_digest(None)  # type: ignore[arg-type]
+
+
+def test_leftover_temp_files_cleaned_at_start(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    digest = store.put(NEWSLETTER)
+    shard = tmp_path / digest[:2]
+    (shard / ".tmp-crashed").write_bytes(b"half a bo")
+    (tmp_path / "ff").mkdir(exist_ok=True)
+    (tmp_path / "ff" / ".tmp-other").write_bytes(b"")
+    assert len(temp_files(tmp_path)) == 2
+    reopened = BodyStore(tmp_path, fsync=False)
+    assert temp_files(tmp_path) == []
+    assert reopened.get(digest) == NEWSLETTER
+    assert list(reopened.digests()) == [digest]
+
+
+def test_stats_and_delete(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    assert store.stats() == (0, 0)
+    a = store.put(NEWSLETTER)
+    b = store.put(RECEIPT)
+    assert store.stats() == (2, len(NEWSLETTER) + len(RECEIPT))
+    assert sorted(store.digests()) == sorted([a, b])
+    assert store.delete(a) is True
+    assert store.stats() == (1, len(RECEIPT))
+    assert store.get(a) is None
+
+
+def test_stray_files_are_not_bodies(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    digest = store.put(NEWSLETTER)
+    (tmp_path / "README").write_text("not a body")
+    # A digest-named file in the wrong shard is not reachable by get(), so it is not listed.
+    other = hashlib.sha256(b"elsewhere").hexdigest()
+    wrong_shard = "00" if not other.startswith("00") else "01"
+    (tmp_path / wrong_shard).mkdir(exist_ok=True)
+    (tmp_path / wrong_shard / other).write_bytes(b"elsewhere")
+    assert list(store.digests()) == [digest]
+
+
+def test_concurrent_puts_of_the_same_body(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=True)
+    body = os.urandom(256 * 1024)
+    start = threading.Barrier(8)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            start.wait()
+            for _ in range(5):
+                results.append(store.put(body))
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert set(results) == {hashlib.sha256(body).hexdigest()}
+    assert store.get(results[0]) == body
+    assert temp_files(tmp_path) == []
+    assert store.stats() == (1, len(body))
+
+
+def test_concurrent_put_and_get_never_returns_wrong_bytes(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    body = os.urandom(64 * 1024)
+    digest = hashlib.sha256(body).hexdigest()
+    stop = threading.Event()
+    seen: list[bytes | None] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            seen.append(store.get(digest))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for _ in range(50):
+            store.put(body)
+            store.delete(digest)
+    finally:
+        stop.set()
+        t.join()
+    assert seen, "reader never ran"
+    assert all(got in (None, body) for got in seen)

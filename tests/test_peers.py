@@ -1,0 +1,454 @@
+"""Peer body channel: sealed push/fetch between real aiohttp servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from raftmail.node.bodies import BodyStore
+from raftmail.node.peers import (
+    AUTH_HEADER,
+    PeerAuthError,
+    PeerClient,
+    PeerCrypto,
+    add_peer_routes,
+    sealed_size,
+)
+
+pytestmark = pytest.mark.timeout(30)
+
+SECRET = "correct horse battery staple"
+CLUSTER = "raftmail-test"
+NEWSLETTER = b"Subject: Weekly digest\r\n\r\n" + b"Top stories this week.\r\n" * 200
+
+
+def digest_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class PeerNode:
+    """One node's peer endpoint: a body store served on an ephemeral 127.0.0.1 port."""
+
+    def __init__(self, root: Path, crypto: PeerCrypto, max_body_bytes: int = 1 << 20) -> None:
+        self.store = BodyStore(root, fsync=False)
+        self.auth_failures: list[str] = []
+        self.app = web.Application()
+        add_peer_routes(
+            self.app,
+            self.store,
+            crypto,
+            max_body_bytes=max_body_bytes,
+            on_auth_failure=self.auth_failures.append,
+        )
+        self.runner = web.AppRunner(self.app)
+        self.address = ""
+
+    async def start(self) -> "PeerNode":
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        self.address = f"127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+def dead_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"127.0.0.1:{port}"
+
+
+class StalledPeer:
+    """Accepts connections and never answers: a frozen node."""
+
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+        self.address = ""
+
+    async def start(self) -> "StalledPeer":
+        self._server = await asyncio.start_server(self._hang, "127.0.0.1", 0)
+        self.address = "127.0.0.1:%d" % self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _hang(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        self.connected.set()
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for w in self._writers:
+            w.close()
+        await self._server.wait_closed()
+
+
+async def wait_for(cond: Callable[[], bool], deadline_s: float = 10.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before deadline")
+        await asyncio.sleep(0.02)
+
+
+def run(coro_fn: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(coro_fn())
+
+
+# -- crypto --------------------------------------------------------------------------------
+
+
+def test_crypto_round_trip() -> None:
+    crypto = PeerCrypto(SECRET, CLUSTER)
+    token = crypto.seal(NEWSLETTER)
+    assert NEWSLETTER not in token
+    assert crypto.open(token) == NEWSLETTER
+    # Another instance from the same secret and cluster derives the same key.
+    assert PeerCrypto(SECRET, CLUSTER).open(token) == NEWSLETTER
+
+
+def test_crypto_rejects_other_secret_other_cluster_and_garbage() -> None:
+    token = PeerCrypto(SECRET, CLUSTER).seal(NEWSLETTER)
+    with pytest.raises(PeerAuthError):
+        PeerCrypto("another secret", CLUSTER).open(token)
+    with pytest.raises(PeerAuthError):
+        PeerCrypto(SECRET, "another-cluster").open(token)
+    with pytest.raises(PeerAuthError):
+        PeerCrypto(SECRET, CLUSTER).open(b"not a token")
+    tampered = bytearray(token)
+    tampered[40] = ord("A") if tampered[40] != ord("A") else ord("B")
+    with pytest.raises(PeerAuthError):
+        PeerCrypto(SECRET, CLUSTER).open(bytes(tampered))
+
+
+def test_crypto_expired_token() -> None:
+    crypto = PeerCrypto(SECRET, CLUSTER)
+    token = crypto.seal(b"GET x")
+    # Fernet timestamps have one-second resolution; a negative ttl is already expired.
+    with pytest.raises(PeerAuthError):
+        crypto.open(token, ttl=-2)
+
+
+def test_crypto_requires_secret() -> None:
+    with pytest.raises(ValueError):
+        PeerCrypto("", CLUSTER)
+
+
+@pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 1000, 65536])
+def test_sealed_size_matches_fernet(size: int) -> None:
+    assert len(PeerCrypto(SECRET, CLUSTER).seal(b"x" * size)) == sealed_size(size)
+
+
+# -- push and fetch ------------------------------------------------------------------------
+
+
+def test_push_to_two_peers_need_two(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        a = await PeerNode(tmp_path / "a", crypto).start()
+        b = await PeerNode(tmp_path / "b", crypto).start()
+        client = PeerClient(crypto)
+        try:
+            digest = digest_of(NEWSLETTER)
+            acks = await client.push(digest, NEWSLETTER, [a.address, b.address], 2, 5.0)
+            assert acks == 2
+            for node in (a, b):
+                assert node.store.get(digest) == NEWSLETTER
+                assert (node.store.root / digest[:2] / digest).read_bytes() == NEWSLETTER
+            # Pushing again is idempotent and still acked.
+            assert await client.push(digest, NEWSLETTER, [a.address, b.address], 2, 5.0) == 2
+        finally:
+            await client.close()
+            await a.stop()
+            await b.stop()
+
+    run(main)
+
+
+def test_push_returns_early_and_finishes_in_background(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        nodes = [await PeerNode(tmp_path / f"n{i}", crypto).start() for i in range(3)]
+        client = PeerClient(crypto)
+        try:
+            digest = digest_of(NEWSLETTER)
+            acks = await client.push(digest, NEWSLETTER, [n.address for n in nodes], 1, 5.0)
+            assert 1 <= acks <= 3
+            await wait_for(lambda: all(n.store.has(digest) for n in nodes))
+            await wait_for(lambda: client.background_pushes == 0)
+            assert all(n.store.get(digest) == NEWSLETTER for n in nodes)
+        finally:
+            await client.close()
+            for n in nodes:
+                await n.stop()
+
+    run(main)
+
+
+def test_push_to_dead_port_is_not_acked(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        live = await PeerNode(tmp_path / "live", crypto).start()
+        client = PeerClient(crypto, timeout=2.0)
+        try:
+            digest = digest_of(NEWSLETTER)
+            acks = await client.push(digest, NEWSLETTER, [dead_address(), live.address], 2, 5.0)
+            assert acks == 1
+            assert live.store.get(digest) == NEWSLETTER
+            assert await client.push(digest, NEWSLETTER, [dead_address()], 1, 5.0) == 0
+        finally:
+            await client.close()
+            await live.stop()
+
+    run(main)
+
+
+def test_push_times_out_with_acks_so_far(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        live = await PeerNode(tmp_path / "live", crypto).start()
+        stalled = await StalledPeer().start()
+        client = PeerClient(crypto, timeout=20.0)
+        try:
+            digest = digest_of(NEWSLETTER)
+            began = time.monotonic()
+            acks = await client.push(digest, NEWSLETTER, [stalled.address, live.address], 2, 0.5)
+            assert acks == 1
+            assert time.monotonic() - began < 5.0
+            assert stalled.connected.is_set()
+            # The stalled push keeps going in the background until close() cancels it.
+            assert client.background_pushes == 1
+        finally:
+            await client.close()
+            assert client.background_pushes == 0
+            await stalled.stop()
+            await live.stop()
+
+    run(main)
+
+
+def test_background_pushes_are_bounded(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        stalled = [await StalledPeer().start() for _ in range(3)]
+        addrs = [s.address for s in stalled]
+        client = PeerClient(crypto, timeout=20.0, max_background_pushes=2)
+        try:
+            acks = await client.push(digest_of(NEWSLETTER), NEWSLETTER, addrs, 1, 0.2)
+            assert acks == 0
+            assert client.background_pushes == 2
+        finally:
+            await client.close()
+            for s in stalled:
+                await s.stop()
+
+    run(main)
+
+
+def test_fetch_from_peer_that_has_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        empty = await PeerNode(tmp_path / "empty", crypto).start()
+        holder = await PeerNode(tmp_path / "holder", crypto).start()
+        digest = holder.store.put(NEWSLETTER)
+        client = PeerClient(crypto)
+        try:
+            got = await client.fetch(digest, [dead_address(), empty.address, holder.address])
+            assert got == NEWSLETTER
+        finally:
+            await client.close()
+            await empty.stop()
+            await holder.stop()
+
+    run(main)
+
+
+def test_fetch_returns_none_when_nobody_has_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        a = await PeerNode(tmp_path / "a", crypto).start()
+        b = await PeerNode(tmp_path / "b", crypto).start()
+        a.store.put(b"some other body")
+        client = PeerClient(crypto)
+        try:
+            assert await client.fetch(digest_of(NEWSLETTER), [a.address, b.address]) is None
+            assert await client.fetch(digest_of(NEWSLETTER), []) is None
+        finally:
+            await client.close()
+            await a.stop()
+            await b.stop()
+
+    run(main)
+
+
+def test_fetch_rejects_body_that_does_not_match(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        digest = digest_of(NEWSLETTER)
+
+        async def liar(request: web.Request) -> web.Response:
+            return web.Response(body=crypto.seal(b"a different body"))
+
+        app = web.Application()
+        app.router.add_get("/peer/bodies/{digest}", liar)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        liar_addr = "127.0.0.1:%d" % runner.addresses[0][1]
+        honest = await PeerNode(tmp_path / "honest", crypto).start()
+        honest.store.put(NEWSLETTER)
+        client = PeerClient(crypto)
+        try:
+            assert await client.fetch(digest, [liar_addr]) is None
+            assert await client.fetch(digest, [liar_addr, honest.address]) == NEWSLETTER
+        finally:
+            await client.close()
+            await runner.cleanup()
+            await honest.stop()
+
+    run(main)
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+def test_server_with_other_secret_refuses(tmp_path: Path) -> None:
+    async def main() -> None:
+        ours = PeerCrypto(SECRET, CLUSTER)
+        theirs = PeerCrypto("a different secret", CLUSTER)
+        foreign = await PeerNode(tmp_path / "foreign", theirs).start()
+        foreign.store.put(NEWSLETTER)
+        digest = digest_of(NEWSLETTER)
+        client = PeerClient(ours)
+        try:
+            other = b"Subject: hello\r\n\r\nhi\r\n"
+            assert await client.push(digest_of(other), other, [foreign.address], 1, 5.0) == 0
+            assert not foreign.store.has(digest_of(other))
+            assert foreign.auth_failures == ["127.0.0.1"]
+            assert await client.fetch(digest, [foreign.address]) is None
+            assert foreign.auth_failures == ["127.0.0.1", "127.0.0.1"]
+
+            url = f"http://{foreign.address}/peer/bodies/{digest}"
+            async with aiohttp.ClientSession() as http:
+                async with http.put(url, data=ours.seal(NEWSLETTER)) as resp:
+                    assert resp.status == 403
+                async with http.get(url) as resp:
+                    assert resp.status == 403
+                auth = ours.seal(b"GET " + digest.encode()).decode()
+                async with http.get(url, headers={AUTH_HEADER: auth}) as resp:
+                    assert resp.status == 403
+                assert len(foreign.auth_failures) == 5
+        finally:
+            await client.close()
+            await foreign.stop()
+
+    run(main)
+
+
+def test_get_auth_token_is_bound_to_the_digest(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        node = await PeerNode(tmp_path / "n", crypto).start()
+        digest = node.store.put(NEWSLETTER)
+        other = digest_of(b"other")
+        url = f"http://{node.address}/peer/bodies/{digest}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                wrong = crypto.seal(b"GET " + other.encode()).decode()
+                async with http.get(url, headers={AUTH_HEADER: wrong}) as resp:
+                    assert resp.status == 403
+                right = crypto.seal(b"GET " + digest.encode()).decode()
+                async with http.get(url, headers={AUTH_HEADER: right}) as resp:
+                    assert resp.status == 200
+                    assert crypto.open(await resp.read()) == NEWSLETTER
+            assert node.auth_failures == ["127.0.0.1"]
+        finally:
+            await node.stop()
+
+    run(main)
+
+
+def test_too_large_body_gets_413(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        node = await PeerNode(tmp_path / "small", crypto, max_body_bytes=1024).start()
+        big = os.urandom(4096)
+        url = f"http://{node.address}/peer/bodies/{digest_of(big)}"
+        client = PeerClient(crypto)
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.put(url, data=crypto.seal(big)) as resp:
+                    assert resp.status == 413
+            assert await client.push(digest_of(big), big, [node.address], 1, 5.0) == 0
+            assert node.store.stats() == (0, 0)
+            # At the limit exactly, the body is accepted.
+            fits = os.urandom(1024)
+            assert await client.push(digest_of(fits), fits, [node.address], 1, 5.0) == 1
+        finally:
+            await client.close()
+            await node.stop()
+
+    run(main)
+
+
+def test_too_large_chunked_body_gets_413(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        node = await PeerNode(tmp_path / "small", crypto, max_body_bytes=1024).start()
+        big = os.urandom(4096)
+        url = f"http://{node.address}/peer/bodies/{digest_of(big)}"
+        token = crypto.seal(big)
+
+        async def chunks():  # no Content-Length: the server has to count while reading
+            for i in range(0, len(token), 512):
+                yield token[i : i + 512]
+
+        try:
+            async with aiohttp.ClientSession() as http:
+                async with http.put(url, data=chunks()) as resp:
+                    assert resp.status == 413
+            assert node.store.stats() == (0, 0)
+        finally:
+            await node.stop()
+
+    run(main)
+
+
+def test_body_not_matching_digest_gets_400(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        node = await PeerNode(tmp_path / "n", crypto).start()
+        claimed = digest_of(NEWSLETTER)
+        client = PeerClient(crypto)
+        try:
+            async with aiohttp.ClientSession() as http:
+                url = f"http://{node.address}/peer/bodies/{claimed}"
+                async with http.put(url, data=crypto.seal(b"substituted body")) as resp:
+                    assert resp.status == 400
+                bad_url = f"http://{node.address}/peer/bodies/{'Z' * 64}"
+                async with http.put(bad_url, data=crypto.seal(NEWSLETTER)) as resp:
+                    assert resp.status == 400
+            assert await client.push(claimed, b"substituted body", [node.address], 1, 5.0) == 0
+            assert node.store.stats() == (0, 0)
+            assert node.auth_failures == []
+        finally:
+            await client.close()
+            await node.stop()
+
+    run(main)

@@ -1,0 +1,157 @@
+"""Our pysyncobj wrapper on a real journal and snapshot on disk (single-member cluster in-process).
+
+The whole-cluster SIGKILL test with three processes lives in test_cluster_durability.py.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pysyncobj import FAIL_REASON
+from pysyncobj import pickle as psy_pickle
+from pysyncobj.journal import createJournal
+
+from raftmail.consensus.raft import RaftNode, decode_snapshot, encode_snapshot
+from raftmail.consensus.state import MailState, encode_command
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = "test-secret-0123456789abcdef"
+REGULAR = 0  # pysyncobj _COMMAND_TYPE.REGULAR
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def submit_cmd(i: int) -> dict:
+    return {"op": "submit", "now": 1000.0 + i, "window": 86400.0, "max_queued": 10**9,
+            "subs": [{"id": f"s{i}", "campaign": "c", "sender": "news@example.com",
+                      "body": "0" * 64, "size": 10, "rcpts": [f"r{i}@example.com"], "key": f"k{i}"}]}
+
+
+def propose_sync(node: RaftNode, command: dict, timeout: float = 5.0):
+    done = threading.Event()
+    box = {}
+
+    def cb(result, err):
+        box["r"], box["e"] = result, err
+        done.set()
+
+    node.submit(encode_command(command), cb)
+    assert done.wait(timeout), "no commit callback"
+    return box["r"], box["e"]
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_single(data_dir: Path, addr: str, cls=RaftNode, **kw) -> RaftNode:
+    node = cls(addr, [], data_dir, password=SECRET, compaction_min_entries=10**6,
+               compaction_min_seconds=10**6, **kw)
+    wait_for(node.is_leader, what="single node to lead")
+    return node
+
+
+def applied_submissions(node: RaftNode) -> set[str]:
+    return node.read(lambda st: set(st.submissions))
+
+
+def test_commands_commit_and_survive_restart(tmp_path: Path) -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    node = start_single(tmp_path, addr)
+    for i in range(20):
+        result, err = propose_sync(node, submit_cmd(i))
+        assert err == FAIL_REASON.SUCCESS and result == [["ok", f"s{i}"]]
+    node.forceLogCompaction()
+    wait_for(lambda: (tmp_path / "snapshot.bin").exists(), what="snapshot file")
+    for i in range(20, 30):
+        propose_sync(node, submit_cmd(i))
+    node.stop()
+    # The snapshot is ours: msgpack behind a magic header, never pickle.
+    raw = (tmp_path / "snapshot.bin").read_bytes()
+    assert raw.startswith(b"RMSNAP1\n")
+    state_blob, last, prev, cluster = decode_snapshot(raw)
+    assert cluster == [addr]
+    assert len(MailState.from_snapshot(state_blob).submissions) >= 20
+
+    node = start_single(tmp_path, addr)
+    wait_for(lambda: len(applied_submissions(node)) == 30, what="replay of all 30 submissions")
+    # No phantom member: the snapshot's member list must not make us our own peer.
+    assert node.raft_status()["has_quorum"]
+    assert [str(n) for n in node.otherNodes] == []
+    node.stop()
+
+
+def _orphan_snapshot_setup(tmp_path: Path, addr: str, total: int, at: int) -> None:
+    """Leave the data dir as an orphaned compaction child leaves it (report §3.3): a journal with
+    entries 1..N and a snapshot taken at the `at`-th of our commands, newer than the journal head."""
+    node = start_single(tmp_path, addr)
+    for i in range(total):
+        propose_sync(node, submit_cmd(i))
+    node.stop()
+    journal = createJournal(str(tmp_path / "journal.bin"))
+    entries = [journal[i] for i in range(len(journal))]
+    journal._destroy()
+    state = MailState()
+    applied = 0
+    for n, (command, idx, term) in enumerate(entries):
+        if command[:1] == bytes([REGULAR]):
+            _func_id, args = psy_pickle.loads(command[1:])
+            state.apply_blob(args[0])
+            applied += 1
+            if applied == at:
+                prev, last = entries[n - 1], entries[n]
+                break
+    (tmp_path / "snapshot.bin").write_bytes(encode_snapshot(state.to_snapshot(), last, prev, [addr]))
+
+
+class UnfixedRaftNode(RaftNode):
+    """pysyncobj's own loading path, without our journal-alignment fix."""
+
+    def _keep_journal_tail(self) -> None:
+        return None
+
+
+def test_restart_keeps_journal_tail_newer_than_snapshot(tmp_path: Path) -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    _orphan_snapshot_setup(tmp_path, addr, total=60, at=40)
+    node = start_single(tmp_path, addr)
+    wait_for(lambda: len(applied_submissions(node)) == 60, what="all 60 acknowledged submissions")
+    node.stop()
+
+
+def test_unfixed_pysyncobj_loses_the_journal_tail(tmp_path: Path) -> None:
+    """The defect itself, reproduced: without the fix the 20 entries after the snapshot vanish."""
+    addr = f"127.0.0.1:{free_port()}"
+    _orphan_snapshot_setup(tmp_path, addr, total=60, at=40)
+    node = start_single(tmp_path, addr, cls=UnfixedRaftNode)
+    time.sleep(0.5)  # give it every chance to replay; what it has now is what it will ever have
+    wait_for(lambda: len(applied_submissions(node)) >= 40, what="snapshot load")
+    assert len(applied_submissions(node)) == 40
+    node.stop()
+
+
+def test_busy_raft_port_fails_at_start(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        addr = "127.0.0.1:%d" % s.getsockname()[1]
+        with pytest.raises(Exception, match="BindError"):
+            RaftNode(addr, [], tmp_path, password=SECRET)
+
+
+def test_secret_is_mandatory(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="secret"):
+        RaftNode(f"127.0.0.1:{free_port()}", [], tmp_path, password="")
