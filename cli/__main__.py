@@ -1,0 +1,3 @@
+from raftmail.cli.main import main
+
+main()

@@ -1,0 +1,241 @@
+"""`raftmail`: thin click commands over raftmail.node."""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from raftmail.node.config import Address, Config, ConfigError, load_config
+
+config_option = click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+                             help="The cluster file (TOML).")
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+def _setup_logging(level: str, fmt: str, node_id: str | None = None) -> None:
+    from raftmail.node.logs import setup_logging
+    setup_logging(level, fmt, node_id)
+
+
+@click.group()
+@click.version_option(package_name="raftmail")
+def main() -> None:
+    """raftmail: bulk email that is never lost when a server dies."""
+
+
+@main.command()
+@config_option
+@click.option("--node", "node_id", required=True, help="Which [[node]] of the file this process is.")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", type=click.Choice(["text", "json"]))
+def start(config_path: str, node_id: str, log_level: str, log_format: str) -> None:
+    """Run one node in the foreground."""
+    config = _load(config_path)
+    try:
+        config.node(node_id)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    _setup_logging(log_level, log_format, node_id)
+    from raftmail.node.runtime import run_node
+    try:
+        run_node(config, node_id)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        click.echo(f"error: node {node_id} cannot start: {e}", err=True)
+        sys.exit(1)
+    except Exception as e:
+        if type(e).__name__ == "SyncObjException" and "BindError" in str(e):
+            click.echo(f"error: node {node_id}: raft address {config.node(node_id).raft} is in use "
+                       "or not local", err=True)
+            sys.exit(1)
+        raise
+
+
+def _is_local(host: str) -> bool:
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return True
+    except ValueError:
+        pass
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+@main.command()
+@config_option
+@click.option("--with-sink/--no-sink", default=False,
+              help="Also run the capture sink on the [delivery] relay address (quick start).")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def up(config_path: str, with_sink: bool, log_level: str) -> None:
+    """Start every node of the file whose addresses are local, as child processes, in the
+    foreground. Ctrl-C or SIGTERM stops them all."""
+    config = _load(config_path)
+    local = [n for n in config.nodes if _is_local(n.raft.host)]
+    if not local:
+        click.echo(f"error: {config_path}: no [[node]] has a local raft address", err=True)
+        sys.exit(2)
+    children: dict[str, subprocess.Popen] = {}
+    if with_sink:
+        relay = config.delivery.relay
+        if relay is None or not _is_local(relay.host):
+            click.echo(f"error: {config_path}: --with-sink needs [delivery] relay on a local address", err=True)
+            sys.exit(2)
+        maildir = config.cluster.data_dir / "sink"
+        children["sink"] = subprocess.Popen([sys.executable, "-m", "raftmail.cli", "sink", "--listen",
+                                             str(relay), "--maildir", str(maildir)])
+    for n in local:
+        children[n.id] = subprocess.Popen([sys.executable, "-m", "raftmail.cli", "start", "--config",
+                                           str(config.path), "--node", n.id, "--log-level", log_level])
+    stopping = False
+
+    def stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    click.echo(f"started {', '.join(children)}; Ctrl-C stops them. "
+               f"Status: raftmail status --config {config_path}", err=True)
+    exited: set[str] = set()
+    while not stopping and len(exited) < len(children):
+        time.sleep(0.2)
+        for name, p in children.items():
+            if name not in exited and p.poll() is not None:
+                exited.add(name)
+                click.echo(f"{name} exited with status {p.returncode}", err=True)
+    for p in children.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for name, p in children.items():
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            click.echo(f"{name} did not stop in time; killing it", err=True)
+            p.kill()
+            p.wait()
+    sys.exit(0 if stopping else 1)
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:2600", show_default=True, help="host:port to listen on.")
+@click.option("--maildir", required=True, type=click.Path(file_okay=False), help="Where messages are stored.")
+@click.option("--reply", "replies", multiple=True, metavar="ADDRESS=CODE TEXT[*N]",
+              help="Answer ADDRESS (or *) with CODE TEXT, optionally only the first N times.")
+def sink(listen: str, maildir: str, replies: tuple[str, ...]) -> None:
+    """A capture sink: an SMTP server that stores what it receives (one file per recipient)."""
+    from raftmail.node.sink import parse_reply_rule, run_sink
+    try:
+        addr = Address.parse(listen)
+        rules = [parse_reply_rule(r) for r in replies]
+    except ValueError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        asyncio.run(run_sink(addr.host, addr.port, Path(maildir), rules))
+    except OSError as e:
+        click.echo(f"error: sink cannot listen on {listen}: {e.strerror}", err=True)
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------ cluster views
+
+def _fetch_all(config: Config, path: str, timeout: float = 2.0) -> dict[str, Any]:
+    from raftmail.node.client import get_json_all
+    return get_json_all([(n.id, str(n.admin)) for n in config.nodes], path, timeout)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(config_path: str, as_json: bool) -> None:
+    """The whole cluster: nodes, roles, indexes, lag, leader, fault tolerance, queue.
+    Exit status 0 when a leader and a quorum are reachable, 1 otherwise."""
+    from raftmail.node.client import cluster_status
+    config = _load(config_path)
+    view = cluster_status(config, _fetch_all(config, "/status"))
+    if as_json:
+        click.echo(json.dumps(view, indent=2, sort_keys=True))
+    else:
+        from raftmail.cli.render import print_status
+        print_status(view)
+    sys.exit(0 if view["healthy"] else 1)
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def campaigns(config_path: str, as_json: bool) -> None:
+    """Campaigns with counts per state and percent done."""
+    from raftmail.node.client import first_answer
+    config = _load(config_path)
+    answer = first_answer(_fetch_all(config, "/campaigns"))
+    if answer is None:
+        click.echo("error: no node answered", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        from raftmail.cli.render import print_campaigns
+        print_campaigns(answer["campaigns"])
+
+
+def _campaign_action(action: str, config_path: str, campaign_id: str) -> None:
+    from raftmail.node.client import post_campaign_action
+    config = _load(config_path)
+    ok, message = post_campaign_action(config, campaign_id, action)
+    click.echo(message, err=not ok)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.argument("campaign_id")
+@config_option
+def pause(campaign_id: str, config_path: str) -> None:
+    """Stop assigning a campaign's recipients (batches in flight finish)."""
+    _campaign_action("pause", config_path, campaign_id)
+
+
+@main.command()
+@click.argument("campaign_id")
+@config_option
+def resume(campaign_id: str, config_path: str) -> None:
+    """Continue a paused campaign with what is still pending (nothing is sent twice)."""
+    _campaign_action("resume", config_path, campaign_id)
+
+
+@main.command()
+@click.argument("campaign_id")
+@config_option
+def cancel(campaign_id: str, config_path: str) -> None:
+    """Mark every recipient of the campaign that is not yet sent as cancelled."""
+    _campaign_action("cancel", config_path, campaign_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Talking to nodes' admin endpoints from the CLI (and tests): status, campaigns, actions."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+from raftmail.node.config import Config
+
+
+def get_json(admin: str, path: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(f"http://{admin}{path}", timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def get_json_all(nodes: Sequence[tuple[str, str]], path: str, timeout: float = 2.0) -> dict[str, Any]:
+    """{node id: answer, or {"error": "..."} when unreachable}, asked in parallel."""
+    def one(admin: str) -> Any:
+        try:
+            return get_json(admin, path, timeout)
+        except (OSError, ValueError) as e:
+            return {"error": str(getattr(e, "reason", e))}
+    with ThreadPoolExecutor(max(1, len(nodes))) as pool:
+        answers = list(pool.map(one, [a for _, a in nodes]))
+    return {nid: ans for (nid, _), ans in zip(nodes, answers)}
+
+
+def first_answer(answers: dict[str, Any]) -> Any:
+    for ans in answers.values():
+        if isinstance(ans, dict) and "error" not in ans:
+            return ans
+    return None
+
+
+def cluster_status(config: Config, answers: dict[str, Any]) -> dict:
+    """One view of the cluster from every node's own status."""
+    nodes = []
+    for n in config.nodes:
+        a = answers.get(n.id) or {"error": "no answer"}
+        reachable = "error" not in a
+        nodes.append({"id": n.id, "reachable": reachable, "error": a.get("error"),
+                      "role": a.get("role") if reachable else None, "term": a.get("term"),
+                      "commit_index": a.get("commit_index"), "applied_index": a.get("applied_index"),
+                      "leader": a.get("leader"), "has_quorum": a.get("has_quorum"),
+                      "batches_in_flight": (a.get("batches_in_flight") or {}).get(n.id, 0) if reachable else None,
+                      "smtp": str(n.smtp), "admin": str(n.admin)})
+    claims = [x for x in nodes if x["reachable"] and x["role"] == "leader" and x["has_quorum"]]
+    leader = max(claims, key=lambda x: x["term"] or 0) if claims else None
+    leader_id = leader["id"] if leader else None
+    following = [x for x in nodes if x["reachable"] and (x["id"] == leader_id or x["leader"] == leader_id)]
+    majority = config.majority()
+    for x in nodes:
+        x["lag"] = (leader["commit_index"] - x["applied_index"]) if leader and x["reachable"] \
+            and x["applied_index"] is not None else None
+    src = answers.get(leader_id) if leader_id else first_answer(answers)
+    healthy = leader is not None and len(following) >= majority
+    return {
+        "cluster": config.cluster.name,
+        "leader": leader_id,
+        "healthy": healthy,
+        "majority": majority,
+        "in_quorum": len(following),
+        "can_lose": max(0, len(following) - majority) if healthy else 0,
+        "nodes": nodes,
+        "queue": (src or {}).get("queue", {}),
+        "batches_in_flight": (src or {}).get("batches_in_flight", {}),
+        "delivered_last_minute": (src or {}).get("delivered_last_minute"),
+        "stats": (src or {}).get("stats", {}),
+    }
+
+
+def post_campaign_action(config: Config, campaign_id: str, action: str, timeout: float = 10.0) -> tuple[bool, str]:
+    """Ask nodes in turn until one commits the command."""
+    headers = {"Content-Type": "application/json"}
+    if config.cluster.admin_token:
+        headers["Authorization"] = f"Bearer {config.cluster.admin_token}"
+    last = "no node answered"
+    for n in config.nodes:
+        req = urllib.request.Request(f"http://{n.admin}/campaigns/{campaign_id}/{action}", data=b"{}",
+                                     headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                body = json.loads(r.read())
+                extra = f" ({body['cancelled']} recipients cancelled)" if "cancelled" in body else ""
+                return True, f"campaign {campaign_id}: {action} committed{extra}"
+        except urllib.error.HTTPError as e:
+            try:
+                msg = json.loads(e.read()).get("error", str(e))
+            except ValueError:
+                msg = str(e)
+            if e.code in (401, 403, 404):
+                return False, f"error: {msg}"
+            last = f"{n.id}: {msg}"
+        except (OSError, ValueError) as e:
+            last = f"{n.id}: {getattr(e, 'reason', e)}"
+    return False, f"error: {action} not committed: {last}"

@@ -1,0 +1,417 @@
+"""Sending one batch (one destination domain) over one reused SMTP connection.
+
+Route resolution picks where the domain's mail goes; `deliver_batch` sends each recipient its own
+transaction and reports one `Outcome` per recipient it attempted. SMTP and network trouble never
+raises out of here: it becomes a code-0 outcome, which the classifier treats as a deferral.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aiosmtplib
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.resolver
+
+from raftmail.consensus.outcomes import parse_enhanced
+
+if TYPE_CHECKING:
+    from raftmail.node.config import Address
+
+log = logging.getLogger(__name__)
+
+NO_ROUTE_TEXT = "no route to domain"
+TLS_NOT_OFFERED_TEXT = "4.7.10 TLS required but not offered"
+# Prefix of the text of a message whose final reply was lost after its content was sent: the
+# recipient may have received it, so a retry can duplicate it (reported, not hidden).
+AMBIGUOUS_PREFIX = "ambiguous: "
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final reply for one recipient; code 0 means no SMTP reply (connect error, timeout)."""
+
+    index: int
+    code: int
+    enhanced: str | None
+    text: str
+    remote: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """One place to hand a domain's mail to, with AUTH credentials for a relay."""
+
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def remote(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Route resolution
+
+
+async def resolve_routes(
+    domain: str,
+    *,
+    routes: Mapping[str, Address],
+    relay: Address | None,
+    relay_username: str | None,
+    relay_password: str | None,
+    resolver: dns.asyncresolver.Resolver | None = None,
+    port: int = 25,
+    dns_lifetime: float = 10.0,
+) -> list[Route]:
+    """Where to deliver `domain`'s mail, most preferred first; [] when the domain takes no mail.
+
+    A configured per-domain route wins, then the relay; otherwise MX records in preference order,
+    or the domain's own addresses when it has no MX (implicit MX, RFC 5321 5.1). A null MX
+    (RFC 7505), a missing domain, or a failed lookup give [] (the batch is then deferred).
+    """
+    key = _domain_key(domain)
+    configured = {_domain_key(name): address for name, address in routes.items()}
+    if key in configured:
+        address = configured[key]
+        return [Route(address.host, address.port)]
+    if relay is not None:
+        return [Route(relay.host, relay.port, relay_username, relay_password)]
+    literal = _address_literal(key)
+    if literal is not None:
+        return [Route(literal, port)]
+    resolver = resolver if resolver is not None else dns.asyncresolver.Resolver()
+    return await _mx_routes(key, resolver, port, dns_lifetime)
+
+
+def _domain_key(domain: str) -> str:
+    return domain.strip().rstrip(".").lower()
+
+
+def _address_literal(domain: str) -> str | None:
+    """The IP of a domain literal such as "[192.0.2.1]" or "[IPv6:2001:db8::1]" (RFC 5321 4.1.3)."""
+    if not (domain.startswith("[") and domain.endswith("]")):
+        return None
+    text = domain[1:-1]
+    if text.lower().startswith("ipv6:"):
+        text = text[5:]
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None
+
+
+async def _mx_routes(
+    domain: str, resolver: dns.asyncresolver.Resolver, port: int, lifetime: float
+) -> list[Route]:
+    try:
+        answer = await resolver.resolve(domain, "MX", lifetime=lifetime)
+    except dns.resolver.NXDOMAIN:
+        return []
+    except dns.resolver.NoAnswer:
+        return await _implicit_mx_routes(domain, resolver, port, lifetime)
+    except dns.exception.DNSException as exc:
+        log.warning("MX lookup for %s failed: %s", domain, exc)
+        return []
+    # A null MX ("." ) says the domain accepts no mail; any other MX next to it is a
+    # misconfiguration (RFC 7505 3), so only real exchanges are used.
+    records = [(r.preference, r.exchange) for r in answer if r.exchange != dns.name.root]
+    # Equal preferences are shuffled to spread load, as RFC 5321 5.1 asks.
+    records.sort(key=lambda record: (record[0], random.random()))
+    return [Route(exchange.to_text(omit_final_dot=True), port) for _, exchange in records]
+
+
+async def _implicit_mx_routes(
+    domain: str, resolver: dns.asyncresolver.Resolver, port: int, lifetime: float
+) -> list[Route]:
+    routes: list[Route] = []
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(domain, rdtype, lifetime=lifetime)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            continue
+        except dns.exception.DNSException as exc:
+            log.warning("%s lookup for %s failed: %s", rdtype, domain, exc)
+            continue
+        routes += [Route(record.address, port) for record in answer]
+    return routes
+
+
+# ---------------------------------------------------------------------------------------------
+# Sending one batch
+
+
+async def deliver_batch(
+    routes: Sequence[Route],
+    mail_from: str,
+    messages: AsyncIterator[tuple[int, str, bytes]] | Iterable[tuple[int, str, bytes]],
+    *,
+    helo_name: str,
+    connect_timeout: float,
+    command_timeout: float,
+    may_send: Callable[[], bool],
+    on_outcome: Callable[[Outcome], None],
+    require_tls: bool = False,
+    max_reconnects: int = 1,
+) -> None:
+    """Send each (index, recipient, message) as its own transaction over one SMTP connection.
+
+    `may_send` is asked before every message; once it says no, the batch stops and the remaining
+    recipients get no outcome (their lease decides). Every attempted recipient gets exactly one
+    `on_outcome` call. After a lost connection the in-flight recipient gets a code-0 outcome and
+    the connection is reopened, at most `max_reconnects` times per batch. SMTP and network errors
+    never raise; an invalid `helo_name` raises ValueError before anything is sent.
+    """
+    sender = _BatchSender(
+        routes,
+        mail_from,
+        helo_name=helo_name,
+        connect_timeout=connect_timeout,
+        command_timeout=command_timeout,
+        require_tls=require_tls,
+        max_reconnects=max_reconnects,
+    )
+    try:
+        async for index, recipient, message in _each(messages):
+            if not may_send():
+                break
+            on_outcome(await sender.deliver(index, recipient, message))
+    except BaseException:
+        sender.abort()  # cancelled or a caller bug: no polite QUIT, just let go of the socket
+        raise
+    await sender.quit()
+
+
+async def _each(
+    messages: AsyncIterator[tuple[int, str, bytes]] | Iterable[tuple[int, str, bytes]],
+) -> AsyncIterator[tuple[int, str, bytes]]:
+    if hasattr(messages, "__aiter__"):
+        async for item in messages:
+            yield item
+    else:
+        for item in messages:
+            yield item
+
+
+class _RouteFailed(Exception):
+    """Opening a session on one route failed; the message says why."""
+
+
+class _TlsNotOffered(_RouteFailed):
+    pass
+
+
+class _BatchSender:
+    """The one SMTP session of a batch, opened lazily and reopened after a loss."""
+
+    def __init__(
+        self,
+        routes: Sequence[Route],
+        mail_from: str,
+        *,
+        helo_name: str,
+        connect_timeout: float,
+        command_timeout: float,
+        require_tls: bool,
+        max_reconnects: int,
+    ) -> None:
+        # A bad HELO name is a configuration error: raise it now, before anything is sent,
+        # using aiosmtplib's own check of the name.
+        aiosmtplib.SMTP(local_hostname=helo_name)
+        self._routes = list(routes)
+        self._mail_from = mail_from
+        self._helo_name = helo_name
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._require_tls = require_tls
+        self._reconnects_left = max_reconnects
+        self._smtp: aiosmtplib.SMTP | None = None
+        self._remote = ""
+        self._opened_before = False
+        # Once set, the batch cannot be sent: (text, enhanced, remote) for every further recipient.
+        self._failure: tuple[str, str | None, str] | None = (
+            None if self._routes else (NO_ROUTE_TEXT, None, "")
+        )
+
+    # -- per message ---------------------------------------------------------------------------
+
+    async def deliver(self, index: int, recipient: str, message: bytes) -> Outcome:
+        if self._failure is None and not self._connected():
+            await self._reopen()
+        if self._failure is not None:
+            text, enhanced, remote = self._failure
+            return Outcome(index, 0, enhanced, text, remote)
+        return await self._transaction(index, recipient, message)
+
+    async def _transaction(self, index: int, recipient: str, message: bytes) -> Outcome:
+        smtp = self._smtp
+        assert smtp is not None
+        stage = "MAIL FROM"
+        try:
+            mail_options, encoding = self._envelope_options(recipient, message)
+            await smtp.mail(self._mail_from, options=mail_options, encoding=encoding)
+            stage = "RCPT TO"
+            await smtp.rcpt(recipient, encoding=encoding)
+            stage = "DATA"
+            reply = await smtp.data(message)
+            return self._outcome(index, reply.code, reply.message)
+        except aiosmtplib.SMTPResponseException as exc:
+            await self._reset()
+            return self._outcome(index, exc.code, exc.message)
+        except ValueError as exc:
+            # aiosmtplib will not put this address on a command line (syntax, or non-ASCII
+            # without SMTPUTF8); nothing was sent for it, so the session stays usable.
+            await self._reset()
+            return Outcome(index, 0, None, f"{stage} not sent: {exc}", self._remote)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            self.abort()
+            prefix = AMBIGUOUS_PREFIX if stage == "DATA" else ""
+            text = f"{prefix}connection lost during {stage}: {_describe(exc)}"
+            return Outcome(index, 0, None, text, self._remote)
+
+    def _envelope_options(self, recipient: str, message: bytes) -> tuple[list[str], str]:
+        assert self._smtp is not None
+        options: list[str] = []
+        encoding = "ascii"
+        if not (self._mail_from.isascii() and recipient.isascii()) and self._smtp.supports_extension(
+            "smtputf8"
+        ):
+            options.append("SMTPUTF8")
+            encoding = "utf-8"
+        if not message.isascii() and self._smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        return options, encoding
+
+    def _outcome(self, index: int, code: int, text: str) -> Outcome:
+        return Outcome(index, code, parse_enhanced(text), text, self._remote)
+
+    async def _reset(self) -> None:
+        # RSET ends the refused transaction so the next recipient starts clean.
+        if not self._connected():
+            return
+        assert self._smtp is not None
+        try:
+            await self._smtp.rset()
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            self.abort()
+
+    # -- session -------------------------------------------------------------------------------
+
+    def _connected(self) -> bool:
+        return self._smtp is not None and self._smtp.is_connected
+
+    async def _reopen(self) -> None:
+        if self._opened_before:
+            if self._reconnects_left <= 0:
+                self._failure = ("connection failed: connection lost, no reconnect left", None, self._remote)
+                return
+            self._reconnects_left -= 1
+        self._opened_before = True
+        self._failure = await self._open_any()
+
+    async def _open_any(self) -> tuple[str, str | None, str] | None:
+        """Open a session on the first route that works; the failure triple when none does."""
+        reasons: list[str] = []
+        tls_missing = 0
+        for route in self._routes:
+            try:
+                self._smtp = await self._open(route, try_tls=True)
+                self._remote = route.remote
+                return None
+            except _TlsNotOffered:
+                tls_missing += 1
+                reasons.append(f"{route.remote}: {TLS_NOT_OFFERED_TEXT}")
+            except _RouteFailed as exc:
+                reasons.append(f"{route.remote}: {exc}")
+        last_remote = self._routes[-1].remote
+        if tls_missing == len(self._routes):
+            return (TLS_NOT_OFFERED_TEXT, parse_enhanced(TLS_NOT_OFFERED_TEXT), last_remote)
+        return ("connection failed: " + "; ".join(reasons), None, last_remote)
+
+    async def _open(self, route: Route, *, try_tls: bool) -> aiosmtplib.SMTP:
+        smtp = aiosmtplib.SMTP(
+            hostname=route.host,
+            port=route.port,
+            local_hostname=self._helo_name,
+            timeout=self._command_timeout,
+            start_tls=False,  # STARTTLS is done below, so its failure can be told apart
+            validate_certs=False,  # opportunistic TLS: encrypt even with an unverifiable certificate
+        )
+        stage = "connect"
+        try:
+            await smtp.connect(timeout=self._connect_timeout)
+            stage = "EHLO"
+            await self._greet(smtp)
+            if smtp.supports_extension("starttls") and try_tls:
+                stage = "STARTTLS"
+                await smtp.starttls()
+                stage = "EHLO after STARTTLS"
+                await self._greet(smtp)
+            elif self._require_tls:
+                raise _TlsNotOffered(TLS_NOT_OFFERED_TEXT)
+            if route.username is not None:
+                stage = "AUTH"
+                await self._login(smtp, route)
+            return smtp
+        except _RouteFailed:
+            smtp.close()
+            raise
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ValueError) as exc:
+            smtp.close()
+            if stage.startswith(("STARTTLS", "EHLO after")) and not self._require_tls:
+                # Opportunistic TLS that breaks must not stop delivery: retry in plain text.
+                log.info("STARTTLS with %s failed (%s); retrying without TLS", route.remote, exc)
+                return await self._open(route, try_tls=False)
+            raise _RouteFailed(f"{stage} failed: {_describe(exc)}") from exc
+
+    async def _greet(self, smtp: aiosmtplib.SMTP) -> None:
+        try:
+            await smtp.ehlo(hostname=self._helo_name)
+        except aiosmtplib.SMTPHeloError:
+            if not smtp.is_connected:
+                raise
+            await smtp.helo(hostname=self._helo_name)
+
+    async def _login(self, smtp: aiosmtplib.SMTP, route: Route) -> None:
+        encrypted = smtp.get_transport_info("sslcontext") is not None
+        if not encrypted and not _is_loopback_peer(smtp):
+            # Relay passwords never travel in clear text over a network (Postfix's noplaintext).
+            raise _RouteFailed("AUTH refused: connection is not encrypted")
+        await smtp.login(route.username or "", route.password or "")
+
+    async def quit(self) -> None:
+        if self._connected():
+            assert self._smtp is not None
+            try:
+                await self._smtp.quit()
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                pass
+        self.abort()
+
+    def abort(self) -> None:
+        if self._smtp is not None:
+            self._smtp.close()
+
+
+def _is_loopback_peer(smtp: aiosmtplib.SMTP) -> bool:
+    peer = smtp.get_transport_info("peername")
+    try:
+        return bool(peer) and ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

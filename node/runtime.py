@@ -1,0 +1,296 @@
+"""One raftmail node: the I/O shell that wires Raft, the body store, SMTP intake, the admin/peer
+HTTP endpoint, the leader's scheduler and the sender together."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from raftmail.consensus.outcomes import FINAL_STATES
+from raftmail.consensus.raft import RaftNode
+from raftmail.node.bodies import BodyStore, is_digest
+from raftmail.node.bridge import ProposalFailed, Proposer
+from raftmail.node.config import Config, ConfigError
+from raftmail.node.intake import GroupCommitter, Intake, start_smtp_server
+from raftmail.node.peers import PeerClient, PeerCrypto, add_peer_routes
+
+log = logging.getLogger("raftmail.node")
+
+BODY_REPAIR_INTERVAL = 2.0  # seconds between scans for bodies this node lacks
+BODY_REPAIR_MAX = 200  # bodies fetched per scan
+BODY_GC_INTERVAL = 60.0
+ORPHAN_BODY_AGE = 3600.0  # a body never committed (its submission got 451) is kept this long
+
+
+class MailNode:
+    def __init__(self, config: Config, node_id: str) -> None:
+        self.config = config
+        self.me = config.node(node_id)
+        self.id = node_id
+        self.data_dir = config.node_data_dir(node_id)
+        _check_writable(config, self.data_dir)
+        self.started = time.time()
+        self.addr_to_id = {str(n.raft): n.id for n in config.nodes}
+        self.peer_admins = {n.id: str(n.admin) for n in config.nodes if n.id != node_id}
+        self.store = BodyStore(self.data_dir / "bodies")
+        self.crypto = PeerCrypto(config.cluster.secret, config.cluster.name)
+        self.peers = PeerClient(self.crypto, max_body_bytes=config.intake.max_message_bytes)
+        self.auth_failures = 0
+        r = config.raft
+        # Constructed in the main thread, before the loop: our own tick thread runs it.
+        self.raft = RaftNode(
+            str(self.me.raft), [str(n.raft) for n in config.nodes], self.data_dir / "raft",
+            password=config.cluster.secret,
+            election_timeout_min=r.election_timeout_min, election_timeout_max=r.election_timeout_max,
+            heartbeat_interval=r.heartbeat_interval, connection_timeout=r.connection_timeout,
+            compaction_min_entries=r.compaction_min_entries,
+            compaction_min_seconds=r.compaction_min_seconds,
+            snapshot_chunk_bytes=r.snapshot_chunk_bytes,
+            commands_queue_size=max(1000, r.max_commands_in_flight * 4),
+        )
+
+    # ---------------------------------------------------------------- helpers used by parts
+
+    def node_of_addr(self, addr: str | None) -> str | None:
+        return self.addr_to_id.get(addr) if addr else None
+
+    def live_nodes(self) -> list[str]:
+        """This node and the peers its Raft transport is connected to (the leader's view)."""
+        connected = set(self.raft.raft_status()["partners_connected"])
+        return [self.id] + [self.addr_to_id[a] for a in connected if a in self.addr_to_id]
+
+    async def replicate_body(self, digest: str, data: bytes, timeout: float) -> int:
+        need = self.config.majority() - 1
+        if need <= 0:
+            return 0
+        return await self.peers.push(digest, data, list(self.peer_admins.values()), need, timeout)
+
+    async def body(self, digest: str) -> bytes | None:
+        """A body by hash: from our store, else fetched from a peer (and kept)."""
+        data = await asyncio.to_thread(self.store.get, digest)
+        if data is not None:
+            return data
+        data = await self.peers.fetch(digest, list(self.peer_admins.values()))
+        if data is not None:
+            await asyncio.to_thread(self.store.put_verified, digest, data)
+            self.bodies_fetched += 1
+        return data
+
+    # ---------------------------------------------------------------- status
+
+    def status(self) -> dict:
+        rs = self.raft.raft_status()
+
+        def read(st):
+            per_node: dict[str, int] = {}
+            for b in st.batches.values():
+                per_node[b.node] = per_node.get(b.node, 0) + 1
+            now_min = int(time.time() // 60)
+            return {
+                "queue": st.queue_counts(),
+                "batches_in_flight": per_node,
+                "delivered_last_minute": st.delivered_minutes.get(now_min - 1, 0),
+                "delivered_this_minute": st.delivered_minutes.get(now_min, 0),
+                "submissions": len(st.submissions),
+                "campaigns": len(st.campaigns),
+                "suppressed": len(st.suppressed),
+                "stats": dict(st.stats),
+                "commands_applied": st.applied,
+            }
+        body_count, body_bytes = self.store.stats()
+        return {
+            "id": self.id,
+            "cluster": self.config.cluster.name,
+            "role": rs["role"],
+            "term": rs["term"],
+            "commit_index": rs["commit_index"],
+            "applied_index": rs["applied_index"],
+            "leader_commit_index": rs["leader_commit_index"],
+            "leader": self.node_of_addr(rs["leader_addr"]),
+            "has_quorum": rs["has_quorum"],
+            "connected": sorted(self.node_of_addr(a) or a for a in rs["partners_connected"]),
+            "leader_changes": rs["leader_changes"],
+            "log_len": rs["log_len"],
+            "uptime": round(time.time() - self.started, 1),
+            "intake": dict(self.intake.counters),
+            "intake_connections": dict(getattr(self.intake, "connections", {})),
+            "bodies": {"count": body_count, "bytes": body_bytes, "fetched": self.bodies_fetched},
+            "peer_auth_failures": self.auth_failures,
+            **self.raft.read(read),
+        }
+
+    # ---------------------------------------------------------------- admin HTTP
+
+    def admin_app(self) -> web.Application:
+        app = web.Application()
+        r = app.router
+        r.add_get("/status", self._h_status)
+        r.add_get("/state/digest", self._h_digest)
+        r.add_get("/state/submissions/{sid}", self._h_submission)
+        r.add_get("/campaigns", self._h_campaigns)
+        r.add_post("/campaigns/{cid}/{action}", self._h_campaign_action)
+        add_peer_routes(app, self.store, self.crypto, max_body_bytes=self.config.intake.max_message_bytes,
+                        on_auth_failure=self._peer_auth_failed)
+        return app
+
+    def _peer_auth_failed(self, peer: str) -> None:
+        self.auth_failures += 1
+        log.warning("peer channel: request from %s failed authentication (wrong cluster secret?)", peer)
+
+    async def _h_status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    async def _h_digest(self, request: web.Request) -> web.Response:
+        def read(st):
+            return {"digest": st.digest(), "commands_applied": st.applied}
+        out = await asyncio.to_thread(self.raft.read, read)
+        out["applied_index"] = self.raft.raftLastApplied
+        return web.json_response(out)
+
+    async def _h_submission(self, request: web.Request) -> web.Response:
+        sid = request.match_info["sid"]
+
+        def read(st):
+            sub = st.submissions.get(sid)
+            if sub is None:
+                return None
+            return {"id": sub.id, "campaign": sub.campaign, "sender": sub.sender, "body": sub.body,
+                    "size": sub.size, "accepted_at": sub.accepted_at,
+                    "recipients": [st.recipient(sid, i) for i in range(len(sub.rcpts))]}
+        out = self.raft.read(read)
+        if out is None:
+            return web.json_response({"error": f"no submission {sid}"}, status=404)
+        out["body_here"] = is_digest(out["body"]) and self.store.has(out["body"])
+        return web.json_response(out)
+
+    async def _h_campaigns(self, request: web.Request) -> web.Response:
+        out = self.raft.read(lambda st: [st.campaign_summary(c) for c in st.campaigns.values()])
+        return web.json_response({"campaigns": out})
+
+    async def _h_campaign_action(self, request: web.Request) -> web.Response:
+        token = self.config.cluster.admin_token
+        if token and request.headers.get("Authorization") != f"Bearer {token}":
+            return web.json_response({"error": "admin token required"}, status=401)
+        action = request.match_info["action"]
+        if action not in ("pause", "resume", "cancel"):
+            return web.json_response({"error": f"unknown action {action}"}, status=404)
+        try:
+            result = await self.proposer.propose(
+                {"op": action, "campaign": request.match_info["cid"], "now": time.time()},
+                self.config.intake.commit_timeout)
+        except ProposalFailed as e:
+            return web.json_response({"error": f"not committed: {e.reason}"}, status=503)
+        status = 404 if isinstance(result, dict) and "error" in result else 200
+        return web.json_response(result, status=status)
+
+    # ---------------------------------------------------------------- maintenance
+
+    async def repair_bodies(self) -> None:
+        """Fetch bodies of unfinished submissions that this node lacks (it was down, or restored
+        from a snapshot), so any node can deliver any batch."""
+        while True:
+            await asyncio.sleep(BODY_REPAIR_INTERVAL)
+            try:
+                wanted = self.raft.read(lambda st: list({s.body for s in st.submissions.values()
+                                                         if s.finished_at is None}))
+                missing = [d for d in wanted if not self.store.has(d)][:BODY_REPAIR_MAX]
+                for digest in missing:
+                    await self.body(digest)
+            except Exception:
+                log.exception("body repair failed")
+
+    async def collect_bodies(self) -> None:
+        """Delete bodies whose submissions all finished longer than the retention ago."""
+        retention = self.config.storage.body_retention_seconds
+        while True:
+            await asyncio.sleep(BODY_GC_INTERVAL)
+            try:
+                now = time.time()
+
+                def read(st):
+                    keep, done = set(), {}
+                    for s in st.submissions.values():
+                        if s.finished_at is None or now - s.finished_at < retention:
+                            keep.add(s.body)
+                        else:
+                            done[s.body] = None
+                    return keep, done
+                keep, done = self.raft.read(read)
+                for digest in list(self.store.digests()):
+                    if digest in keep:
+                        continue
+                    age = self.store.age_seconds(digest) or 0.0
+                    if digest in done or age > max(ORPHAN_BODY_AGE, retention):
+                        self.store.delete(digest)
+            except Exception:
+                log.exception("body collection failed")
+
+    # ---------------------------------------------------------------- life cycle
+
+    async def run(self) -> None:
+        from raftmail.node.scheduler import Scheduler
+        from raftmail.node.sender import Sender
+
+        loop = asyncio.get_running_loop()
+        self.bodies_fetched = 0
+        self.proposer = Proposer(self.raft, loop, self.config.raft.max_commands_in_flight)
+        self.committer = GroupCommitter(self.proposer, max_entry_bytes=self.config.intake.group_commit_bytes,
+                                        max_waiting=self.config.intake.max_connections * 2)
+        self.committer.start(self._submit_command, self.config.intake.commit_timeout)
+        self.intake = Intake(self.config, self.id, self.store, self.committer, self.replicate_body)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        runner = web.AppRunner(self.admin_app(), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.me.admin.host, self.me.admin.port, reuse_address=True)
+        await site.start()
+        smtp = await start_smtp_server(self.intake, self.me.smtp.host, self.me.smtp.port,
+                                       hostname=self.config.delivery.helo_name)
+        self.scheduler = Scheduler(self)
+        self.sender = Sender(self)
+        tasks = [asyncio.create_task(c) for c in (self.repair_bodies(), self.collect_bodies(),
+                                                  self.scheduler.run(), self.sender.run())]
+        log.info("node %s up: smtp %s, admin %s, raft %s", self.id, self.me.smtp, self.me.admin, self.me.raft)
+        print(f"raftmail node {self.id} ready: smtp {self.me.smtp} admin {self.me.admin} raft {self.me.raft}",
+              flush=True)
+        await stop.wait()
+        log.info("node %s stopping", self.id)
+        smtp.close()  # stop taking new mail; transactions in progress finish below
+        await asyncio.wait_for(smtp.wait_closed(), self.config.intake.commit_timeout + 1) \
+            if hasattr(smtp, "wait_closed") else None
+        await self.sender.stop()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.committer.stop()
+        await runner.cleanup()
+        await self.peers.close()
+        self.raft.stop()
+
+    def _submit_command(self, entries: list[dict]) -> dict:
+        return {"op": "submit", "subs": entries, "now": time.time(),
+                "window": self.config.intake.dedupe_window_seconds,
+                "max_queued": self.config.intake.max_queued_recipients}
+
+
+def _check_writable(config: Config, path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(config.path, "[cluster] data_dir", f"{path} is not writable: {e.strerror}") from None
+
+
+def run_node(config: Config, node_id: str) -> None:
+    node = MailNode(config, node_id)
+    asyncio.run(node.run())

@@ -1,0 +1,92 @@
+"""The leader's scheduler: turns queued recipients into leased batches for live nodes.
+
+It decides nothing by itself: every assignment and every lease expiry is a committed command, and
+the state machine re-checks eligibility and the per-domain throttles when it applies it. A node
+that only believes it is leader (pysyncobj can say so for up to leaderFallbackTimeout) changes
+nothing unless its command commits, and then the log has ordered it after everything else.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from raftmail.node.bridge import ProposalFailed
+
+if TYPE_CHECKING:
+    from raftmail.node.runtime import MailNode
+
+log = logging.getLogger("raftmail.scheduler")
+
+SCHEDULE_INTERVAL = 0.1  # seconds between scheduling rounds on the leader
+
+
+class Scheduler:
+    def __init__(self, node: "MailNode") -> None:
+        self.node = node
+        self.rounds = 0
+        self.assigned_batches = 0
+        self._rr = 0  # round-robin start, so idle nodes share batches evenly
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(SCHEDULE_INTERVAL)
+            if not self.node.raft.is_leader():
+                continue
+            try:
+                await self.round()
+            except ProposalFailed as e:
+                log.debug("scheduling round stopped: %s", e.reason)
+            except Exception:
+                log.exception("scheduling round failed")
+
+    async def round(self) -> None:
+        node, d = self.node, self.node.config.delivery
+        timeout = node.config.intake.commit_timeout
+        now = time.time()
+        self.rounds += 1
+        if node.raft.read(lambda st: any(b.lease_until < now for b in st.batches.values())):
+            res = await node.proposer.propose({"op": "expire", "now": now}, timeout)
+            if res.get("expired"):
+                log.warning("leases expired for batches %s: %d recipients back in the queue",
+                            ",".join(res["expired"]), res["returned"])
+        live = node.live_nodes()
+        capacity = d.max_concurrent_batches * len(live)
+
+        def read(st):
+            load: dict[str, int] = {}
+            for b in st.batches.values():
+                load[b.node] = load.get(b.node, 0) + 1
+            room = capacity - len(st.batches)
+            if room <= 0:
+                return {}, load, {}
+            return st.eligible(now, room * d.batch_size), load, dict(st.domain_batches)
+        eligible, load, domain_batches = node.raft.read(read)
+        term = node.raft.raftCurrentTerm
+        for domain, items in eligible.items():
+            limits = d.limits_for(domain)
+            while items and domain_batches.get(domain, 0) < limits.max_connections:
+                target = self._pick(live, load, d.max_concurrent_batches)
+                if target is None:
+                    return
+                chunk, items = items[:d.batch_size], items[d.batch_size:]
+                res = await node.proposer.propose({
+                    "op": "assign", "node": target, "domain": domain, "items": chunk, "now": now,
+                    "lease_until": now + d.lease_seconds, "term": term,
+                    "max_connections": limits.max_connections, "max_per_minute": limits.max_per_minute,
+                }, timeout)
+                if not res.get("batch"):
+                    break  # throttled or nothing left for this domain
+                self.assigned_batches += 1
+                load[target] = load.get(target, 0) + 1
+                domain_batches[domain] = domain_batches.get(domain, 0) + 1
+                log.info("assigned batch %s (%d recipients of %s) to %s, lease %.0fs",
+                         res["batch"], res["n"], domain, target, d.lease_seconds)
+
+    def _pick(self, live: list[str], load: dict[str, int], per_node: int) -> str | None:
+        """The least-loaded live node; ties rotate."""
+        self._rr += 1
+        order = live[self._rr % len(live):] + live[:self._rr % len(live)]
+        best = min(order, key=lambda n: load.get(n, 0))
+        return best if load.get(best, 0) < per_node else None

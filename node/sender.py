@@ -1,0 +1,201 @@
+"""Every node's sender: delivers the batches the log assigned to it and reports each recipient's
+outcome through the log, a few at a time, so a crash repeats at most the sends in flight."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, AsyncIterator
+
+from raftmail.consensus.outcomes import DEFERRED, STATE_NAMES, classify, next_retry_delay, parse_enhanced
+from raftmail.node.bridge import ProposalFailed
+from raftmail.node.delivery import Outcome, deliver_batch, resolve_routes
+from raftmail.node.message import DkimSigner, recipient_message_id, render_for_recipient, unsubscribe_token
+
+if TYPE_CHECKING:
+    from raftmail.node.runtime import MailNode
+
+log = logging.getLogger("raftmail.sender")
+
+POLL_INTERVAL = 0.05  # seconds between looks at the log for new batches of ours
+
+
+class BatchRun:
+    """One leased batch being delivered by this node."""
+
+    def __init__(self, sender: "Sender", bid: str, domain: str, items: list[tuple[str, int]]) -> None:
+        self.sender = sender
+        self.node = sender.node
+        self.bid = bid
+        self.domain = domain
+        self.items = items  # position in this list = index given to deliver_batch
+        self.results: list[list] = []
+        self.attempted: set[int] = set()
+        self.renewing: asyncio.Task | None = None
+        self.flushing = asyncio.Lock()
+        d = self.node.config.delivery
+        self.margin = min(2.0, d.lease_seconds * 0.2)
+
+    def lease(self) -> float | None:
+        """Our lease end as committed, or None if the batch is no longer ours (fenced)."""
+        b = self.node.raft.read(lambda st: st.batches.get(self.bid))
+        return b.lease_until if b is not None and b.node == self.node.id else None
+
+    def may_send(self) -> bool:
+        until = self.lease()
+        if until is None:
+            return False
+        left = until - time.time()
+        if left < self.node.config.delivery.lease_seconds / 2 and (self.renewing is None or self.renewing.done()):
+            self.renewing = asyncio.create_task(self._renew())
+        return left > self.margin
+
+    async def _renew(self) -> None:
+        d = self.node.config.delivery
+        try:
+            await self.node.proposer.propose({"op": "renew", "batch": self.bid, "node": self.node.id,
+                                              "lease_until": time.time() + d.lease_seconds},
+                                             min(self.margin, self.node.config.intake.commit_timeout))
+        except ProposalFailed as e:
+            log.warning("batch %s: lease not renewed (%s)", self.bid, e.reason)
+
+    def on_outcome(self, o: Outcome) -> None:
+        sid, idx, attempts, campaign, rcpt = self.meta[o.index]
+        d = self.node.config.delivery
+        enhanced = o.enhanced or parse_enhanced(o.text)
+        verdict = classify(o.code, enhanced)
+        next_at = None
+        if verdict.state == DEFERRED:
+            next_at = time.time() + next_retry_delay(
+                attempts + 1, first=d.retry_first, factor=d.retry_factor,
+                max_interval=d.retry_max_interval, jitter_fraction=d.retry_jitter, jitter=random.random())
+        self.attempted.add(o.index)
+        self.results.append([sid, idx, o.code, enhanced, o.text[:200], next_at])
+        log.info("outcome campaign=%s submission=%s recipient=%s node=%s batch=%s code=%s state=%s remote=%s",
+                 campaign, sid, rcpt, self.node.id, self.bid, o.code, STATE_NAMES[verdict.state], o.remote)
+        if len(self.results) >= d.report_every:
+            asyncio.create_task(self.flush())
+
+    async def flush(self, release: list[list] | None = None) -> None:
+        """Report buffered outcomes (and unattempted items to release) as one command."""
+        async with self.flushing:
+            results, self.results = self.results, []
+            if not results and not release:
+                return
+            cmd = {"op": "report", "batch": self.bid, "node": self.node.id, "now": time.time(),
+                   "max_age": self.node.config.delivery.max_age, "results": results,
+                   "release": release or []}
+            deadline = time.time() + max(self.node.config.delivery.lease_seconds, 5.0)
+            while True:
+                try:
+                    res = await self.node.proposer.propose(cmd, self.node.config.intake.commit_timeout)
+                    if res.get("fenced"):
+                        log.warning("batch %s: %d outcomes arrived after the lease moved on (possible "
+                                    "duplicates)", self.bid, res["fenced"])
+                    return
+                except ProposalFailed as e:
+                    if time.time() > deadline:
+                        log.error("batch %s: %d outcomes could not be reported (%s); the lease will "
+                                  "return them to the queue", self.bid, len(results), e.reason)
+                        return
+                    await asyncio.sleep(0.2)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.node.config.delivery.report_interval)
+            if self.results:
+                await self.flush()
+
+    async def run(self) -> None:
+        node, d = self.node, self.node.config.delivery
+
+        def read(st):
+            out = []
+            for sid, idx in self.items:
+                sub = st.submissions[sid]
+                det = sub.detail.get(idx)
+                out.append((sid, idx, det[0] if det else 0, sub.campaign, sub.rcpts[idx], sub.sender, sub.body))
+            return out
+        rows = node.raft.read(read)
+        self.meta = [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        ticker = asyncio.create_task(self._ticker())
+        try:
+            routes = await resolve_routes(self.domain, routes=d.routes, relay=d.relay,
+                                          relay_username=d.relay_username, relay_password=d.relay_password)
+            by_sender: dict[str, list[int]] = {}
+            for pos, r in enumerate(rows):
+                by_sender.setdefault(r[5], []).append(pos)
+            for mail_from, positions in by_sender.items():
+                if not self.may_send():
+                    break
+                await deliver_batch(routes, mail_from, self._messages(rows, positions),
+                                    helo_name=d.helo_name, connect_timeout=d.connect_timeout,
+                                    command_timeout=d.command_timeout, may_send=self.may_send,
+                                    on_outcome=self.on_outcome)
+        except Exception:
+            log.exception("batch %s failed", self.bid)
+        finally:
+            ticker.cancel()
+        release = [[sid, idx] for pos, (sid, idx) in enumerate(self.items) if pos not in self.attempted]
+        if self.lease() is not None:
+            await self.flush(release)
+
+    async def _messages(self, rows: list[tuple], positions: list[int]) -> AsyncIterator[tuple[int, str, bytes]]:
+        node, d = self.node, self.node.config.delivery
+        bodies: dict[str, bytes | None] = {}
+        for pos in positions:
+            sid, idx, _attempts, campaign, rcpt, sender, digest = rows[pos]
+            if digest not in bodies:
+                bodies[digest] = await node.body(digest)
+            body = bodies[digest]
+            if body is None:
+                log.error("batch %s: body %s of submission %s is on no reachable node", self.bid, digest[:12], sid)
+                continue  # not attempted: released back to the queue at the end
+            unsubscribe = None
+            if d.unsubscribe_url:
+                unsubscribe = d.unsubscribe_url.replace(
+                    "{token}", unsubscribe_token(node.config.cluster.secret, campaign, rcpt))
+            msg = render_for_recipient(body, mail_from=sender, recipient=rcpt,
+                                       message_id=recipient_message_id(sid, idx, sender.rpartition("@")[2]),
+                                       unsubscribe_url=unsubscribe, dkim=self.sender.dkim)
+            yield pos, rcpt, msg
+
+
+class Sender:
+    def __init__(self, node: "MailNode") -> None:
+        self.node = node
+        self.running: dict[str, asyncio.Task] = {}
+        # Batches this process already ran: never run one twice, even if its last report failed
+        # (the lease returns what was not reported).
+        self.finished: set[str] = set()
+        self.dkim = None
+        dk = node.config.delivery.dkim
+        if dk is not None:
+            self.dkim = DkimSigner(dk.domain, dk.selector, dk.key_file.read_bytes())
+
+    async def run(self) -> None:
+        limit = self.node.config.delivery.max_concurrent_batches
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            try:
+                mine = self.node.raft.read(
+                    lambda st: [(b.id, b.domain, list(b.items)) for b in st.batches_for(self.node.id)])
+                self.finished &= {bid for bid, _, _ in mine}
+                for bid, domain, items in mine:
+                    if bid in self.running or bid in self.finished or len(self.running) >= limit:
+                        continue
+                    task = asyncio.create_task(BatchRun(self, bid, domain, items).run())
+                    self.running[bid] = task
+                    task.add_done_callback(lambda _t, bid=bid: self._done(bid))
+            except Exception:
+                log.exception("sender poll failed")
+
+    def _done(self, bid: str) -> None:
+        self.running.pop(bid, None)
+        self.finished.add(bid)
+
+    async def stop(self) -> None:
+        for t in list(self.running.values()):
+            t.cancel()
+        await asyncio.gather(*self.running.values(), return_exceptions=True)
