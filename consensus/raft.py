@@ -278,6 +278,7 @@ class RaftNode(SyncObj):
             logCompactionMinTime=compaction_min_seconds,
             logCompactionBatchSize=snapshot_chunk_bytes,
             dynamicMembershipChange=True,
+            connectionRetryTime=1.0,  # a restarted peer is re-dialled within a second, not five
             bindRetryTime=0.5,
             maxBindRetries=6,
             onStateChanged=self._role_changed,

@@ -1,0 +1,276 @@
+"""Test harness: real raftmail node processes, a real capture sink, free ports on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, Callable
+
+PY = sys.executable
+SECRET = "test-cluster-secret-0123456789abcdef"
+
+
+def free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition", interval: float = 0.05) -> Any:
+    """Poll `pred` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # a node that is starting or dead: keep polling
+            last_exc = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+def make_message(subject: str = "Hello", message_id: str | None = None, body: str = "Hello from raftmail.\n",
+                 sender: str = "news@example.com", campaign: str | None = None, size: int = 0) -> bytes:
+    m = EmailMessage()
+    m["From"] = sender
+    m["To"] = "list@example.com"
+    m["Subject"] = subject
+    m["Date"] = "Sat, 28 Nov 2026 10:00:00 +0000"
+    if message_id:
+        m["Message-ID"] = message_id
+    if campaign:
+        m["X-Campaign-ID"] = campaign
+    if size:
+        body = body + ("x" * 76 + "\n") * (size // 77 + 1)
+    m.set_content(body)
+    return m.as_bytes(policy=policy.SMTP)  # CRLF, as it travels (and is stored)
+
+
+class Sink:
+    """`raftmail sink` as its own process."""
+
+    def __init__(self, root: Path, replies: list[str] | None = None) -> None:
+        self.port = free_ports(1)[0]
+        self.maildir = root / "sink"
+        self.replies = replies or []
+        self.proc: subprocess.Popen | None = None
+        self.root = root
+
+    def start(self) -> None:
+        cmd = [PY, "-m", "raftmail.cli", "sink", "--listen", f"127.0.0.1:{self.port}", "--maildir", str(self.maildir)]
+        for r in self.replies:
+            cmd += ["--reply", r]
+        self.log = open(self.root / "sink.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        wait_for(lambda: _port_open(self.port), 15, "sink to listen")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def events(self, kind: str | None = None) -> list[dict]:
+        from raftmail.node.sink import read_log
+        if not self.maildir.exists():
+            return []
+        return [e for e in read_log(self.maildir) if kind is None or e.get("event") == kind]
+
+    def delivered(self) -> list[dict]:
+        return self.events("message")
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Cluster:
+    def __init__(self, root: Path, n: int = 3, *, sink: Sink | None = None, extra_toml: str = "",
+                 lease_seconds: float = 4.0, retry_first: float = 1.0, batch_size: int = 50,
+                 compaction_min_entries: int = 5000, commit_timeout: float = 3.0) -> None:
+        self.root = root
+        self.ids = [f"n{i + 1}" for i in range(n)]
+        ports = free_ports(3 * n)
+        self.raft = {nid: ports[3 * i] for i, nid in enumerate(self.ids)}
+        self.smtp = {nid: ports[3 * i + 1] for i, nid in enumerate(self.ids)}
+        self.admin = {nid: ports[3 * i + 2] for i, nid in enumerate(self.ids)}
+        self.sink = sink
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.config_path = root / "cluster.toml"
+        lines = ["[cluster]", 'name = "test"', f'secret = "{SECRET}"', 'data_dir = "data"', ""]
+        for nid in self.ids:
+            lines += ["[[node]]", f'id = "{nid}"', f'raft = "127.0.0.1:{self.raft[nid]}"',
+                      f'smtp = "127.0.0.1:{self.smtp[nid]}"', f'admin = "127.0.0.1:{self.admin[nid]}"', ""]
+        lines += ["[raft]", f"compaction_min_entries = {compaction_min_entries}", "",
+                  "[intake]", f"commit_timeout = {commit_timeout}", "max_recipients = 1000", ""]
+        lines += ["[delivery]", f"lease_seconds = {lease_seconds}", f"retry_first = {retry_first}",
+                  f"batch_size = {batch_size}", "report_interval = 0.1", "connect_timeout = 5",
+                  "command_timeout = 10"]
+        if sink is not None:
+            lines += [f'relay = "127.0.0.1:{sink.port}"']
+        lines += ["", extra_toml]
+        self.config_path.write_text("\n".join(lines))
+
+    # -- processes
+
+    def start(self, nid: str | None = None) -> None:
+        for node in [nid] if nid else self.ids:
+            log = open(self.root / f"{node}.log", "ab")
+            self.procs[node] = subprocess.Popen(
+                [PY, "-m", "raftmail.cli", "start", "--config", str(self.config_path), "--node", node],
+                stdout=log, stderr=log)
+
+    def start_all_and_wait(self, timeout: float = 30.0) -> str:
+        if self.sink is not None and self.sink.proc is None:
+            self.sink.start()
+        self.start()
+        for nid in self.ids:
+            wait_for(lambda nid=nid: self.status(nid), timeout, f"{nid} to answer /status")
+        return self.wait_leader(timeout)
+
+    def signal(self, nid: str, sig: int) -> None:
+        p = self.procs.get(nid)
+        if p is not None and p.poll() is None:
+            os.kill(p.pid, sig)
+
+    def kill(self, nid: str) -> None:
+        self.signal(nid, signal.SIGKILL)
+        self.procs[nid].wait(10)
+
+    def stop(self, nid: str) -> None:
+        p = self.procs.get(nid)
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def alive(self, nid: str) -> bool:
+        p = self.procs.get(nid)
+        return p is not None and p.poll() is None
+
+    def close(self) -> None:
+        for nid in self.ids:
+            self.signal(nid, signal.SIGCONT)
+            self.signal(nid, signal.SIGKILL)
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.sink is not None:
+            self.sink.stop()
+
+    def data_dir(self, nid: str) -> Path:
+        return self.root / "data" / nid
+
+    def log_text(self, nid: str) -> str:
+        p = self.root / f"{nid}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    # -- admin API
+
+    def get(self, nid: str, path: str, timeout: float = 2.0) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin[nid]}{path}", timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def status(self, nid: str) -> dict | None:
+        try:
+            return self.get(nid, "/status")
+        except Exception:
+            return None
+
+    def leader(self, among: list[str] | None = None) -> str | None:
+        """A node that says it leads, has a quorum, and that every other live node follows."""
+        nodes = among or [n for n in self.ids if self.alive(n)]
+        sts = {n: self.status(n) for n in nodes}
+        leaders = [n for n, s in sts.items() if s and s["role"] == "leader" and s["has_quorum"]]
+        if len(leaders) != 1:
+            return None
+        ld = leaders[0]
+        if all(s and (n == ld or s["leader"] == ld) for n, s in sts.items()):
+            return ld
+        return None
+
+    def wait_leader(self, timeout: float = 30.0, among: list[str] | None = None) -> str:
+        return wait_for(lambda: self.leader(among), timeout, "a leader followed by every live node")
+
+    def followers(self) -> list[str]:
+        ld = self.leader()
+        return [n for n in self.ids if n != ld and self.alive(n)]
+
+    def digest(self, nid: str) -> dict:
+        return self.get(nid, "/state/digest", timeout=10)
+
+    def submission(self, nid: str, sid: str) -> dict | None:
+        try:
+            return self.get(nid, f"/state/submissions/{sid}")
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            raise
+
+    def queue(self, nid: str) -> dict:
+        return self.get(nid, "/status")["queue"]
+
+    def wait_converged(self, nodes: list[str] | None = None, timeout: float = 30.0) -> str:
+        """Every given node has applied the same commands: equal digests."""
+        nodes = nodes or [n for n in self.ids if self.alive(n)]
+
+        def same():
+            ds = {n: self.digest(n)["digest"] for n in nodes}
+            return len(set(ds.values())) == 1 and next(iter(ds.values()))
+        return wait_for(same, timeout, f"state digests of {nodes} to agree", interval=0.2)
+
+    # -- SMTP
+
+    def submit(self, nid: str, rcpts: list[str], message: bytes | None = None,
+               sender: str = "news@example.com", timeout: float = 15.0) -> tuple[int, str]:
+        """One SMTP transaction; returns the reply to the final dot (or to the first refusal)."""
+        message = message if message is not None else make_message()
+        try:
+            with smtplib.SMTP("127.0.0.1", self.smtp[nid], timeout=timeout) as s:
+                s.ehlo("client.test")
+                code, text = s.mail(sender)
+                if code != 250:
+                    return code, text.decode()
+                for r in rcpts:
+                    code, text = s.rcpt(r)
+                    if code not in (250, 251):
+                        return code, text.decode()
+                code, text = s.data(message)
+                return code, text.decode()
+        except smtplib.SMTPServerDisconnected as e:
+            return 0, f"disconnected: {e}"
+        except (OSError, smtplib.SMTPException) as e:
+            return 0, f"{type(e).__name__}: {e}"
+
+
+def queued_as(reply_text: str) -> str:
+    """The submission id in our 250 reply."""
+    words = reply_text.replace(":", " ").split()
+    return words[words.index("as") + 1]

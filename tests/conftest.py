@@ -1,0 +1,31 @@
+"""Shared fixtures: clusters of real node processes, torn down whatever happens."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from cluster import Cluster, Sink  # noqa: E402
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path):
+    made: list[Cluster] = []
+
+    def factory(n: int = 3, *, sink: bool = True, replies: list[str] | None = None, start: bool = True,
+                **kw) -> Cluster:
+        root = tmp_path / f"c{len(made)}"
+        root.mkdir()
+        s = Sink(root, replies) if sink else None
+        c = Cluster(root, n, sink=s, **kw)
+        made.append(c)
+        if start:
+            c.start_all_and_wait()
+        return c
+
+    yield factory
+    for c in made:
+        c.close()
