@@ -43,6 +43,8 @@ class BatchRun:
         return b.lease_until if b is not None and b.node == self.node.id else None
 
     def may_send(self) -> bool:
+        if self.sender.stopping:
+            return False
         until = self.lease()
         if until is None:
             return False
@@ -169,6 +171,7 @@ class Sender:
         # Batches this process already ran: never run one twice, even if its last report failed
         # (the lease returns what was not reported).
         self.finished: set[str] = set()
+        self.stopping = False
         self.dkim = None
         dk = node.config.delivery.dkim
         if dk is not None:
@@ -176,7 +179,7 @@ class Sender:
 
     async def run(self) -> None:
         limit = self.node.config.delivery.max_concurrent_batches
-        while True:
+        while not self.stopping:
             await asyncio.sleep(POLL_INTERVAL)
             try:
                 mine = self.node.raft.read(
@@ -195,7 +198,13 @@ class Sender:
         self.running.pop(bid, None)
         self.finished.add(bid)
 
-    async def stop(self) -> None:
-        for t in list(self.running.values()):
-            t.cancel()
-        await asyncio.gather(*self.running.values(), return_exceptions=True)
+    async def stop(self, grace: float = 10.0) -> None:
+        """Finish the message in flight, report every outcome, release the rest, then return:
+        a clean stop (a rolling restart) sends nothing twice."""
+        self.stopping = True
+        running = list(self.running.values())
+        if running:
+            _done, pending = await asyncio.wait(running, timeout=grace)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*running, return_exceptions=True)

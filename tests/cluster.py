@@ -274,3 +274,37 @@ def queued_as(reply_text: str) -> str:
     """The submission id in our 250 reply."""
     words = reply_text.replace(":", " ").split()
     return words[words.index("as") + 1]
+
+
+# -- appended helpers (generic; existing behaviour above is unchanged)
+
+def set_config(c: Cluster, section: str, **values: Any) -> None:
+    """Set keys of a top-level [section] in the cluster file before the nodes start: a key the
+    section already has is replaced, a new key is added under the section header."""
+    lines = c.config_path.read_text().split("\n")
+    header = f"[{section}]"
+    if header not in lines:
+        lines += ["", header]
+    start = lines.index(header) + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("[")), len(lines))
+    for key, value in values.items():
+        rendered = f"{key} = {json.dumps(value)}"
+        at = next((i for i in range(start, end) if lines[i].split("=")[0].strip() == key), None)
+        if at is None:
+            lines.insert(start, rendered)
+            end += 1
+        else:
+            lines[at] = rendered
+    c.config_path.write_text("\n".join(lines))
+
+
+def submission_count(c: Cluster, nid: str) -> int:
+    """Submissions in a node's applied state (retries answered as duplicates do not add one)."""
+    return c.get(nid, "/status")["submissions"]
+
+
+def run_cli(config_path: Path, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """`raftmail ARGS --config FILE` as a subprocess, the way an operator runs it."""
+    return subprocess.run([PY, "-m", "raftmail.cli", *args, "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200"})

@@ -1,0 +1,894 @@
+"""The replicated state machine (consensus/state.py): determinism, refusals, the recipient life cycle.
+
+Every command goes through `apply_blob(encode_command(...))`, the path Raft uses, and every step
+checks that the cached counters still equal a recount over all recipients.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from raftmail.consensus.outcomes import (
+    BOUNCED,
+    CANCELLED,
+    DEFERRED,
+    DELIVERED,
+    EXPIRED,
+    IN_FLIGHT,
+    PENDING,
+    STATE_NAMES,
+    SUPPRESSED,
+)
+from raftmail.consensus.state import MailState, encode_command
+
+pytestmark = pytest.mark.timeout(120)
+
+HOUR = 3600.0
+DAY = 86400.0
+T0 = 1_700_000_000.0  # command time of the first submission in most tests
+BODY = "ab" * 32  # a sha256-shaped body reference; bodies themselves never enter the state
+
+
+# ----------------------------------------------------------------------------- command builders
+
+
+def submission(sid: str, rcpts: list[str], campaign: str = "spring-sale", key: str | None = None,
+               sender: str = "news@shop.test") -> dict:
+    sub = {"id": sid, "campaign": campaign, "sender": sender, "body": BODY, "size": 2048,
+           "rcpts": list(rcpts)}
+    if key is not None:
+        sub["key"] = key
+    return sub
+
+
+def submit_cmd(now: float, *subs: dict, window: float = HOUR, max_queued: int = 1_000_000) -> dict:
+    return {"op": "submit", "now": now, "window": window, "max_queued": max_queued, "subs": list(subs)}
+
+
+def assign_cmd(node: str, domain: str, items: list, now: float, *, lease: float = 300.0,
+               max_connections: int = 4, max_per_minute: int = 0, term: int = 1) -> dict:
+    return {"op": "assign", "node": node, "domain": domain, "now": now, "lease_until": now + lease,
+            "term": term, "max_connections": max_connections, "max_per_minute": max_per_minute,
+            "items": [list(i) for i in items]}
+
+
+def outcome(sid: str, idx: int, code: int, enhanced: str | None = None, text: str = "",
+            next_at: float | None = None) -> list:
+    return [sid, idx, code, enhanced, text, next_at]
+
+
+def report_cmd(node: str, batch: str, now: float, results: list, release: list | None = None,
+               max_age: float = 5 * DAY) -> dict:
+    return {"op": "report", "node": node, "batch": batch, "now": now, "max_age": max_age,
+            "results": results, "release": release or []}
+
+
+def campaign_cmd(op: str, campaign: str, now: float = T0) -> dict:
+    return {"op": op, "campaign": campaign, "now": now}
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def recount(state: MailState) -> dict[str, int]:
+    """Recipients per state name, counted from scratch."""
+    seen = Counter(STATE_NAMES[s] for _, _, _, s in state.iter_recipients())
+    return {name: seen.get(name, 0) for name in STATE_NAMES}
+
+
+def recount_campaign(state: MailState, campaign: str) -> dict[str, int]:
+    seen = Counter(STATE_NAMES[s] for sid, _, _, s in state.iter_recipients()
+                   if state.submissions[sid].campaign == campaign)
+    return {name: seen.get(name, 0) for name in STATE_NAMES}
+
+
+def assert_counts_match(state: MailState) -> None:
+    assert state.queue_counts() == recount(state)
+    for cid, camp in state.campaigns.items():
+        assert state.campaign_summary(camp)["counts"] == recount_campaign(state, cid)
+
+
+def assert_leases_consistent(state: MailState) -> None:
+    """Every in-flight recipient is held by exactly one batch, and every held item is in flight."""
+    held = Counter(item for b in state.batches.values() for item in b.items)
+    assert all(n == 1 for n in held.values()), "an item is held by two batches"
+    in_flight = {(sid, idx) for sid, idx, _, s in state.iter_recipients() if s == IN_FLIGHT}
+    assert set(held) == in_flight
+    per_domain = Counter(b.domain for b in state.batches.values())
+    assert state.domain_batches == dict(per_domain)
+
+
+def run(state: MailState, command: Any) -> Any:
+    """Apply a command the way Raft does (msgpack bytes) and check the counters afterwards."""
+    result = state.apply_blob(encode_command(command))
+    assert_counts_match(state)
+    return result
+
+
+def core_digest(state: MailState, *ignored_stats: str) -> str:
+    """Digest of the state without the progress counter and the named statistics counters.
+
+    A refused or fenced command may bump `applied` and its own counter, and nothing else.
+    """
+    snap = msgpack.unpackb(state.to_snapshot(), raw=False, strict_map_key=False)
+    snap.pop("applied")
+    for name in ignored_stats:
+        snap["stats"][name] = 0
+    return hashlib.sha256(msgpack.packb(snap, use_bin_type=True)).hexdigest()
+
+
+def state_of(state: MailState, sid: str, idx: int) -> str:
+    return state.recipient(sid, idx)["state"]
+
+
+def restored(state: MailState) -> MailState:
+    return MailState.from_snapshot(state.to_snapshot())
+
+
+def queries(state: MailState, now: float) -> dict:
+    """Everything a node reads from the state, in comparable form."""
+    return {
+        "eligible": state.eligible(now, 10_000),
+        "eligible_later": state.eligible(now + 30 * DAY, 10_000),
+        "counts": state.queue_counts(),
+        "campaigns": [state.campaign_summary(c) for c in state.campaigns.values()],
+        "recipients": [state.recipient(sid, idx) for sid, idx, _, _ in state.iter_recipients()],
+        "batches": {n: [b.to_wire() for b in state.batches_for(n)] for n in ("mx-a", "mx-b")},
+        "suppressed": sorted(state.suppressed),
+        "stats": dict(state.stats),
+    }
+
+
+# ----------------------------------------------------------------------------- a realistic history
+
+
+def mixed_history() -> list[dict]:
+    """Commands touching every handler: two campaigns, three domains, every outcome."""
+    t = T0
+    return [
+        submit_cmd(t, submission("m1", ["ann@gmail.test", "bob@gmail.test", "cy@yahoo.test",
+                                        "dee@corp.test"], key="k-m1")),
+        submit_cmd(t + 1, submission("m2", ["eve@gmail.test", "fay@yahoo.test"], campaign="autumn")),
+        {"op": "suppress", "address": "Fay@Yahoo.test", "reason": "complaint", "now": t + 2},
+        assign_cmd("mx-a", "gmail.test", [("m1", 0), ("m1", 1), ("m2", 0)], t + 3),
+        assign_cmd("mx-b", "yahoo.test", [("m1", 2), ("m2", 1)], t + 3),
+        {"op": "renew", "node": "mx-a", "batch": "b1", "lease_until": t + 900},
+        report_cmd("mx-a", "b1", t + 10, [outcome("m1", 0, 250, None, "2.0.0 ok"),
+                                          outcome("m1", 1, 451, "4.7.1", "greylisted", t + 600),
+                                          outcome("m2", 0, 550, "5.1.1", "no such user")]),
+        {"op": "expire", "now": t + 400},  # mx-b's lease (t+303) ran out
+        campaign_cmd("pause", "autumn", t + 401),
+        assign_cmd("mx-a", "gmail.test", [("m1", 1)], t + 700),
+        assign_cmd("mx-b", "yahoo.test", [("m1", 2)], t + 701),
+        report_cmd("mx-b", "b4", t + 710, [outcome("m1", 2, 554, "5.7.1", "policy")]),
+        campaign_cmd("resume", "autumn", t + 720),
+        campaign_cmd("cancel", "spring-sale", t + 730),
+        report_cmd("mx-a", "b3", t + 740, [outcome("m1", 1, 250)]),
+        {"op": "unsuppress", "address": "fay@yahoo.test"},
+        submit_cmd(t + 750, submission("m3", ["eve@gmail.test", "gus@corp.test"], campaign="autumn")),
+        {"op": "noop"},
+        {"op": "bogus"},
+    ]
+
+
+def test_replicas_fed_the_same_commands_agree() -> None:
+    first, second = MailState(), MailState()
+    for command in mixed_history():
+        r1, r2 = run(first, command), run(second, command)
+        assert r1 == r2
+    assert first.digest() == second.digest()
+    assert first.applied == len(mixed_history())
+    # The history really exercised the machine: a digest of an idle state would prove nothing.
+    counts = first.queue_counts()
+    assert counts["delivered"] == 2 and counts["bounced"] == 2 and counts["suppressed"] == 2
+    assert counts["cancelled"] == 1 and counts["pending"] == 1
+    assert first.digest() != MailState().digest()
+
+
+def test_different_histories_give_different_digests() -> None:
+    a, b = MailState(), MailState()
+    history = mixed_history()
+    for command in history:
+        run(a, command)
+    for command in history[:-2]:
+        run(b, command)
+    assert a.digest() != b.digest()
+
+
+@pytest.mark.parametrize("split", [0, 3, 7, 12, len(mixed_history())])
+def test_snapshot_round_trip_keeps_digest_queries_and_future(split: int) -> None:
+    history = mixed_history()
+    original = MailState()
+    for command in history[:split]:
+        run(original, command)
+    copy = restored(original)
+    assert copy.digest() == original.digest()
+    now = T0 + 800
+    assert queries(copy, now) == queries(original, now)
+    # The copy must evolve exactly like the original from here on.
+    tail = history[split:] + [
+        {"op": "expire", "now": T0 + 5000},
+        assign_cmd("mx-b", "corp.test", [("m1", 3), ("m3", 1)], T0 + 5001),
+        report_cmd("mx-b", "b5", T0 + 5002, [outcome("m3", 1, 421, None, "busy", T0 + 6000)]),
+    ]
+    for command in tail:
+        assert run(copy, command) == run(original, command)
+        assert copy.digest() == original.digest()
+    assert queries(copy, T0 + 7000) == queries(original, T0 + 7000)
+
+
+def test_snapshot_of_another_schema_is_rejected() -> None:
+    snap = msgpack.unpackb(MailState().to_snapshot(), raw=False)
+    snap["schema"] = 999
+    with pytest.raises(ValueError):
+        MailState.from_snapshot(msgpack.packb(snap, use_bin_type=True))
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def busy_state() -> MailState:
+    """A state with queued, in-flight and deferred recipients and a dedupe key."""
+    state = MailState()
+    run(state, submit_cmd(T0, submission("s1", ["a@x.test", "b@x.test", "c@y.test"], key="k1")))
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1)], T0 + 1))
+    run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 1, 451, None, "later", T0 + 60)]))
+    return state
+
+
+GARBAGE_BLOBS = [b"", b"\xc1", b"\x92\x01", b"\xde\xad\xbe\xef", b"\x81\xa2op", bytes(range(40))]
+
+BAD_COMMANDS: list[tuple[str, Any]] = [
+    ("unknown op", {"op": "launch"}),
+    ("no op", {"now": T0}),
+    ("op not a string", {"op": 7}),
+    ("empty dict", {}),
+    ("int", 42),
+    ("none", None),
+    ("list", ["submit"]),
+    ("string", "submit"),
+    ("submit without now", {"op": "submit", "window": HOUR, "max_queued": 10,
+                            "subs": [submission("s9", ["z@x.test"])]}),
+    ("submit with string window", {**submit_cmd(T0, submission("s9", ["z@x.test"])), "window": "1h"}),
+    ("submit with bool now", {**submit_cmd(T0, submission("s9", ["z@x.test"])), "now": True}),
+    ("submit with no subs", submit_cmd(T0)),
+    ("submit with subs a dict", {**submit_cmd(T0), "subs": {"id": "s9"}}),
+    ("submit with too many subs", submit_cmd(T0, *[submission(f"s{i}", ["z@x.test"]) for i in range(1001)])),
+    ("assign without node", {k: v for k, v in assign_cmd("mx-a", "y.test", [("s1", 2)], T0 + 5).items()
+                             if k != "node"}),
+    ("assign with int domain", {**assign_cmd("mx-a", "y.test", [("s1", 2)], T0 + 5), "domain": 5}),
+    ("assign with empty items", assign_cmd("mx-a", "y.test", [], T0 + 5)),
+    ("assign with items a string", {**assign_cmd("mx-a", "y.test", [], T0 + 5), "items": "s1:2"}),
+    ("assign with string now", {**assign_cmd("mx-a", "y.test", [("s1", 2)], T0 + 5), "now": "soon"}),
+    ("renew without batch", {"op": "renew", "node": "mx-a", "lease_until": T0 + 999}),
+    ("report without now", {k: v for k, v in report_cmd("mx-a", "b1", T0, []).items() if k != "now"}),
+    ("report with results a dict", {**report_cmd("mx-a", "b1", T0 + 3, []), "results": {"s1": 250}}),
+    ("report with release an int", {**report_cmd("mx-a", "b1", T0 + 3, []), "release": 1}),
+    ("report with too many rows", report_cmd("mx-a", "b1", T0 + 3, [outcome("s1", 0, 250)] * 5001)),
+    ("expire without now", {"op": "expire"}),
+    ("expire with string now", {"op": "expire", "now": "later"}),
+    ("pause unknown campaign", campaign_cmd("pause", "nope")),
+    ("resume without campaign", {"op": "resume"}),
+    ("cancel without now", {"op": "cancel", "campaign": "spring-sale"}),
+    ("suppress a non-address", {"op": "suppress", "address": "nobody", "now": T0}),
+    ("suppress without now", {"op": "suppress", "address": "q@x.test"}),
+    ("unsuppress a number", {"op": "unsuppress", "address": 12}),
+]
+
+
+def check_refused_everywhere(apply_one) -> None:
+    """Refused on two replicas (one restored from a snapshot) with the same result, state untouched."""
+    replicas = [busy_state()]
+    replicas.append(restored(replicas[0]))
+    before = core_digest(replicas[0], "commands_refused")
+    refused_before = replicas[0].stats["commands_refused"]
+    results = [apply_one(r) for r in replicas]
+    assert "error" in results[0], results[0]
+    assert results[0] == results[1]
+    for replica in replicas:
+        assert core_digest(replica, "commands_refused") == before
+        assert replica.stats["commands_refused"] == refused_before + 1
+        assert_counts_match(replica)
+        assert_leases_consistent(replica)
+    assert replicas[0].digest() == replicas[1].digest()
+
+
+@pytest.mark.parametrize("command", [c for _, c in BAD_COMMANDS], ids=[n for n, _ in BAD_COMMANDS])
+def test_bad_command_is_refused_without_changing_state(command: Any) -> None:
+    check_refused_everywhere(lambda replica: run(replica, command))
+    # The same object handed to apply() directly (no msgpack) is refused the same way.
+    check_refused_everywhere(lambda replica: replica.apply(command))
+
+
+@pytest.mark.parametrize("blob", GARBAGE_BLOBS, ids=[b.hex() or "empty" for b in GARBAGE_BLOBS])
+def test_garbage_bytes_are_refused(blob: bytes) -> None:
+    check_refused_everywhere(lambda replica: replica.apply_blob(blob))
+
+
+# Refused commands that currently leave part of their work behind (see the report to the lead):
+# the handler mutates state for the first rows before a later row raises.
+PARTIAL_REFUSALS: list[tuple[str, Any]] = [
+    ("submit: a non-dict submission after a good one",
+     submit_cmd(T0 + 5, submission("s9", ["z@x.test"]), 5)),
+    ("submit: an unhashable idempotency key after a good submission",
+     submit_cmd(T0 + 5, submission("s9", ["z@x.test"]), submission("s10", ["w@x.test"], key=["k"]))),
+    ("assign: a malformed item after a good one",
+     {**assign_cmd("mx-b", "y.test", [("s1", 2)], T0 + 5), "items": [["s1", 2], 7]}),
+    ("report: a non-numeric reply code",
+     report_cmd("mx-a", "b1", T0 + 5, [outcome("s1", 0, "250-ish")])),
+    ("report: a 451 without next_at",
+     report_cmd("mx-a", "b1", T0 + 5, [outcome("s1", 0, 451, None, "later", None)])),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="handlers mutate before validating every row (reported to lead)")
+@pytest.mark.parametrize("command", [c for _, c in PARTIAL_REFUSALS], ids=[n for n, _ in PARTIAL_REFUSALS])
+def test_refused_command_with_a_bad_row_changes_nothing(command: Any) -> None:
+    check_refused_everywhere(lambda replica: run(replica, command))
+
+
+@pytest.mark.xfail(strict=True, reason="a bool/float index in a report lands in `detail` as a "
+                                       "non-int key; a snapshot-restored replica then diverges")
+@pytest.mark.parametrize("idx", [True, 0.0])
+def test_report_with_a_non_int_index_keeps_replicas_identical(idx: Any) -> None:
+    state = MailState()
+    run(state, submit_cmd(T0, submission("s1", ["a@x.test", "b@x.test"])))
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1)], T0 + 1))
+    copy = restored(state)
+    command = report_cmd("mx-a", "b1", T0 + 2, [["s1", idx, 451, None, "later", T0 + 60]])
+    assert run(state, command) == run(copy, command)
+    assert state.digest() == copy.digest()
+    assert restored(state).digest() == state.digest()
+
+
+def test_refused_submission_inside_a_batch_of_submissions() -> None:
+    state = MailState()
+    result = run(state, submit_cmd(T0, submission("s1", ["a@x.test"]),
+                                   {"id": "s2", "campaign": "c", "sender": "s@x", "body": BODY, "size": 1},
+                                   submission("s3", ["not-an-address"]),
+                                   submission("s4", ["d@x.test"])))
+    assert [r[0] for r in result] == ["ok", "refused", "refused", "ok"]
+    assert set(state.submissions) == {"s1", "s4"}
+    assert state.stats["commands_refused"] == 2
+    assert state.queue_counts()["pending"] == 2
+
+
+# ----------------------------------------------------------------------------- submit
+
+
+def test_submit_accepts_and_queues_every_recipient() -> None:
+    state = MailState()
+    result = run(state, submit_cmd(T0, submission("s1", ["a@x.test", "b@y.test", "c@x.test"], key="k1")))
+    assert result == [["ok", "s1"]]
+    assert state.queue_counts()["pending"] == 3
+    assert [state_of(state, "s1", i) for i in range(3)] == ["pending"] * 3
+    summary = state.campaign_summary(state.campaigns["spring-sale"])
+    assert summary["recipients"] == 3 and summary["submissions"] == 1 and summary["percent_done"] == 0.0
+
+
+def test_duplicate_idempotency_key_within_the_window_is_refused() -> None:
+    state = MailState()
+    run(state, submit_cmd(T0, submission("s1", ["a@x.test"], key="msgid-1"), window=HOUR))
+    # A retried SMTP transaction gets a new submission id but carries the same key.
+    again = run(state, submit_cmd(T0 + HOUR, submission("s2", ["a@x.test"], key="msgid-1"), window=HOUR))
+    assert again == [["duplicate", "s1"]]
+    assert "s2" not in state.submissions
+    assert state.stats["duplicates_refused"] == 1
+    assert state.queue_counts()["pending"] == 1
+
+
+def test_idempotency_key_is_forgotten_after_the_window() -> None:
+    state = MailState()
+    run(state, submit_cmd(T0, submission("s1", ["a@x.test"], key="msgid-1"), window=HOUR))
+    later = run(state, submit_cmd(T0 + HOUR + 1, submission("s2", ["a@x.test"], key="msgid-1"), window=HOUR))
+    assert later == [["ok", "s2"]]
+    assert state.queue_counts()["pending"] == 2
+    # The key now points at the newer submission, for another full window.
+    third = run(state, submit_cmd(T0 + HOUR + 2, submission("s3", ["a@x.test"], key="msgid-1")))
+    assert third == [["duplicate", "s2"]]
+
+
+def test_resubmitting_the_same_submission_id_is_a_duplicate() -> None:
+    state = MailState()
+    run(state, submit_cmd(T0, submission("s1", ["a@x.test"])))
+    assert run(state, submit_cmd(T0 + 1, submission("s1", ["b@x.test"]))) == [["duplicate", "s1"]]
+    assert state.submissions["s1"].rcpts == ["a@x.test"]
+
+
+def test_submit_refuses_when_the_queue_would_overflow() -> None:
+    state = MailState()
+    assert run(state, submit_cmd(T0, submission("s1", ["a@x.test", "b@x.test", "c@x.test"]),
+                                 max_queued=5)) == [["ok", "s1"]]
+    full = run(state, submit_cmd(T0 + 1, submission("s2", ["d@x.test", "e@x.test", "f@x.test"]), max_queued=5))
+    assert full == [["full", None]]
+    assert "s2" not in state.submissions
+    assert run(state, submit_cmd(T0 + 2, submission("s3", ["d@x.test", "e@x.test"]),
+                                 max_queued=5)) == [["ok", "s3"]]
+    # In-flight recipients still count as queued; delivered ones free their place.
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1)], T0 + 3))
+    assert run(state, submit_cmd(T0 + 4, submission("s4", ["g@x.test"]), max_queued=5)) == [["full", None]]
+    run(state, report_cmd("mx-a", "b1", T0 + 5, [outcome("s1", 0, 250), outcome("s1", 1, 250)]))
+    assert run(state, submit_cmd(T0 + 6, submission("s4", ["g@x.test", "h@x.test"]),
+                                 max_queued=5)) == [["ok", "s4"]]
+
+
+def test_suppressed_address_is_suppressed_at_submit() -> None:
+    state = MailState()
+    assert run(state, {"op": "suppress", "address": "Gone@X.test", "reason": "complaint", "now": T0}) == {"ok": True}
+    run(state, submit_cmd(T0 + 1, submission("s1", ["gone@x.test", "here@x.test", "GONE@x.TEST"])))
+    assert [state_of(state, "s1", i) for i in range(3)] == ["suppressed", "pending", "suppressed"]
+    assert state.queue_counts()["suppressed"] == 2
+    assert state.eligible(T0 + 2, 100) == {"x.test": [["s1", 1]]}
+    assert run(state, {"op": "unsuppress", "address": "gone@X.test"}) == {"ok": True}
+    assert run(state, {"op": "unsuppress", "address": "gone@X.test"}) == {"ok": False}
+    run(state, submit_cmd(T0 + 3, submission("s2", ["gone@x.test"])))
+    assert state_of(state, "s2", 0) == "pending"
+
+
+# ----------------------------------------------------------------------------- assign and report
+
+
+def queued_state(rcpts: list[str], now: float = T0, campaign: str = "spring-sale") -> MailState:
+    state = MailState()
+    run(state, submit_cmd(now, submission("s1", rcpts, campaign=campaign)))
+    return state
+
+
+def test_eligible_groups_by_domain_oldest_first() -> None:
+    state = MailState()
+    run(state, submit_cmd(T0, submission("s1", ["a@Gmail.test", "b@yahoo.test", "c@gmail.test"])))
+    run(state, submit_cmd(T0 + 1, submission("s2", ["d@gmail.test"], campaign="other")))
+    assert state.eligible(T0 + 2, 100) == {
+        "gmail.test": [["s1", 0], ["s1", 2], ["s2", 0]],
+        "yahoo.test": [["s1", 1]],
+    }
+    limited = state.eligible(T0 + 2, 2)
+    assert sum(len(v) for v in limited.values()) == 2
+
+
+def test_assign_leases_recipients_of_one_domain() -> None:
+    state = queued_state(["a@x.test", "b@x.test", "c@y.test"])
+    result = run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s1", 2), ("nope", 0),
+                                                      ("s1", 9)], T0 + 1, lease=120))
+    assert result == {"batch": "b1", "n": 2}
+    assert [state_of(state, "s1", i) for i in range(3)] == ["in_flight", "in_flight", "pending"]
+    batch = state.batches["b1"]
+    assert (batch.node, batch.domain, batch.lease_until, batch.term) == ("mx-a", "x.test", T0 + 121, 1)
+    assert list(batch.items) == [("s1", 0), ("s1", 1)]
+    assert [b.id for b in state.batches_for("mx-a")] == ["b1"] and state.batches_for("mx-b") == []
+    assert state.eligible(T0 + 2, 100) == {"y.test": [["s1", 2]]}
+    # Already leased recipients cannot be leased twice.
+    again = run(state, assign_cmd("mx-b", "x.test", [("s1", 0), ("s1", 1)], T0 + 2))
+    assert again == {"batch": None, "reason": "nothing eligible"}
+    assert_leases_consistent(state)
+
+
+def test_report_delivered_ends_the_batch() -> None:
+    state = queued_state(["a@x.test", "b@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1)], T0 + 1))
+    first = run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 250, "2.0.0", "queued as 1")]))
+    assert first == {"accepted": 1, "fenced": 0, "suppressed": []}
+    rec = state.recipient("s1", 0)
+    assert (rec["state"], rec["code"], rec["attempts"], rec["text"]) == ("delivered", 250, 1, "queued as 1")
+    assert "b1" in state.batches  # one recipient still held
+    run(state, report_cmd("mx-a", "b1", T0 + 3, [outcome("s1", 1, 250)]))
+    assert state.batches == {} and state.domain_batches == {}
+    assert state.queue_counts()["delivered"] == 2
+    assert state.submissions["s1"].finished_at == T0 + 3
+    assert state.campaign_summary(state.campaigns["spring-sale"])["percent_done"] == 100.0
+    assert_leases_consistent(state)
+
+
+def test_deferred_recipient_waits_until_next_at() -> None:
+    state = queued_state(["a@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 1))
+    run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 451, "4.7.1", "greylisted", T0 + 600)]))
+    rec = state.recipient("s1", 0)
+    assert (rec["state"], rec["next_at"], rec["attempts"]) == ("deferred", T0 + 600, 1)
+    assert state.eligible(T0 + 599, 100) == {}
+    early = run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 599))
+    assert early["batch"] is None
+    assert state_of(state, "s1", 0) == "deferred"
+    assert state.eligible(T0 + 600, 100) == {"x.test": [["s1", 0]]}
+    assert run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 600)) == {"batch": "b2", "n": 1}
+    run(state, report_cmd("mx-a", "b2", T0 + 601, [outcome("s1", 0, 250)]))
+    assert state.recipient("s1", 0)["attempts"] == 2
+    assert state_of(state, "s1", 0) == "delivered"
+
+
+def test_no_reply_at_all_is_a_deferral() -> None:
+    state = queued_state(["a@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 1))
+    run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 0, None, "connection refused", T0 + 60)]))
+    assert state_of(state, "s1", 0) == "deferred"
+
+
+def test_hard_bounce_for_a_bad_mailbox_suppresses_the_address() -> None:
+    state = MailState()
+    run(state, submit_cmd(T0, submission("s1", ["ghost@x.test", "real@x.test"])))
+    run(state, submit_cmd(T0 + 1, submission("s2", ["GHOST@x.test"], campaign="other")))
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 2))
+    result = run(state, report_cmd("mx-a", "b1", T0 + 3, [outcome("s1", 0, 550, "5.1.1", "no such user")]))
+    assert result["suppressed"] == ["ghost@x.test"]
+    assert state_of(state, "s1", 0) == "bounced"
+    assert state.suppressed["ghost@x.test"][0] == 550
+    # A later submission to the address is suppressed at submit...
+    run(state, submit_cmd(T0 + 4, submission("s3", ["Ghost@X.test"])))
+    assert state_of(state, "s3", 0) == "suppressed"
+    # ...and one queued before the bounce is suppressed when a node tries to lease it.
+    assert run(state, assign_cmd("mx-a", "x.test", [("s2", 0)], T0 + 5))["batch"] is None
+    assert state_of(state, "s2", 0) == "suppressed"
+
+
+def test_policy_bounce_does_not_suppress() -> None:
+    state = queued_state(["a@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 1))
+    result = run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 550, "5.7.1", "spam")]))
+    assert result["suppressed"] == []
+    assert state_of(state, "s1", 0) == "bounced"
+    assert state.suppressed == {}
+    run(state, submit_cmd(T0 + 3, submission("s2", ["a@x.test"])))
+    assert state_of(state, "s2", 0) == "pending"
+
+
+def test_deferral_past_the_maximum_age_expires() -> None:
+    state = queued_state(["a@x.test", "b@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1)], T0 + 1))
+    run(state, report_cmd("mx-a", "b1", T0 + 2, [
+        outcome("s1", 0, 451, None, "try later", T0 + DAY + 1),
+        outcome("s1", 1, 451, None, "try later", T0 + DAY),
+    ], max_age=DAY))
+    assert state_of(state, "s1", 0) == "expired"
+    assert state_of(state, "s1", 1) == "deferred"  # exactly at the limit is still allowed
+    assert state.eligible(T0 + 2 * DAY, 100) == {"x.test": [["s1", 1]]}
+
+
+def test_report_from_the_wrong_node_is_fenced() -> None:
+    state = queued_state(["a@x.test", "b@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1)], T0 + 1))
+    before = core_digest(state, "fenced_reports")
+    result = run(state, report_cmd("mx-b", "b1", T0 + 2, [outcome("s1", 0, 250), outcome("s1", 1, 250)]))
+    assert result == {"accepted": 0, "fenced": 2}
+    assert state.stats["fenced_reports"] == 2
+    assert core_digest(state, "fenced_reports") == before
+    unknown = run(state, report_cmd("mx-a", "b77", T0 + 3, [outcome("s1", 0, 250)]))
+    assert unknown == {"accepted": 0, "fenced": 1}
+    assert state.stats["fenced_reports"] == 3
+    assert core_digest(state, "fenced_reports") == before
+    assert [state_of(state, "s1", i) for i in range(2)] == ["in_flight", "in_flight"]
+
+
+def test_report_for_an_item_the_batch_no_longer_holds_is_fenced() -> None:
+    state = queued_state(["a@x.test", "b@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1)], T0 + 1))
+    run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 250)]))
+    # A second, contradicting report for the same recipient must not change its outcome.
+    result = run(state, report_cmd("mx-a", "b1", T0 + 3, [outcome("s1", 0, 550, "5.1.1", "late")]))
+    assert result == {"accepted": 0, "fenced": 1, "suppressed": []}
+    assert state_of(state, "s1", 0) == "delivered"
+    assert state.suppressed == {}
+    assert state.stats["fenced_reports"] == 1
+
+
+def test_expired_lease_returns_unreported_recipients() -> None:
+    state = queued_state(["a@x.test", "b@x.test", "c@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s1", 2)], T0 + 1, lease=100))
+    run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 250)]))
+    assert run(state, {"op": "expire", "now": T0 + 101}) == {"expired": [], "returned": 0}  # not yet over
+    assert run(state, {"op": "expire", "now": T0 + 102}) == {"expired": ["b1"], "returned": 2}
+    assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "pending", "pending"]
+    assert state.stats["reassigned_in_flight"] == 2 and state.stats["lease_expiries"] == 1
+    assert state.batches == {} and state.domain_batches == {}
+    assert state.eligible(T0 + 103, 100) == {"x.test": [["s1", 1], ["s1", 2]]}
+    # The old holder finishing late is fenced: its result cannot override the new lease.
+    run(state, assign_cmd("mx-b", "x.test", [("s1", 1)], T0 + 103))
+    late = run(state, report_cmd("mx-a", "b1", T0 + 104, [outcome("s1", 1, 250), outcome("s1", 2, 250)]))
+    assert late == {"accepted": 0, "fenced": 2}
+    assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "in_flight", "pending"]
+    assert_leases_consistent(state)
+
+
+def test_reported_recipients_are_never_returned_by_expire() -> None:
+    state = queued_state(["a@x.test", "b@x.test", "c@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s1", 2)], T0 + 1, lease=100))
+    run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 250),
+                                                 outcome("s1", 1, 451, None, "later", T0 + 50),
+                                                 outcome("s1", 2, 550, "5.1.1", "gone")]))
+    assert "b1" not in state.batches
+    assert run(state, {"op": "expire", "now": T0 + 10 * DAY}) == {"expired": [], "returned": 0}
+    assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "deferred", "bounced"]
+    assert state.stats["reassigned_in_flight"] == 0
+
+
+def test_renew_extends_the_lease_for_its_holder_only() -> None:
+    state = queued_state(["a@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 1, lease=100))
+    assert run(state, {"op": "renew", "node": "mx-b", "batch": "b1", "lease_until": T0 + 1000}) == {"ok": False}
+    assert run(state, {"op": "renew", "node": "mx-a", "batch": "b1", "lease_until": T0 + 500}) == \
+        {"ok": True, "lease_until": T0 + 500}
+    # A renewal never shortens a lease.
+    assert run(state, {"op": "renew", "node": "mx-a", "batch": "b1", "lease_until": T0 + 200})["lease_until"] == T0 + 500
+    assert run(state, {"op": "expire", "now": T0 + 400}) == {"expired": [], "returned": 0}
+    assert run(state, {"op": "expire", "now": T0 + 501})["returned"] == 1
+
+
+def test_release_returns_recipients_to_the_queue() -> None:
+    state = queued_state(["a@x.test", "b@x.test", "c@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s1", 2)], T0 + 1))
+    result = run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 250)],
+                                   release=[["s1", 1], ["s1", 2], ["s1", 0]]))
+    assert result["accepted"] == 1
+    assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "pending", "pending"]
+    assert state.batches == {} and state.domain_batches == {}
+    assert state.stats["reassigned_in_flight"] == 0
+    assert state.recipient("s1", 1)["attempts"] == 0  # released, never tried
+
+
+# ----------------------------------------------------------------------------- throttles
+
+
+def test_max_connections_allows_one_batch_per_domain() -> None:
+    state = queued_state(["a@x.test", "b@x.test", "c@y.test"])
+    assert run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 1, max_connections=1))["batch"] == "b1"
+    blocked = run(state, assign_cmd("mx-b", "x.test", [("s1", 1)], T0 + 2, max_connections=1))
+    assert blocked == {"batch": None, "reason": "max_connections"}
+    assert state_of(state, "s1", 1) == "pending"
+    # Another domain is unaffected.
+    assert run(state, assign_cmd("mx-b", "y.test", [("s1", 2)], T0 + 2, max_connections=1))["batch"] == "b2"
+    run(state, report_cmd("mx-a", "b1", T0 + 3, [outcome("s1", 0, 250)]))
+    assert run(state, assign_cmd("mx-b", "x.test", [("s1", 1)], T0 + 4, max_connections=1))["batch"] == "b3"
+
+
+def test_max_per_minute_trims_the_batch_until_a_minute_has_passed() -> None:
+    rcpts = [f"r{i}@x.test" for i in range(8)]
+    state = queued_state(rcpts)
+    items = [("s1", i) for i in range(8)]
+    first = run(state, assign_cmd("mx-a", "x.test", items, T0 + 1, max_per_minute=3))
+    assert first == {"batch": "b1", "n": 3}
+    assert state.sent_last_minute("x.test", T0 + 1) == 3
+    blocked = run(state, assign_cmd("mx-b", "x.test", items, T0 + 30, max_per_minute=3))
+    assert blocked == {"batch": None, "reason": "max_per_minute"}
+    assert state.queue_counts()["in_flight"] == 3
+    assert run(state, assign_cmd("mx-b", "x.test", items, T0 + 60.5, max_per_minute=3))["batch"] is None
+    second = run(state, assign_cmd("mx-b", "x.test", items, T0 + 61, max_per_minute=3))
+    assert second == {"batch": "b2", "n": 3}
+    assert list(state.batches["b2"].items) == [("s1", 3), ("s1", 4), ("s1", 5)]
+
+
+# ----------------------------------------------------------------------------- campaigns
+
+
+def test_pause_and_resume() -> None:
+    state = MailState()
+    run(state, submit_cmd(T0, submission("s1", ["a@x.test", "b@x.test"], campaign="promo")))
+    run(state, submit_cmd(T0, submission("s2", ["c@x.test"], campaign="receipts")))
+    assert run(state, campaign_cmd("pause", "promo")) == {"ok": True}
+    assert state.campaign_summary(state.campaigns["promo"])["paused"] is True
+    assert state.eligible(T0 + 1, 100) == {"x.test": [["s2", 0]]}
+    result = run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s2", 0)], T0 + 1))
+    assert result["n"] == 1 and list(state.batches[result["batch"]].items) == [("s2", 0)]
+    assert [state_of(state, "s1", i) for i in range(2)] == ["pending", "pending"]
+    assert run(state, campaign_cmd("resume", "promo")) == {"ok": True}
+    assert state.eligible(T0 + 2, 100) == {"x.test": [["s1", 0], ["s1", 1]]}
+    assert run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 2))["n"] == 1
+
+
+def test_cancel_stops_waiting_recipients_and_lets_in_flight_ones_finish() -> None:
+    state = queued_state([f"r{i}@x.test" for i in range(6)], campaign="promo")
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s1", 2)], T0 + 1, lease=100))
+    run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 451, None, "later", T0 + 500)]))
+    run(state, assign_cmd("mx-b", "x.test", [("s1", 3)], T0 + 3, lease=100))
+    # Now: 0 deferred, 1-2 in flight (b1), 3 in flight (b2), 4-5 pending.
+    result = run(state, campaign_cmd("cancel", "promo", T0 + 4))
+    assert result == {"ok": True, "cancelled": 3}
+    assert [state_of(state, "s1", i) for i in range(6)] == \
+        ["cancelled", "in_flight", "in_flight", "in_flight", "cancelled", "cancelled"]
+    assert state.eligible(T0 + DAY, 100) == {}
+    assert run(state, assign_cmd("mx-a", "x.test", [("s1", 4)], T0 + 5))["batch"] is None
+    # In-flight sends finish: a delivery counts, a deferral becomes a cancellation.
+    run(state, report_cmd("mx-a", "b1", T0 + 6, [outcome("s1", 1, 250),
+                                                 outcome("s1", 2, 451, None, "later", T0 + 900)]))
+    assert state_of(state, "s1", 1) == "delivered" and state_of(state, "s1", 2) == "cancelled"
+    # A lease of the cancelled campaign that runs out does not put anything back in the queue.
+    assert run(state, {"op": "expire", "now": T0 + 200})["returned"] == 1
+    assert state_of(state, "s1", 3) == "cancelled"
+    counts = state.queue_counts()
+    assert counts["pending"] == counts["in_flight"] == counts["deferred"] == 0
+    assert state.campaign_summary(state.campaigns["promo"])["percent_done"] == 100.0
+    # Later submissions to a cancelled campaign are cancelled on arrival.
+    run(state, submit_cmd(T0 + 300, submission("s2", ["late@x.test"], campaign="promo")))
+    assert state_of(state, "s2", 0) == "cancelled"
+    assert_leases_consistent(state)
+
+
+def test_release_in_a_cancelled_campaign_cancels() -> None:
+    state = queued_state(["a@x.test"], campaign="promo")
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 1))
+    run(state, campaign_cmd("cancel", "promo", T0 + 2))
+    run(state, report_cmd("mx-a", "b1", T0 + 3, [], release=[["s1", 0]]))
+    assert state_of(state, "s1", 0) == "cancelled"
+
+
+# ----------------------------------------------------------------------------- size
+
+
+def test_a_million_queued_recipients_snapshot_compactly() -> None:
+    state = MailState()
+    started = time.perf_counter()
+    for n in range(1000):
+        rcpts = [f"user{n * 1000 + i:06d}@example-domain{i % 100}.com" for i in range(1000)]
+        result = state.apply_blob(encode_command(submit_cmd(T0 + n, submission(f"sub-{n:04d}", rcpts),
+                                                            max_queued=2_000_000)))
+        assert result == [["ok", f"sub-{n:04d}"]]
+    built = time.perf_counter()
+    assert state.queue_counts()["pending"] == 1_000_000
+    blob = state.to_snapshot()
+    snapped = time.perf_counter()
+    copy = MailState.from_snapshot(blob)
+    loaded = time.perf_counter()
+    print(f"\n1,000,000 queued recipients: snapshot {len(blob) / 1e6:.1f} MB; "
+          f"build {built - started:.2f} s, to_snapshot {snapped - built:.2f} s, "
+          f"from_snapshot {loaded - snapped:.2f} s")
+    assert copy.queue_counts() == state.queue_counts()
+    assert copy.recipient("sub-0999", 999)["address"] == "user999999@example-domain99.com"
+    assert len(blob) < 25_000_000, f"snapshot is {len(blob) / 1e6:.1f} MB"
+
+
+# ----------------------------------------------------------------------------- property-based
+
+SIDS = ["s0", "s1", "s2", "s3"]
+CAMPAIGNS = ["c0", "c1", "c-unknown"]
+DOMAINS = ["a.test", "b.test"]
+ADDRESSES = [f"u{i}@{d}" for i in range(3) for d in DOMAINS] + ["U0@A.test"]
+NODES = ["n0", "n1"]
+BATCH_IDS = [f"b{i}" for i in range(1, 8)]
+CODES = [250, 451, 421, 0, 550, 554, 999]
+ENHANCED = [None, "5.1.1", "5.7.1", "4.2.0", "2.0.0"]
+
+# msgpack-encodable junk for a field of the wrong type.
+garbage = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=4), st.binary(max_size=4),
+    st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+# A recipient index in a report row. Bool and float indexes are left out here because they hit a
+# known bug (test_report_with_a_non_int_index_keeps_replicas_identical).
+report_index = st.one_of(st.integers(-1, 4), st.text(max_size=2), st.none())
+
+
+@st.composite
+def valid_command(draw, now: float) -> dict:
+    op = draw(st.sampled_from(["submit", "submit", "assign", "assign", "report", "report", "expire",
+                               "renew", "pause", "resume", "cancel", "suppress", "unsuppress", "noop"]))
+    if op == "submit":
+        subs = draw(st.lists(st.builds(
+            lambda sid, camp, rcpts, key: submission(sid, rcpts, camp, key),
+            st.sampled_from(SIDS + ["s4", "s5", "s6"]), st.sampled_from(CAMPAIGNS[:2]),
+            st.lists(st.sampled_from(ADDRESSES), min_size=1, max_size=4),
+            st.sampled_from([None, "k0", "k1"])), min_size=1, max_size=2))
+        return submit_cmd(now, *subs, window=draw(st.sampled_from([0, 30, HOUR])),
+                          max_queued=draw(st.sampled_from([3, 8, 1000])))
+    if op == "assign":
+        items = draw(st.lists(st.tuples(st.sampled_from(SIDS), st.integers(0, 4)), min_size=1, max_size=6))
+        return assign_cmd(draw(st.sampled_from(NODES)), draw(st.sampled_from(DOMAINS)), items, now,
+                          lease=draw(st.sampled_from([0, 30, 300])),
+                          max_connections=draw(st.sampled_from([1, 2])),
+                          max_per_minute=draw(st.sampled_from([0, 2, 5])))
+    if op == "report":
+        rows = draw(st.lists(st.builds(
+            outcome, st.sampled_from(SIDS), st.integers(0, 4), st.sampled_from(CODES),
+            st.sampled_from(ENHANCED), st.sampled_from(["", "ok", "x" * 300]),
+            st.sampled_from([now, now + 10, now + 100, now + 5000])), max_size=3))
+        release = draw(st.lists(st.tuples(st.sampled_from(SIDS), st.integers(0, 4)).map(list), max_size=2))
+        return report_cmd(draw(st.sampled_from(NODES)), draw(st.sampled_from(BATCH_IDS)), now, rows,
+                          release, max_age=draw(st.sampled_from([60, HOUR])))
+    if op == "expire":
+        return {"op": "expire", "now": now}
+    if op == "renew":
+        return {"op": "renew", "node": draw(st.sampled_from(NODES)), "batch": draw(st.sampled_from(BATCH_IDS)),
+                "lease_until": now + draw(st.sampled_from([0, 60, 600]))}
+    if op in ("pause", "resume", "cancel"):
+        return campaign_cmd(op, draw(st.sampled_from(CAMPAIGNS)), now)
+    if op == "suppress":
+        return {"op": "suppress", "address": draw(st.sampled_from(ADDRESSES)), "reason": "test", "now": now}
+    if op == "unsuppress":
+        return {"op": "unsuppress", "address": draw(st.sampled_from(ADDRESSES))}
+    return {"op": "noop"}
+
+
+@st.composite
+def invalid_command(draw, now: float) -> Any:
+    kind = draw(st.sampled_from(["drop", "retype", "not a dict", "unknown op", "bad rows"]))
+    if kind == "not a dict":
+        return draw(garbage)
+    if kind == "unknown op":
+        return {"op": draw(st.one_of(st.text(max_size=6), garbage)), "now": now}
+    base = draw(valid_command(now))
+    key = draw(st.sampled_from(sorted(base)))
+    if kind == "drop":
+        return {k: v for k, v in base.items() if k != key}
+    if kind == "retype":
+        return {**base, key: draw(garbage)}
+    # Malformed rows inside an otherwise well-formed command.
+    if base["op"] == "submit":
+        base["subs"].append(draw(st.one_of(garbage, st.fixed_dictionaries(
+            {"id": st.sampled_from(SIDS), "campaign": garbage, "rcpts": garbage}))))
+    elif base["op"] == "assign":
+        base["items"].append(draw(st.one_of(garbage, st.lists(garbage, max_size=3))))
+    elif base["op"] == "report":
+        base["results"].append(draw(st.tuples(st.one_of(st.sampled_from(SIDS), garbage), report_index,
+                                              garbage, garbage, garbage, garbage).map(list)))
+        base["release"].append(draw(st.lists(garbage, max_size=3)))
+    return base
+
+
+@st.composite
+def histories(draw, invalid: bool = True) -> list[tuple[str, Any]]:
+    """A time-ordered list of ("cmd", command) and ("blob", raw bytes) steps."""
+    steps: list[tuple[str, Any]] = []
+    now = T0
+    for _ in range(draw(st.integers(1, 30))):
+        now += draw(st.sampled_from([0, 1, 5, 29, 61, 400]))
+        choice = draw(st.integers(0, 9)) if invalid else 0
+        if choice <= 6:
+            steps.append(("cmd", draw(valid_command(now))))
+        elif choice <= 8:
+            steps.append(("cmd", draw(invalid_command(now))))
+        else:
+            steps.append(("blob", draw(st.binary(max_size=24))))
+    return steps
+
+
+def step(state: MailState, kind: str, payload: Any) -> str:
+    """Apply one step; the result as a string (NaN-safe comparison between replicas)."""
+    blob = payload if kind == "blob" else encode_command(payload)
+    result = state.apply_blob(blob)
+    assert_counts_match(state)
+    return repr(result)
+
+
+@settings(derandomize=True, max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(history=histories(), data=st.data())
+def test_random_histories_keep_replicas_identical(history: list, data: st.DataObject) -> None:
+    split = data.draw(st.integers(0, len(history)), label="snapshot after step")
+    steady, rejoined = MailState(), MailState()
+    for i, (kind, payload) in enumerate(history):
+        if i == split:
+            rejoined = restored(rejoined)
+            assert rejoined.digest() == steady.digest()
+        if i < split:
+            step(rejoined, kind, payload)
+            step(steady, kind, payload)
+        else:
+            assert step(rejoined, kind, payload) == step(steady, kind, payload)
+    if split == len(history):
+        rejoined = restored(rejoined)
+    assert rejoined.digest() == steady.digest()
+    assert steady.applied == len(history)
+    end = T0 + 30 * DAY
+    assert rejoined.eligible(end, 10_000) == steady.eligible(end, 10_000)
+
+
+@settings(derandomize=True, max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(history=histories(invalid=False))
+def test_valid_histories_never_strand_a_recipient(history: list) -> None:
+    state = MailState()
+    for kind, payload in history:
+        result = state.apply_blob(encode_command(payload))
+        assert not (isinstance(result, dict) and "error" in result) or payload["op"] in (
+            "pause", "resume", "cancel"), result  # only the unknown campaign is refused
+        assert_counts_match(state)
+        assert_leases_consistent(state)
+    # Once every lease has run out, nothing is left in flight.
+    state.apply_blob(encode_command({"op": "expire", "now": T0 + 365 * DAY}))
+    assert state.queue_counts()["in_flight"] == 0
+    assert_leases_consistent(state)
