@@ -146,7 +146,9 @@ def up(config_path: str, with_sink: bool, log_level: str) -> None:
 @click.option("--maildir", required=True, type=click.Path(file_okay=False), help="Where messages are stored.")
 @click.option("--reply", "replies", multiple=True, metavar="ADDRESS=CODE TEXT[*N]",
               help="Answer ADDRESS (or *) with CODE TEXT, optionally only the first N times.")
-def sink(listen: str, maildir: str, replies: tuple[str, ...]) -> None:
+@click.option("--delay", default=0.0, show_default=True, type=click.FloatRange(min=0.0), metavar="SECONDS",
+              help="Wait this long before accepting each message (a slow receiver).")
+def sink(listen: str, maildir: str, replies: tuple[str, ...], delay: float) -> None:
     """A capture sink: an SMTP server that stores what it receives (one file per recipient)."""
     from raftmail.node.sink import parse_reply_rule, run_sink
     try:
@@ -157,7 +159,7 @@ def sink(listen: str, maildir: str, replies: tuple[str, ...]) -> None:
         sys.exit(2)
     logging.basicConfig(level=logging.WARNING)
     try:
-        asyncio.run(run_sink(addr.host, addr.port, Path(maildir), rules))
+        asyncio.run(run_sink(addr.host, addr.port, Path(maildir), rules, delay=delay))
     except OSError as e:
         click.echo(f"error: sink cannot listen on {listen}: {e.strerror}", err=True)
         sys.exit(1)

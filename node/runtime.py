@@ -53,6 +53,7 @@ class MailNode:
             compaction_min_seconds=r.compaction_min_seconds,
             snapshot_chunk_bytes=r.snapshot_chunk_bytes,
             commands_queue_size=max(1000, r.max_commands_in_flight * 4),
+            fsync_journal=config.cluster.fsync,
         )
 
     # ---------------------------------------------------------------- helpers used by parts

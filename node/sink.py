@@ -32,6 +32,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 50 * 2**20
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_STOP_GRACE = 5.0
+DEFAULT_DELAY = 0.0  # seconds the sink waits before accepting each message (a slow receiver)
 DEFAULT_HOSTNAME = "raftmail-sink"  # fixed so the greeting never needs a DNS lookup
 MAX_SAFE_RECIPIENT_CHARS = 120
 
@@ -258,6 +259,8 @@ class _SinkHandler:
 
     async def handle_DATA(self, server: _SinkSMTP, session: Session,
                           envelope: Envelope) -> str:
+        if self._sink.delay > 0:
+            await asyncio.sleep(self._sink.delay)
         raw = envelope.original_content or b""
         try:
             stored = self._sink._store_message(envelope.mail_from or "", envelope.rcpt_tos, raw)
@@ -281,7 +284,8 @@ class CaptureSink:
                  max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  stop_grace: float = DEFAULT_STOP_GRACE,
-                 hostname: str = DEFAULT_HOSTNAME) -> None:
+                 hostname: str = DEFAULT_HOSTNAME,
+                 delay: float = DEFAULT_DELAY) -> None:
         self.maildir = Path(maildir)
         self.rules = tuple(rules)
         self.max_message_bytes = max_message_bytes
@@ -289,6 +293,7 @@ class CaptureSink:
         self.idle_timeout = idle_timeout
         self.stop_grace = stop_grace
         self.hostname = hostname
+        self.delay = delay
         self.stats: dict = {"connections_open": 0, "connections_max": 0, "connections_total": 0,
                             "connections_refused": 0, "messages": 0, "recipients": 0,
                             "rcpt_rejected": 0}
@@ -411,10 +416,11 @@ class CaptureSink:
 
 async def run_sink(host: str, port: int, maildir: Path, rules: Sequence[ReplyRule], *,
                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                   max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
+                   max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                   delay: float = DEFAULT_DELAY) -> None:
     """Run a capture sink until cancelled, SIGTERM or SIGINT."""
     sink = CaptureSink(maildir, rules, max_message_bytes=max_message_bytes,
-                       max_connections=max_connections)
+                       max_connections=max_connections, delay=delay)
     bound = await sink.start(host, port)
     stop_requested = asyncio.Event()
     installed = _install_stop_signals(stop_requested)

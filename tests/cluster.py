@@ -308,3 +308,44 @@ def run_cli(config_path: Path, *args: str, timeout: float = 30.0) -> subprocess.
     return subprocess.run([PY, "-m", "raftmail.cli", *args, "--config", str(config_path)],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "200"})
+
+
+# -- delivery helpers (appended for the delivery tests)
+
+class SlowSink(Sink):
+    """A capture sink that waits `delay` seconds before accepting each message (`raftmail sink
+    --delay`), so a test can catch a batch while it is being delivered."""
+
+    def __init__(self, root: Path, replies: list[str] | None = None, delay: float = 0.0) -> None:
+        super().__init__(root, replies)
+        self.delay = delay
+
+    def start(self) -> None:
+        cmd = [PY, "-m", "raftmail.cli", "sink", "--listen", f"127.0.0.1:{self.port}", "--maildir",
+               str(self.maildir), "--delay", str(self.delay)]
+        for r in self.replies:
+            cmd += ["--reply", r]
+        self.log = open(self.root / "sink.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        wait_for(lambda: _port_open(self.port), 15, "sink to listen")
+
+
+def deliveries_per_recipient(sink: Sink) -> dict[str, int]:
+    """How many times the sink accepted a message for each recipient (lower-cased address)."""
+    counts: dict[str, int] = {}
+    for e in sink.delivered():
+        addr = e["rcpt"].lower()
+        counts[addr] = counts.get(addr, 0) + 1
+    return counts
+
+
+def peak_connections(sink: Sink) -> int:
+    """The most SMTP connections the sink had open at once, from its connect/disconnect events."""
+    open_now = peak = 0
+    for e in sink.events():
+        if e.get("event") == "connect":
+            open_now += 1
+            peak = max(peak, open_now, e.get("open", 0))
+        elif e.get("event") == "disconnect":
+            open_now -= 1
+    return peak

@@ -1,9 +1,13 @@
 """Issue 2 on a real 3-node cluster: replicated intake, failover, no quorum, catch-up."""
 from __future__ import annotations
 
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from cluster import make_message, queued_as, wait_for
+from cluster import make_message, queued_as, submission_count, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
@@ -24,3 +28,121 @@ def test_submission_to_follower_is_committed_everywhere(make_cluster) -> None:
     for nid in holders:
         path = c.data_dir(nid) / "bodies" / digest[:2] / digest
         assert path.read_bytes() == msg
+
+
+def retry_until_250(c, nids: list[str], rcpts: list[str], message: bytes, timeout: float) -> tuple[str, str, float]:
+    """A client's retry loop: same message, same sender, over `nids` in turn, until one answers
+    250. Returns (node, reply text, seconds taken). 4xx and refused connections are retried."""
+    start = time.monotonic()
+    deadline = start + timeout
+    replies = []
+    while time.monotonic() < deadline:
+        for nid in nids:
+            code, text = c.submit(nid, rcpts, message, timeout=10)
+            if code == 250:
+                return nid, text, time.monotonic() - start
+            assert code in (0, 421, 451), (nid, code, text)  # never a permanent refusal
+            replies.append((nid, code, text))
+        time.sleep(0.1)  # pacing between client retries, not synchronisation
+    raise AssertionError(f"no 250 within {timeout}s; last replies {replies[-4:]}")
+
+
+def test_leader_sigkill_survivors_elect_a_new_leader_and_keep_answering_250(make_cluster) -> None:
+    c = make_cluster()
+    old = c.leader()
+    survivors = [n for n in c.ids if n != old]
+    killed_at = time.monotonic()
+    c.kill(old)
+    first = make_message(message_id="<failover-first@example.com>")
+    nid, text, _ = retry_until_250(c, survivors, ["a@example.com"], first, 30)
+    failover = time.monotonic() - killed_at
+    print(f"\nfailover: leader {old} SIGKILLed, first 250 from {nid} after {failover:.2f}s")
+    new = c.wait_leader(20, among=survivors)
+    assert new != old
+    sids = [queued_as(text)]
+    for nid in survivors:
+        msg = make_message(message_id=f"<failover-{nid}@example.com>")
+        code, text = c.submit(nid, ["b@example.com"], msg)
+        assert code == 250, (nid, text)
+        sids.append(queued_as(text))
+    c.wait_converged(survivors)
+    for nid in survivors:
+        for sid in sids:
+            assert c.submission(nid, sid) is not None, (nid, sid)
+    assert failover < 15
+
+
+def test_no_quorum_answers_451_then_the_same_retry_is_stored_once(make_cluster) -> None:
+    commit_timeout = 3.0
+    c = make_cluster(commit_timeout=commit_timeout)
+    survivor = c.leader()
+    down = [n for n in c.ids if n != survivor]
+    before = submission_count(c, survivor)
+    for nid in down:
+        c.kill(nid)
+    msg = make_message(message_id="<no-quorum@example.com>")
+    started = time.monotonic()
+    code, text = c.submit(survivor, ["q@example.com"], msg)
+    took = time.monotonic() - started
+    print(f"\nwith 2 of 3 down: {code} after {took:.2f}s ({text})")
+    assert code == 451, text
+    assert "4.3.0" in text
+    assert took <= commit_timeout + 1.5
+    assert submission_count(c, survivor) == before
+
+    c.start(down[0])
+    _, text, took = retry_until_250(c, [survivor], ["q@example.com"], msg, 40)
+    print(f"{down[0]} back: the retry got 250 after {took:.2f}s ({text})")
+    sid = queued_as(text)
+    live = [survivor, down[0]]
+    c.wait_converged(live)
+    for nid in live:
+        assert c.submission(nid, sid) is not None, nid
+        assert submission_count(c, nid) == before + 1, nid
+    # Once more, as a client that never saw the 250 would: still one submission.
+    code, text = c.submit(down[0], ["q@example.com"], msg)
+    assert code == 250 and queued_as(text) == sid, text
+    c.wait_converged(live)
+    assert submission_count(c, survivor) == before + 1
+
+
+def test_node_down_during_1000_submissions_catches_up_with_every_body(make_cluster) -> None:
+    # Every delivery is deferred for minutes, so every submission stays unfinished and every
+    # node must hold every body (finished submissions' bodies need not be fetched).
+    c = make_cluster(replies=["*=451 4.3.0 not now"], retry_first=300)
+    down = c.followers()[0]
+    live = [n for n in c.ids if n != down]
+    c.kill(down)
+    messages = [make_message(message_id=f"<bulk-{i}@example.com>", body=f"Submission {i}.\n")
+                for i in range(1000)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda im: retry_until_250(c, [live[im[0] % 2]], [f"r{im[0]}@example.com"],
+                                                           im[1], 30),
+                                enumerate(messages)))
+    print(f"\n1000 submissions accepted by {live} in {time.monotonic() - started:.1f}s while {down} was down")
+    sids = [queued_as(text) for _, text, _ in replies]
+    assert len(set(sids)) == 1000
+    leader = c.wait_leader(10, among=live)
+    target = c.status(leader)["commit_index"]
+    digests = {hashlib.sha256(m).hexdigest() for m in messages}
+
+    restarted = time.monotonic()
+    c.start(down)
+
+    def caught_up() -> bool:
+        st = c.status(down)
+        if not st or st["applied_index"] < target:
+            return False
+        return all((c.data_dir(down) / "bodies" / d[:2] / d).exists() for d in digests)
+    wait_for(caught_up, 60, f"{down} to apply index {target} and hold all 1000 bodies", interval=0.1)
+    print(f"{down} caught up to index {target} with every body in {time.monotonic() - restarted:.1f}s")
+
+    c.wait_converged()
+    lead_st, down_st = c.status(leader), c.status(down)
+    assert down_st["applied_index"] >= target
+    assert down_st["submissions"] == lead_st["submissions"] == 1000
+    for i in range(0, 1000, 97):
+        d = hashlib.sha256(messages[i]).hexdigest()
+        assert (c.data_dir(down) / "bodies" / d[:2] / d).read_bytes() == messages[i]
+        assert c.submission(down, sids[i])["body"] == d
