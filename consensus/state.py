@@ -37,6 +37,9 @@ _WAITING = (PENDING, DEFERRED)
 MAX_SUBMISSIONS_PER_COMMAND = 1000
 MAX_ITEMS_PER_COMMAND = 5000
 MAX_TEXT = 200  # reply text kept per recipient
+# Recipient outcome events kept in the replicated state, for `raftmail events` and webhooks. A
+# protocol constant, not a setting: every replica must drop the same oldest event.
+EVENT_RING = 20000
 
 
 class CommandRefused(Exception):
@@ -156,6 +159,15 @@ class MailState:
         self.stats = {"lease_expiries": 0, "reassigned_in_flight": 0, "fenced_reports": 0,
                       "duplicates_refused": 0, "commands_refused": 0}
         self.delivered_minutes: dict[int, int] = {}  # minute -> recipients delivered (last hour)
+        # Outcome events, oldest first: [seq, t, kind, campaign, submission, index, recipient, node,
+        # remote, code, text, attempt]. seq increases by one per event, cluster-wide.
+        self.events: deque = deque(maxlen=EVENT_RING)
+        self.event_seq = 0
+        # Members added or removed at run time (the cluster file lists the founding members):
+        # id -> {"raft", "smtp", "admin", "status": "active" | "leaving" | "removed"}
+        self.members: dict[str, dict] = {}
+        # Finished submissions past their retention: id -> [campaign, finished_at, zlib(msgpack([rcpts, states]))]
+        self.archived: dict[str, list] = {}
         self.applied = 0  # commands applied (a cheap progress counter for status and tests)
 
     # ---------------------------------------------------------------- entry point
@@ -208,10 +220,18 @@ class MailState:
             minute = int(now // 60)
             self.delivered_minutes[minute] = self.delivered_minutes.get(minute, 0) + 1
 
+    def _event(self, now: float, state: int, sub: Submission, idx: int, node: str = "",
+               remote: str = "", code: int | None = None, text: str = "") -> None:
+        self.event_seq += 1
+        d = sub.detail.get(idx)
+        self.events.append([self.event_seq, now, STATE_NAMES[state], sub.campaign, sub.id, idx,
+                            sub.rcpts[idx], node, remote, code, text, d[0] if d else 0])
+
     def _return_to_queue(self, sub: Submission, idx: int, now: float) -> None:
         """A leased recipient that was not reported: back to the queue, or cancelled."""
         if self.campaigns[sub.campaign].cancelled:
             self._set(sub, idx, CANCELLED, now)
+            self._event(now, CANCELLED, sub, idx)
         else:
             self._set(sub, idx, PENDING, now)
 
@@ -267,8 +287,10 @@ class MailState:
         for idx, rcpt in enumerate(sub.rcpts):
             if rcpt.lower() in self.suppressed:
                 self._set(sub, idx, SUPPRESSED, now)
+                self._event(now, SUPPRESSED, sub, idx)
             elif camp.cancelled:
                 self._set(sub, idx, CANCELLED, now)
+                self._event(now, CANCELLED, sub, idx)
         if key is not None:
             self.dedupe[key] = [sid, now]
         return ["ok", sid]
@@ -290,6 +312,8 @@ class MailState:
         items = c.get("items")
         if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS_PER_COMMAND:
             raise CommandRefused("assign: items must be a non-empty list")
+        if self.members.get(node, {}).get("status", "active") != "active":
+            return {"batch": None, "reason": f"node {node} is {self.members[node]['status']}"}
         if self.domain_batches.get(domain, 0) >= max_connections:
             return {"batch": None, "reason": "max_connections"}
         quota = len(items)
@@ -317,6 +341,7 @@ class MailState:
                 continue
             if sub.rcpts[idx].lower() in self.suppressed:
                 self._set(sub, idx, SUPPRESSED, now)
+                self._event(now, SUPPRESSED, sub, idx)
                 continue
             self._set(sub, idx, IN_FLIGHT, now)
             chosen[(sid, idx)] = None
@@ -358,6 +383,16 @@ class MailState:
         if not isinstance(results, list) or not isinstance(release, list) \
                 or len(results) + len(release) > MAX_ITEMS_PER_COMMAND:
             raise CommandRefused("report: results and release must be lists")
+        for r in results:
+            if not (isinstance(r, list) and len(r) >= 6 and isinstance(r[0], str) and isinstance(r[1], int)
+                    and isinstance(r[2], int) and not isinstance(r[2], bool)
+                    and (r[5] is None or isinstance(r[5], (int, float)))):
+                raise CommandRefused("report: each result is [submission, index, code, enhanced, text, next_at, remote]")
+            if r[5] is None and 400 <= r[2] < 500 or r[5] is None and not 200 <= r[2] < 600:
+                raise CommandRefused("report: a deferral needs next_at")
+        for r in release:
+            if not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], int)):
+                raise CommandRefused("report: each release is [submission, index]")
         batch = self.batches.get(bid)
         if batch is None or batch.node != node:
             # A fenced-out holder (lease expired, batch reassigned): its sends may be duplicates.
@@ -367,6 +402,7 @@ class MailState:
         suppressed_now = []
         for r in results:
             sid, idx, code, enhanced, text, next_at = r[0], r[1], r[2], r[3], r[4], r[5]
+            remote = str(r[6])[:100] if len(r) > 6 else ""
             key = (sid, idx)
             if key not in batch.items:
                 fenced += 1
@@ -381,18 +417,19 @@ class MailState:
             d[0] += 1
             d[2], d[3] = int(code), text
             verdict = classify(int(code), enhanced)
-            if verdict.state == DEFERRED:
+            new = verdict.state
+            if new == DEFERRED:
                 next_at = float(next_at)
                 if self.campaigns[sub.campaign].cancelled:
-                    self._set(sub, idx, CANCELLED, now)
+                    new = CANCELLED
                 elif next_at > sub.accepted_at + max_age:
-                    self._set(sub, idx, EXPIRED, now)
+                    new = EXPIRED
                 else:
                     d[1] = next_at
                     sub.next_due = next_at if sub.next_due is None else min(sub.next_due, next_at)
-                    self._set(sub, idx, DEFERRED, now)
-            else:
-                self._set(sub, idx, verdict.state, now)
+            self._set(sub, idx, new, now)
+            self._event(now, new, sub, idx, node, remote, int(code), text)
+            if new != DEFERRED:
                 if verdict.suppress:
                     addr = sub.rcpts[idx].lower()
                     if addr not in self.suppressed:
@@ -451,6 +488,7 @@ class MailState:
             for idx, st in enumerate(sub.states):
                 if st in _WAITING:
                     self._set(sub, idx, CANCELLED, now)
+                    self._event(now, CANCELLED, sub, idx)
                     n += 1
         return {"ok": True, "cancelled": n}
 
@@ -463,6 +501,51 @@ class MailState:
 
     def _op_unsuppress(self, c: dict) -> dict:
         return {"ok": self.suppressed.pop(_str(c, "address").lower(), None) is not None}
+
+    def _op_member_add(self, c: dict) -> dict:
+        nid = _str(c, "id")
+        self.members[nid] = {"raft": _str(c, "raft"), "smtp": _str(c, "smtp"), "admin": _str(c, "admin"),
+                             "status": "active"}
+        return {"ok": True}
+
+    def _op_member_leave(self, c: dict) -> dict:
+        """The node gets no new batches; it is removed once it holds none."""
+        nid = _str(c, "id")
+        m = self.members.setdefault(nid, {"raft": _str(c, "raft"), "smtp": _str(c, "smtp"),
+                                          "admin": _str(c, "admin"), "status": "active"})
+        m["status"] = "leaving"
+        return {"ok": True, "batches": sum(1 for b in self.batches.values() if b.node == nid)}
+
+    def _op_member_remove(self, c: dict) -> dict:
+        nid = _str(c, "id")
+        if nid not in self.members:
+            raise CommandRefused(f"{nid} is not leaving")
+        self.members[nid]["status"] = "removed"
+        return {"ok": True}
+
+    def _op_prune(self, c: dict) -> dict:
+        """Bounded state: finished submissions past `retention` keep only a compressed record of
+        each recipient's final state; archives past `archive_retention` are dropped. Campaign
+        counts stay."""
+        now, retention, keep = _num(c, "now"), _num(c, "retention"), _num(c, "archive_retention")
+        archived = 0
+        for sid in [sid for sid, sub in self.submissions.items()
+                    if sub.finished_at is not None and sub.finished_at < now - retention]:
+            sub = self.submissions.pop(sid)
+            blob = zlib.compress(msgpack.packb([sub.rcpts, bytes(sub.states)], use_bin_type=True), 1)
+            self.archived[sid] = [sub.campaign, sub.finished_at, blob]
+            archived += 1
+        dropped = [sid for sid, a in self.archived.items() if a[1] < now - keep]
+        for sid in dropped:
+            del self.archived[sid]
+        for camp in [c for c in self.campaigns.values()
+                     if all(s not in self.submissions for s in c.submissions)
+                     and all(s not in self.archived for s in c.submissions)]:
+            del self.campaigns[camp.id]
+        hour_ago = int(now // 60) - 60
+        for minute in [m for m in self.delivered_minutes if m < hour_ago]:
+            del self.delivered_minutes[minute]
+        return {"archived": archived, "dropped": len(dropped)}
 
     def _op_noop(self, c: dict) -> dict:
         """A write whose only purpose is to learn that this node can commit (the drill, readiness)."""
@@ -492,6 +575,20 @@ class MailState:
                 pending_next = [sub.detail[i][1] for i, st in enumerate(sub.states) if st == DEFERRED]
                 sub.next_due = min(pending_next) if pending_next else None  # derived cache only
         return out
+
+    def events_after(self, seq: int, limit: int, campaign: str | None = None) -> tuple[list[list], int]:
+        """Events with seq > `seq` (oldest first), and the oldest seq still kept (to detect gaps)."""
+        oldest = self.events[0][0] if self.events else self.event_seq + 1
+        out = []
+        if self.events and seq < self.event_seq:
+            start = max(0, seq + 1 - oldest)
+            for i in range(start, len(self.events)):
+                e = self.events[i]
+                if campaign is None or e[3] == campaign:
+                    out.append(list(e))
+                    if len(out) >= limit:
+                        break
+        return out, oldest
 
     def batches_for(self, node: str) -> list[Batch]:
         return [b for b in self.batches.values() if b.node == node]
@@ -540,6 +637,10 @@ class MailState:
             "counts": self.counts,
             "stats": self.stats,
             "delivered_minutes": self.delivered_minutes,
+            "events": list(self.events),
+            "event_seq": self.event_seq,
+            "members": self.members,
+            "archived": self.archived,
             "applied": self.applied,
         }, use_bin_type=True)
 
@@ -561,6 +662,10 @@ class MailState:
         st.counts = list(w["counts"])
         st.stats = dict(w["stats"])
         st.delivered_minutes = {int(k): v for k, v in w["delivered_minutes"].items()}
+        st.events = deque(w["events"], maxlen=EVENT_RING)
+        st.event_seq = w["event_seq"]
+        st.members = dict(w["members"])
+        st.archived = dict(w["archived"])
         st.applied = w["applied"]
         return st
 
@@ -595,6 +700,10 @@ _HANDLERS = {
     "suppress": MailState._op_suppress,
     "unsuppress": MailState._op_unsuppress,
     "noop": MailState._op_noop,
+    "member_add": MailState._op_member_add,
+    "member_leave": MailState._op_member_leave,
+    "member_remove": MailState._op_member_remove,
+    "prune": MailState._op_prune,
 }
 
 

@@ -211,7 +211,10 @@ class DeliverySection:
 
 @dataclass(frozen=True)
 class StorageSection:
+    # Bodies and per-recipient detail of finished submissions are kept this long (7 days) ...
     body_retention_seconds: float = 604800.0
+    # ... then a compressed record of each recipient's final state, this long (30 days).
+    archive_retention_seconds: float = 2592000.0
 
 
 @dataclass(frozen=True)

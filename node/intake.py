@@ -136,12 +136,14 @@ class Intake:
     """Owns the decision for each SMTP transaction: the handler hooks only call it."""
 
     def __init__(self, config: Config, node_id: str, store: BodyStore, committer: GroupCommitter,
-                 replicate_body: Callable[[str, bytes, float], Awaitable[int]]) -> None:
+                 replicate_body: Callable[[str, bytes, float], Awaitable[int]],
+                 majority: Callable[[], int]) -> None:
         self.config = config
         self.node_id = node_id
         self.store = store
         self.committer = committer
         self.replicate_body = replicate_body
+        self.majority = majority
         self.limits = config.intake
         self.counters = {"accepted": 0, "duplicates": 0, "refused_451": 0, "refused_452": 0,
                          "refused_5xx": 0, "recipients_accepted": 0}
@@ -169,10 +171,10 @@ class Intake:
         deadline = time.monotonic() + timeout
         digest = await asyncio.to_thread(self.store.put, message)
         acks = await self.replicate_body(digest, message, timeout)
-        if acks + 1 < self.config.majority():
+        if acks + 1 < self.majority():
             self.counters["refused_451"] += 1
-            log.warning("body %s on %d of %d nodes before the deadline: 451", digest[:12], acks + 1,
-                        len(self.config.nodes))
+            log.warning("body %s on %d nodes (majority %d) before the deadline: 451", digest[:12], acks + 1,
+                        self.majority())
             return R_NO_QUORUM
         sid = self.new_submission_id()
         entry = {"id": sid, "campaign": campaign_of(message) or sid, "sender": sender, "body": digest,

@@ -36,8 +36,6 @@ class MailNode:
         self.data_dir = config.node_data_dir(node_id)
         _check_writable(config, self.data_dir)
         self.started = time.time()
-        self.addr_to_id = {str(n.raft): n.id for n in config.nodes}
-        self.peer_admins = {n.id: str(n.admin) for n in config.nodes if n.id != node_id}
         self.store = BodyStore(self.data_dir / "bodies")
         self.crypto = PeerCrypto(config.cluster.secret, config.cluster.name)
         self.peers = PeerClient(self.crypto, max_body_bytes=config.intake.max_message_bytes)
@@ -58,26 +56,45 @@ class MailNode:
 
     # ---------------------------------------------------------------- helpers used by parts
 
+    def members(self) -> dict[str, dict]:
+        """Every member that was not removed: the cluster file's nodes plus those that joined
+        at run time (replicated), id -> {"raft", "smtp", "admin", "status"}."""
+        out = {n.id: {"raft": str(n.raft), "smtp": str(n.smtp), "admin": str(n.admin), "status": "active"}
+               for n in self.config.nodes}
+        out.update(self.raft.read(lambda st: {k: dict(v) for k, v in st.members.items()}))
+        return {k: v for k, v in out.items() if v["status"] != "removed"}
+
     def node_of_addr(self, addr: str | None) -> str | None:
-        return self.addr_to_id.get(addr) if addr else None
+        if not addr:
+            return None
+        return next((k for k, v in self.members().items() if v["raft"] == addr), None)
+
+    def peer_admins(self) -> list[str]:
+        return [v["admin"] for k, v in self.members().items() if k != self.id]
+
+    def majority(self) -> int:
+        """Of the Raft membership as it is now (pysyncobj's view, which join/leave change)."""
+        return (len(self.raft.otherNodes) + 1) // 2 + 1
 
     def live_nodes(self) -> list[str]:
-        """This node and the peers its Raft transport is connected to (the leader's view)."""
+        """This node and the active peers its Raft transport is connected to (the leader's view)."""
         connected = set(self.raft.raft_status()["partners_connected"])
-        return [self.id] + [self.addr_to_id[a] for a in connected if a in self.addr_to_id]
+        members = self.members()
+        live = [k for k, v in members.items() if v["raft"] in connected and v["status"] == "active"]
+        return ([self.id] if members.get(self.id, {}).get("status") == "active" else []) + sorted(live)
 
     async def replicate_body(self, digest: str, data: bytes, timeout: float) -> int:
-        need = self.config.majority() - 1
+        need = self.majority() - 1
         if need <= 0:
             return 0
-        return await self.peers.push(digest, data, list(self.peer_admins.values()), need, timeout)
+        return await self.peers.push(digest, data, self.peer_admins(), need, timeout)
 
     async def body(self, digest: str) -> bytes | None:
         """A body by hash: from our store, else fetched from a peer (and kept)."""
         data = await asyncio.to_thread(self.store.get, digest)
         if data is not None:
             return data
-        data = await self.peers.fetch(digest, list(self.peer_admins.values()))
+        data = await self.peers.fetch(digest, self.peer_admins())
         if data is not None:
             await asyncio.to_thread(self.store.put_verified, digest, data)
             self.bodies_fetched += 1
@@ -136,6 +153,11 @@ class MailNode:
         r.add_get("/state/submissions/{sid}", self._h_submission)
         r.add_get("/campaigns", self._h_campaigns)
         r.add_post("/campaigns/{cid}/{action}", self._h_campaign_action)
+        r.add_get("/events", self._h_events)
+        r.add_post("/cluster/join", self._h_join)
+        r.add_post("/cluster/leave", self._h_leave)
+        r.add_post("/cluster/transfer", self._h_transfer)
+        r.add_post("/cluster/noop", self._h_noop)
         add_peer_routes(app, self.store, self.crypto, max_body_bytes=self.config.intake.max_message_bytes,
                         on_auth_failure=self._peer_auth_failed)
         return app
@@ -174,21 +196,127 @@ class MailNode:
         out = self.raft.read(lambda st: [st.campaign_summary(c) for c in st.campaigns.values()])
         return web.json_response({"campaigns": out})
 
-    async def _h_campaign_action(self, request: web.Request) -> web.Response:
+    def _unauthorized(self, request: web.Request) -> web.Response | None:
+        """State-changing calls need the cluster file's admin token, when one is set."""
         token = self.config.cluster.admin_token
         if token and request.headers.get("Authorization") != f"Bearer {token}":
             return web.json_response({"error": "admin token required"}, status=401)
+        return None
+
+    async def _propose_json(self, command: dict, timeout: float | None = None) -> web.Response:
+        try:
+            result = await self.proposer.propose(command, timeout or self.config.intake.commit_timeout)
+        except ProposalFailed as e:
+            return web.json_response({"error": f"not committed: {e.reason}"}, status=503)
+        status = 409 if isinstance(result, dict) and "error" in result else 200
+        return web.json_response(result, status=status)
+
+    async def _h_events(self, request: web.Request) -> web.Response:
+        try:
+            after = int(request.query.get("after", "0"))
+            limit = min(int(request.query.get("limit", "1000")), 10000)
+        except ValueError:
+            return web.json_response({"error": "after and limit must be integers"}, status=400)
+        campaign = request.query.get("campaign") or None
+        events, oldest = self.raft.read(lambda st: st.events_after(after, limit, campaign))
+        keys = ("seq", "t", "outcome", "campaign", "submission", "index", "recipient", "node", "remote",
+                "code", "text", "attempt")
+        return web.json_response({"events": [dict(zip(keys, e)) for e in events], "oldest": oldest,
+                                  "gap": after + 1 < oldest and after > 0})
+
+    async def _h_join(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        body = await request.json()
+        nid, raft_addr = body.get("id"), body.get("raft")
+        if not all(isinstance(body.get(k), str) for k in ("id", "raft", "smtp", "admin")):
+            return web.json_response({"error": "join needs id, raft, smtp, admin"}, status=400)
+        if raft_addr in {str(n) for n in self.raft.otherNodes} | {str(self.me.raft)}:
+            return web.json_response({"error": f"{raft_addr} is already a member"}, status=409)
+        resp = await self._propose_json({"op": "member_add", "id": nid, "raft": raft_addr,
+                                         "smtp": body["smtp"], "admin": body["admin"]})
+        if resp.status != 200:
+            return resp
+        ok, reason = await self._membership_change(self.raft.addNodeToCluster, raft_addr)
+        if not ok:
+            return web.json_response({"error": f"raft membership change refused: {reason}"}, status=503)
+        log.warning("member %s (%s) added to the cluster", nid, raft_addr)
+        return web.json_response({"ok": True, "members": len(self.raft.otherNodes) + 1})
+
+    async def _h_leave(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        body = await request.json()
+        nid = body.get("id")
+        member = self.members().get(nid)
+        if member is None:
+            return web.json_response({"error": f"{nid} is not a member"}, status=404)
+        if nid == self.id:
+            return web.json_response({"error": "ask another node to remove this one"}, status=409)
+        resp = await self._propose_json({"op": "member_leave", "id": nid, **{k: member[k] for k in ("raft", "smtp", "admin")}})
+        if resp.status != 200:
+            return resp
+        # Its batches move first: they finish, or their lease expires and the scheduler reassigns.
+        deadline = time.time() + float(body.get("timeout", self.config.delivery.lease_seconds * 3))
+        while self.raft.read(lambda st: any(b.node == nid for b in st.batches.values())):
+            if time.time() > deadline:
+                return web.json_response({"error": f"{nid} still holds batches"}, status=503)
+            await asyncio.sleep(0.2)
+        ok, reason = await self._membership_change(self.raft.removeNodeFromCluster, member["raft"])
+        if not ok:
+            return web.json_response({"error": f"raft membership change refused: {reason}"}, status=503)
+        resp = await self._propose_json({"op": "member_remove", "id": nid})
+        log.warning("member %s (%s) removed from the cluster", nid, member["raft"])
+        return resp
+
+    async def _membership_change(self, change, raft_addr: str) -> tuple[bool, str]:
+        loop = asyncio.get_running_loop()
+        for _attempt in range(20):  # pysyncobj refuses while a previous change is uncommitted
+            fut = loop.create_future()
+
+            def done(result, err, fut=fut):
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(err))
+            change(raft_addr, callback=done)
+            try:
+                err = await asyncio.wait_for(fut, self.config.intake.commit_timeout)
+            except asyncio.TimeoutError:
+                return False, "timeout"
+            if err == 0:
+                return True, ""
+            await asyncio.sleep(0.25)
+        return False, f"error {err}"
+
+    async def _h_transfer(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
+        if not self.raft.is_leader():
+            return web.json_response({"error": "not the leader"}, status=409)
+        self.raft.transferLeadership()
+        return web.json_response({"ok": True, "from": self.id, "term": self.raft.raftCurrentTerm})
+
+    async def _h_noop(self, request: web.Request) -> web.Response:
+        """A committed write, to learn that this node can commit now (drill, probes)."""
+        started = time.time()
+        resp = await self._propose_json({"op": "noop"}, timeout=float(request.query.get("timeout", "2")))
+        if resp.status == 200:
+            return web.json_response({"ok": True, "seconds": round(time.time() - started, 4),
+                                      "applied_index": self.raft.raftLastApplied})
+        return resp
+
+    async def _h_campaign_action(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied:
+            return denied
         action = request.match_info["action"]
         if action not in ("pause", "resume", "cancel"):
             return web.json_response({"error": f"unknown action {action}"}, status=404)
-        try:
-            result = await self.proposer.propose(
-                {"op": action, "campaign": request.match_info["cid"], "now": time.time()},
-                self.config.intake.commit_timeout)
-        except ProposalFailed as e:
-            return web.json_response({"error": f"not committed: {e.reason}"}, status=503)
-        status = 404 if isinstance(result, dict) and "error" in result else 200
-        return web.json_response(result, status=status)
+        resp = await self._propose_json({"op": action, "campaign": request.match_info["cid"], "now": time.time()})
+        if resp.status == 409:
+            resp.set_status(404)
+        return resp
 
     # ---------------------------------------------------------------- maintenance
 
@@ -244,7 +372,8 @@ class MailNode:
         self.committer = GroupCommitter(self.proposer, max_entry_bytes=self.config.intake.group_commit_bytes,
                                         max_waiting=self.config.intake.max_connections * 2)
         self.committer.start(self._submit_command, self.config.intake.commit_timeout)
-        self.intake = Intake(self.config, self.id, self.store, self.committer, self.replicate_body)
+        self.intake = Intake(self.config, self.id, self.store, self.committer, self.replicate_body,
+                             self.majority)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -262,6 +391,7 @@ class MailNode:
         log.info("node %s up: smtp %s, admin %s, raft %s", self.id, self.me.smtp, self.me.admin, self.me.raft)
         print(f"raftmail node {self.id} ready: smtp {self.me.smtp} admin {self.me.admin} raft {self.me.raft}",
               flush=True)
+        tasks.append(asyncio.create_task(self._leave_when_removed(stop)))
         await stop.wait()
         log.info("node %s stopping", self.id)
         smtp.close()  # stop taking new mail; transactions in progress finish below
@@ -275,6 +405,15 @@ class MailNode:
         await runner.cleanup()
         await self.peers.close()
         self.raft.stop()
+
+    async def _leave_when_removed(self, stop: asyncio.Event) -> None:
+        """A node removed from the cluster (raftmail leave) stops serving by itself."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.raft.read(lambda st: st.members.get(self.id, {}).get("status")) == "removed":
+                log.warning("node %s was removed from the cluster: stopping", self.id)
+                stop.set()
+                return
 
     def _submit_command(self, entries: list[dict]) -> dict:
         return {"op": "submit", "subs": entries, "now": time.time(),

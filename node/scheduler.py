@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("raftmail.scheduler")
 
 SCHEDULE_INTERVAL = 0.1  # seconds between scheduling rounds on the leader
+PRUNE_INTERVAL = 60.0  # seconds between retention passes on the leader
 
 
 class Scheduler:
@@ -28,6 +29,7 @@ class Scheduler:
         self.rounds = 0
         self.assigned_batches = 0
         self._rr = 0  # round-robin start, so idle nodes share batches evenly
+        self._last_prune = 0.0
 
     async def run(self) -> None:
         while True:
@@ -51,7 +53,17 @@ class Scheduler:
             if res.get("expired"):
                 log.warning("leases expired for batches %s: %d recipients back in the queue",
                             ",".join(res["expired"]), res["returned"])
+        if now - self._last_prune > PRUNE_INTERVAL:
+            self._last_prune = now
+            st = node.config.storage
+            res = await node.proposer.propose({"op": "prune", "now": now, "retention": st.body_retention_seconds,
+                                               "archive_retention": st.archive_retention_seconds}, timeout)
+            if res.get("archived") or res.get("dropped"):
+                log.info("retention: %d finished submissions archived, %d archives dropped",
+                         res["archived"], res["dropped"])
         live = node.live_nodes()
+        if not live:
+            return
         capacity = d.max_concurrent_batches * len(live)
 
         def read(st):
@@ -60,12 +72,17 @@ class Scheduler:
                 load[b.node] = load.get(b.node, 0) + 1
             room = capacity - len(st.batches)
             if room <= 0:
-                return {}, load, {}
-            return st.eligible(now, room * d.batch_size), load, dict(st.domain_batches)
-        eligible, load, domain_batches = node.raft.read(read)
+                return {}, load, {}, {}
+            # Assigned in the last minute per domain, counted without st.sent_last_minute(),
+            # which prunes: a read must not change replicated state.
+            recent = {dom: sum(n for t, n in q if t > now - 60) for dom, q in st.domain_recent.items()}
+            return st.eligible(now, room * d.batch_size), load, dict(st.domain_batches), recent
+        eligible, load, domain_batches, recent = node.raft.read(read)
         term = node.raft.raftCurrentTerm
         for domain, items in eligible.items():
             limits = d.limits_for(domain)
+            if 0 < limits.max_per_minute <= recent.get(domain, 0):
+                continue  # quota used up: an assign would only commit a refusal every round
             while items and domain_batches.get(domain, 0) < limits.max_connections:
                 target = self._pick(live, load, d.max_concurrent_batches)
                 if target is None:

