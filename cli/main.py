@@ -239,5 +239,63 @@ def cancel(campaign_id: str, config_path: str) -> None:
     _campaign_action("cancel", config_path, campaign_id)
 
 
+@main.command()
+@config_option
+@click.option("--node", "node_id", required=True, help="The [[node]] of the file to add.")
+def join(config_path: str, node_id: str) -> None:
+    """Add a node (already listed in the file) to the running cluster. Then start it there with
+    `raftmail start`; it catches up from the leader and takes batches."""
+    from raftmail.node.client import membership_change
+    config = _load(config_path)
+    ok, message = membership_change(config, _node_or_exit(config, node_id).id, "join")
+    click.echo(message, err=not ok)
+    if ok:
+        click.echo(f"now start it: raftmail start --config {config_path} --node {node_id}")
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@config_option
+@click.option("--node", "node_id", required=True, help="The member to remove.")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait for its batches to move.")
+def leave(config_path: str, node_id: str, timeout: float) -> None:
+    """Remove a node cleanly: it gets no new batches, its batches finish or move, then it leaves
+    the Raft membership and stops itself. Remove it from the file afterwards."""
+    from raftmail.node.client import membership_change
+    config = _load(config_path)
+    ok, message = membership_change(config, _node_or_exit(config, node_id).id, "leave", timeout)
+    click.echo(message, err=not ok)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@config_option
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds before the drill fails.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def drill(config_path: str, timeout: float, as_json: bool) -> None:
+    """A failover drill: the leader steps down; time the election, the first committed write after
+    it, and every node catching up."""
+    from raftmail.node.client import run_drill
+    config = _load(config_path)
+    result = run_drill(config, timeout)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    elif result["ok"]:
+        click.echo(f"drill passed: leader {result['old_leader']} stepped down; {result['new_leader']} elected "
+                   f"in {result['elected_seconds']:.2f}s; accepting writes after {result['accepting_seconds']:.2f}s; "
+                   f"every node caught up after {result['caught_up_seconds']:.2f}s")
+    else:
+        click.echo(f"drill FAILED: {result.get('error') or result}", err=True)
+    sys.exit(0 if result["ok"] else 1)
+
+
+def _node_or_exit(config: Config, node_id: str):
+    try:
+        return config.node(node_id)
+    except ConfigError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     main()

@@ -96,3 +96,85 @@ def post_campaign_action(config: Config, campaign_id: str, action: str, timeout:
         except (OSError, ValueError) as e:
             last = f"{n.id}: {getattr(e, 'reason', e)}"
     return False, f"error: {action} not committed: {last}"
+
+
+def post_json(admin: str, path: str, body: dict, token: str | None, timeout: float = 10.0) -> tuple[int, Any]:
+    """POST JSON to one node's admin endpoint; (HTTP status, decoded body). Status 0 = unreachable."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"http://{admin}{path}", data=json.dumps(body).encode(), headers=headers,
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read())
+        except ValueError:
+            return e.code, {"error": str(e)}
+    except (OSError, ValueError) as e:
+        return 0, {"error": str(getattr(e, "reason", e))}
+
+
+def membership_change(config: Config, node_id: str, action: str, timeout: float = 60.0) -> tuple[bool, str]:
+    """`join` or `leave` node_id, asked of the other members in turn."""
+    target = config.node(node_id)
+    body = {"id": node_id, "raft": str(target.raft), "smtp": str(target.smtp), "admin": str(target.admin),
+            "timeout": timeout}
+    last = "no member answered"
+    for n in config.nodes:
+        if n.id == node_id:
+            continue
+        status, answer = post_json(str(n.admin), f"/cluster/{action}", body, config.cluster.admin_token,
+                                   timeout=timeout + 5)
+        if status == 200:
+            return True, f"{node_id}: {action} committed (asked {n.id})"
+        last = f"{n.id}: {answer.get('error', status)}"
+        if status in (401, 403, 404, 409):
+            break
+    return False, f"error: {action} {node_id} failed: {last}"
+
+
+def run_drill(config: Config, timeout: float = 30.0, poll: float = 0.02) -> dict:
+    """Ask the leader to step down; time the election and the first committed write after it;
+    check every node's applied index catches up."""
+    import time
+    nodes = [(n.id, str(n.admin)) for n in config.nodes]
+    before = cluster_status(config, get_json_all(nodes, "/status"))
+    old = before["leader"]
+    if old is None:
+        return {"ok": False, "error": "no leader with a quorum before the drill", "before": before}
+    admin = dict(nodes)
+    t0 = time.monotonic()
+    status, answer = post_json(admin[old], "/cluster/transfer", {}, config.cluster.admin_token)
+    if status != 200:
+        return {"ok": False, "error": f"leader {old} refused to step down: {answer.get('error', status)}"}
+    elected = accepting = None
+    new = None
+    others = [nid for nid, _ in nodes if nid != old]
+    while time.monotonic() - t0 < timeout and accepting is None:
+        view = cluster_status(config, get_json_all(nodes, "/status", timeout=1.0))
+        if elected is None and view["leader"] and view["leader"] != old:
+            elected, new = time.monotonic() - t0, view["leader"]
+        if elected is not None:
+            for nid in others:
+                st, _ = post_json(admin[nid], "/cluster/noop?timeout=1", {}, None, timeout=2)
+                if st == 200:
+                    accepting = time.monotonic() - t0
+                    break
+        time.sleep(poll)
+    caught_up = None
+    if accepting is not None:
+        target = None
+        while time.monotonic() - t0 < timeout:
+            sts = get_json_all(nodes, "/status", timeout=1.0)
+            live = {k: v for k, v in sts.items() if "error" not in v}
+            target = target or max(v["commit_index"] for v in live.values())
+            if all(v["applied_index"] >= target for v in live.values()):
+                caught_up = time.monotonic() - t0
+                break
+            time.sleep(poll)
+    return {"ok": accepting is not None and caught_up is not None, "old_leader": old, "new_leader": new,
+            "elected_seconds": elected, "accepting_seconds": accepting, "caught_up_seconds": caught_up,
+            "nodes": len(nodes)}

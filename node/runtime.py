@@ -264,12 +264,24 @@ class MailNode:
             if time.time() > deadline:
                 return web.json_response({"error": f"{nid} still holds batches"}, status=503)
             await asyncio.sleep(0.2)
+        if self.node_of_addr(self.raft.raft_status()["leader_addr"]) == nid:
+            await self._move_leadership_off(nid, member["admin"])
+        # Committed while it is still a member, so it applies it and stops itself.
+        resp = await self._propose_json({"op": "member_remove", "id": nid})
+        if resp.status != 200:
+            return resp
         ok, reason = await self._membership_change(self.raft.removeNodeFromCluster, member["raft"])
         if not ok:
             return web.json_response({"error": f"raft membership change refused: {reason}"}, status=503)
-        resp = await self._propose_json({"op": "member_remove", "id": nid})
         log.warning("member %s (%s) removed from the cluster", nid, member["raft"])
-        return resp
+        return web.json_response({"ok": True, "members": len(self.raft.otherNodes) + 1})
+
+    async def _move_leadership_off(self, nid: str, admin: str) -> None:
+        from raftmail.node.client import post_json
+        await asyncio.to_thread(post_json, admin, "/cluster/transfer", {}, self.config.cluster.admin_token)
+        deadline = time.time() + 10
+        while time.time() < deadline and self.node_of_addr(self.raft.raft_status()["leader_addr"]) in (nid, None):
+            await asyncio.sleep(0.1)
 
     async def _membership_change(self, change, raft_addr: str) -> tuple[bool, str]:
         loop = asyncio.get_running_loop()

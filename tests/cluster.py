@@ -349,3 +349,67 @@ def peak_connections(sink: Sink) -> int:
         elif e.get("event") == "disconnect":
             open_now -= 1
     return peak
+
+
+class SMTPSession:
+    """One client connection to one node, reused for many transactions (as bulk senders do);
+    reconnects after any failure. Not thread-safe: one per thread."""
+
+    def __init__(self, c: Cluster, nid: str, timeout: float = 15.0) -> None:
+        self.c, self.nid, self.timeout = c, nid, timeout
+        self._smtp: smtplib.SMTP | None = None
+
+    def send(self, rcpts: list[str], message: bytes, sender: str = "news@example.com") -> tuple[int, str]:
+        """One transaction; the reply to the final dot or to the first refusal, 0 for no reply."""
+        try:
+            if self._smtp is None:
+                self._smtp = smtplib.SMTP("127.0.0.1", self.c.smtp[self.nid], timeout=self.timeout)
+                self._smtp.ehlo("client.test")
+            s = self._smtp
+            code, text = s.mail(sender)
+            for r in rcpts:
+                if code != 250:
+                    break
+                code, text = s.rcpt(r)
+                code = 250 if code == 251 else code
+            if code == 250:
+                code, text = s.data(message)
+            else:
+                s.rset()
+            return code, text.decode(errors="replace")
+        except (OSError, smtplib.SMTPException) as e:
+            self.close()
+            return 0, f"{type(e).__name__}: {e}"
+
+    def close(self) -> None:
+        if self._smtp is not None:
+            try:
+                self._smtp.close()
+            except OSError:
+                pass
+            self._smtp = None
+
+
+def describe(c: Cluster) -> str:
+    """Each node's view in one line, for failure messages."""
+    out = []
+    for nid in c.ids:
+        st = c.status(nid)
+        if not st:
+            out.append(f"{nid}: no answer (alive={c.alive(nid)})")
+            continue
+        try:
+            dg = c.digest(nid)["digest"][:12]
+        except Exception as e:  # report, do not hide the original failure
+            dg = f"? ({e})"
+        out.append(f"{nid}: {st['role']} term {st['term']} leader {st['leader']} commit {st['commit_index']} "
+                   f"applied {st['applied_index']} submissions {st['submissions']} queue {st['queue']} digest {dg}")
+    return "\n".join(out)
+
+
+def wait_converged_explained(c: Cluster, nodes: list[str] | None = None, timeout: float = 30.0) -> str:
+    """`wait_converged`, with every node's view in the failure message."""
+    try:
+        return c.wait_converged(nodes, timeout)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{describe(c)}") from None

@@ -250,6 +250,7 @@ def test_killed_sender_batch_is_finished_by_another_node(make_slow_cluster) -> N
     holders = wait_for(lambda: c.status(c.leader() or c.ids[0])["batches_in_flight"], 5, "the batch holder")
     assert len(holders) == 1, holders
     victim = next(iter(holders))
+    was_leader = victim == c.leader()
     c.kill(victim)
     at_kill = sink_count(c)
     assert at_kill < n, "the batch finished before the kill; slow the sink down"
@@ -266,7 +267,7 @@ def test_killed_sender_batch_is_finished_by_another_node(make_slow_cluster) -> N
     assert not resent_committed, f"recipients with a committed outcome were sent again: {resent_committed}"
     twice = sorted(a for a, k in counts.items() if k > 1)
     assert all(counts[a] == 2 for a in twice)
-    print(f"killed {victim} after {at_kill} sent, {len(committed)} committed; sent twice: {len(twice)}")
+    print(f"killed {victim} ({'leader' if was_leader else 'follower'}) after {at_kill} sent, {len(committed)} committed; sent twice: {len(twice)}")
     # Only outcomes not yet committed at the kill can repeat: at most one forced report's worth
     # (report_every) buffered plus the message on the wire.
     assert len(twice) <= REPORT_EVERY + 1
