@@ -31,7 +31,7 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from lib import cases, loadgen, peers, procs, report, runner  # noqa: E402
 from lib.cluster import DEFAULT_NODE_COMMAND  # noqa: E402
-from lib.cpu import IdlePolicy  # noqa: E402
+from lib.cpu import DEFAULT_MAX_WAIT, IdlePolicy  # noqa: E402
 
 DEFAULT_OUT = BENCH_DIR / "results" / "latest.md"
 FULL_RUNS = 5
@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, configs)")
     parser.add_argument("--no-idle-check", action="store_true",
                         help="full mode: don't wait for a quiet machine or discard disturbed runs")
+    parser.add_argument("--idle-wait", type=float, default=DEFAULT_MAX_WAIT,
+                        help="full mode: longest wait for a quiet machine before each run, seconds "
+                             "(default %(default)s)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     return parser.parse_args(argv)
 
@@ -185,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = cases.Ctx(
         quick=args.quick, runs=args.runs or (QUICK_RUNS if args.quick else FULL_RUNS),
         generator=generator, python=args.python, workdir=workdir,
-        idle=IdlePolicy(enabled=not args.quick and not args.no_idle_check), sizes=sizes,
+        idle=IdlePolicy(enabled=not args.quick and not args.no_idle_check, max_wait=args.idle_wait),
+        sizes=sizes,
         node_command=args.node_command,
         destination="smtp-sink" if peers.find_tool("smtp-sink") else "aiosmtpd", progress=progress)
     started = time.monotonic()

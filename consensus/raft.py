@@ -15,6 +15,11 @@ lives here, in our own code, with a test that reproduces the defect:
   the configured address only, never 0.0.0.0.
 * Positional method ids (§9.6): exactly one replicated method takes a msgpack command.
 * Tick thread dies with its creator thread (§9.11): we run our own tick thread.
+* Silent authentication failures (§7, upstream #175): `_AuditedEncryptor` counts and logs frames
+  that fail the cluster secret's check, so a node started with the wrong secret is visible.
+* Unbounded read buffer (§7, upstream #174): an incoming connection whose frame claims more than
+  `max_frame_bytes`, or whose unparsed buffer grows past it, is dropped and logged.
+  (tests/test_raft_security.py)
 * Unbounded waits (§2.6): commandsWaitLeader=False; callers bound their own waits.
 * No fsync anywhere (§3.1, upstream #84): with `fsync_journal`, `DurableJournal` msyncs the journal
   (and fsyncs the term/vote file) before this node sends any Raft message and before the next tick
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 import time
 import zlib
@@ -306,6 +312,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _AuditedEncryptor:
+    """pysyncobj's Fernet, with failures counted and logged instead of silently dropped."""
+
+    def __init__(self, inner: Any, on_failure: Callable[[str], None]) -> None:
+        self._inner = inner
+        self._on_failure = on_failure
+
+    def extract_timestamp(self, token: bytes) -> int:
+        try:
+            return self._inner.extract_timestamp(token)
+        except Exception:
+            self._on_failure("frame is not a token of this cluster's secret")
+            raise
+
+    def decrypt(self, token: bytes, *a: Any, **kw: Any) -> bytes:
+        try:
+            return self._inner.decrypt(token, *a, **kw)
+        except Exception:
+            self._on_failure("frame failed authentication with this cluster's secret")
+            raise
+
+    def __getattr__(self, name: str) -> Any:  # encrypt_at_time, ...
+        return getattr(self._inner, name)
+
+
 class RaftNode(SyncObj):
     """One member of the cluster: pysyncobj plus MailState, with our fixes."""
 
@@ -315,6 +346,7 @@ class RaftNode(SyncObj):
                  compaction_min_entries: int = 5000, compaction_min_seconds: float = 300.0,
                  snapshot_chunk_bytes: int = 262144, commands_queue_size: int = 1000,
                  fsync_snapshots: bool = True, fsync_journal: bool = False,
+                 max_frame_bytes: int = 64 * 2**20,
                  on_role_change: Callable[[str, str], None] | None = None) -> None:
         if not password:
             raise ValueError("a cluster secret is required: pysyncobj unpickles what reaches its port")
@@ -328,6 +360,10 @@ class RaftNode(SyncObj):
         self._stopping = threading.Event()
         self.leader_changes = 0
         self.tick_errors = 0
+        self.auth_failures = 0
+        self.oversized_frames = 0
+        self._last_auth_log = 0.0
+        self._max_frame_bytes = max_frame_bytes
         self.snapshot_path = data_dir / "snapshot.bin"
         conf = SyncObjConf(
             journalFile=str(data_dir / "journal.bin"),
@@ -357,6 +393,10 @@ class RaftNode(SyncObj):
         self.snapshots = SnapshotFile(self.snapshot_path, snapshot_chunk_bytes,
                                       self._snapshot_state, self._load_state, fsync=fsync_snapshots)
         self._SyncObj__serializer = self.snapshots
+        self._SyncObj__encryptor = _AuditedEncryptor(self._SyncObj__encryptor, self._auth_failed)
+        server = self._SyncObj__transport._server
+        accept = server._TcpServer__onNewConnectionCallback
+        server._TcpServer__onNewConnectionCallback = lambda conn: accept(self._bound_reads(conn))
         self.journal: DurableJournal | None = None
         if fsync_journal:
             self.journal = DurableJournal(self._SyncObj__raftLog)
@@ -370,6 +410,35 @@ class RaftNode(SyncObj):
             transport.send = send_after_sync
         self._tick_thread = threading.Thread(target=self._tick_loop, name="raft-tick", daemon=True)
         self._tick_thread.start()
+
+    # -- port hardening
+
+    def _auth_failed(self, what: str) -> None:
+        self.auth_failures += 1
+        now = time.monotonic()
+        if now - self._last_auth_log > 5.0:  # a flood must not flood the log
+            self._last_auth_log = now
+            log.error("raft port: %s (wrong cluster secret, or not a raftmail node); connection "
+                      "dropped; %d such frames so far", what, self.auth_failures)
+
+    def _bound_reads(self, conn: Any) -> Any:
+        """Cap what an incoming connection may make us buffer before a frame is complete."""
+        read_once = conn._TcpConnection__processRead
+        limit = self._max_frame_bytes
+
+        def bounded_read() -> bool:
+            more = read_once()
+            buf = conn._TcpConnection__readBuffer
+            claimed = struct.unpack("i", buf[:4])[0] if len(buf) >= 4 else 0  # pysyncobj's framing
+            if len(buf) > limit + 4 or claimed > limit or claimed < 0:
+                self.oversized_frames += 1
+                log.error("raft port: incoming frame of %d bytes exceeds the %d-byte limit; "
+                          "connection dropped", claimed, limit)
+                conn.disconnect()
+                return False
+            return more
+        conn._TcpConnection__processRead = bounded_read
+        return conn
 
     # -- the one replicated method
 
@@ -465,6 +534,8 @@ class RaftNode(SyncObj):
                                    for k, v in s.items()
                                    if str(k).startswith("partner_node_status_server_") and v == 2],
             "leader_changes": self.leader_changes,
+            "auth_failures": self.auth_failures,
+            "oversized_frames": self.oversized_frames,
             "snapshot_seconds": self.snapshots.last_duration,
         }
 

@@ -273,6 +273,20 @@ class PeerClient:
             log.debug("push of body %s to %s failed: %r", digest, peer, exc)
             return False
 
+    # -- probe -----------------------------------------------------------------------------
+
+    async def probe(self, peer: str) -> int:
+        """Does `peer` share our secret? An authenticated GET of a body nobody stores: 404 (or 200)
+        says yes, 403 says it refused our secret, 0 that it did not answer."""
+        digest = hashlib.sha256(b"raftmail peer probe").hexdigest()
+        auth = self._crypto.seal(b"GET " + digest.encode("ascii")).decode("ascii")
+        try:
+            async with self._http().get(_body_url(peer, digest), headers={AUTH_HEADER: auth},
+                                        timeout=self._fetch_timeout) as resp:
+                return resp.status
+        except Exception:
+            return 0
+
     # -- fetch -----------------------------------------------------------------------------
 
     async def fetch(self, digest: str, peers: Sequence[str]) -> bytes | None:

@@ -25,6 +25,7 @@ log = logging.getLogger("raftmail.node")
 BODY_REPAIR_INTERVAL = 2.0  # seconds between scans for bodies this node lacks
 BODY_REPAIR_MAX = 200  # bodies fetched per scan
 BODY_GC_INTERVAL = 60.0
+PEER_PROBE_INTERVAL = 5.0  # seconds between checks that every peer shares our cluster secret
 ORPHAN_BODY_AGE = 3600.0  # a body never committed (its submission got 451) is kept this long
 
 
@@ -40,6 +41,7 @@ class MailNode:
         self.crypto = PeerCrypto(config.cluster.secret, config.cluster.name)
         self.peers = PeerClient(self.crypto, max_body_bytes=config.intake.max_message_bytes)
         self.auth_failures = 0
+        self.peers_rejecting: list[str] = []
         r = config.raft
         # Constructed in the main thread, before the loop: our own tick thread runs it.
         self.raft = RaftNode(
@@ -140,6 +142,9 @@ class MailNode:
             "intake_connections": dict(getattr(self.intake, "connections", {})),
             "bodies": {"count": body_count, "bytes": body_bytes, "fetched": self.bodies_fetched},
             "peer_auth_failures": self.auth_failures,
+            "peers_rejecting_secret": self.peers_rejecting,
+            "raft_auth_failures": rs["auth_failures"],
+            "raft_oversized_frames": rs["oversized_frames"],
             **self.raft.read(read),
         }
 
@@ -346,6 +351,20 @@ class MailNode:
             except Exception:
                 log.exception("body repair failed")
 
+    async def probe_peers(self) -> None:
+        """pysyncobj drops a peer with another secret without a word: say it, on both sides (the
+        probed node logs the failed authentication too)."""
+        while True:
+            await asyncio.sleep(PEER_PROBE_INTERVAL)
+            rejecting = []
+            for nid, info in self.members().items():
+                if nid != self.id and await self.peers.probe(info["admin"]) in (401, 403):
+                    rejecting.append(nid)
+            for nid in sorted(set(rejecting) - set(self.peers_rejecting)):
+                log.error("peer %s refuses this node's cluster secret: the two run with different "
+                          "secrets and cannot replicate to each other", nid)
+            self.peers_rejecting = rejecting
+
     async def collect_bodies(self) -> None:
         """Delete bodies whose submissions all finished longer than the retention ago."""
         retention = self.config.storage.body_retention_seconds
@@ -398,7 +417,7 @@ class MailNode:
                                        hostname=self.config.delivery.helo_name)
         self.scheduler = Scheduler(self)
         self.sender = Sender(self)
-        tasks = [asyncio.create_task(c) for c in (self.repair_bodies(), self.collect_bodies(),
+        tasks = [asyncio.create_task(c) for c in (self.repair_bodies(), self.collect_bodies(), self.probe_peers(),
                                                   self.scheduler.run(), self.sender.run())]
         log.info("node %s up: smtp %s, admin %s, raft %s", self.id, self.me.smtp, self.me.admin, self.me.raft)
         print(f"raftmail node {self.id} ready: smtp {self.me.smtp} admin {self.me.admin} raft {self.me.raft}",

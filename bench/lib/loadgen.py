@@ -48,6 +48,7 @@ class Record:
     t_reply: float | None = None
     code: int | None = None
     error: str | None = None
+    due: float | None = None      # paced runs: when the schedule wanted this message to start
 
     def as_list(self) -> list:
         return [self.target, self.t_start, self.t_dot, self.t_reply, self.code, self.error]
@@ -159,10 +160,10 @@ class Session:
 
 
 async def _one_message(state: RunState, session_box: list[Session | None], target: int,
-                       index: int) -> None:
+                       index: int, due: float | None) -> None:
     plan = state.plan
     host, port = plan.targets[target]
-    record = Record(target, time.monotonic())
+    record = Record(target, time.monotonic(), due=due)
     state.records.append(record)
     recipients = recipients_for(index, plan.recipients)
     try:
@@ -194,11 +195,13 @@ async def _session_loop(state: RunState, target: int) -> None:
     box: list[Session | None] = [None]
     try:
         while (index := state.take()) is not None:
+            due = None
             if plan.rate:
-                delay = state.t0 + index / plan.rate - time.monotonic()
+                due = state.t0 + index / plan.rate
+                delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-            await _one_message(state, box, target, index)
+            await _one_message(state, box, target, index, due)
     finally:
         if box[0] is not None:
             await box[0].close()
@@ -214,6 +217,10 @@ def _percentile(sorted_values: list[float], fraction: float) -> float | None:
 def summarise(state: RunState, elapsed: float, timed_out: bool) -> dict:
     ok = [r for r in state.records if r.error is None and r.code == 250]
     latencies = sorted((r.t_reply - r.t_dot) * 1000.0 for r in ok if r.t_dot and r.t_reply)
+    # How far behind its schedule a paced run started messages: large lags mean the generator
+    # (or its sessions, all busy) could not keep the rate, and the server saw less load.
+    lags = sorted(max(0.0, r.t_start - r.due) * 1000.0 for r in state.records if r.due is not None)
+    starts = [r.t_start for r in state.records]
     return {
         "generator": GENERATOR_NAME,
         "started_monotonic": state.t0,
@@ -224,6 +231,9 @@ def summarise(state: RunState, elapsed: float, timed_out: bool) -> dict:
         "recipients_ok": len(ok) * state.plan.recipients,
         "first_error": state.first_error,
         "timed_out": timed_out,
+        "send_seconds": (max(starts) - state.t0) if starts else 0.0,
+        "start_lag_ms": {"p50": _percentile(lags, 0.50), "p99": _percentile(lags, 0.99),
+                         "max": lags[-1] if lags else None},
         "latency_ms": {
             "count": len(latencies),
             "p50": _percentile(latencies, 0.50),

@@ -194,6 +194,8 @@ class LoadResult:
     recipients_ok: int
     error: str | None = None
     latency_ms: dict | None = None
+    start_lag_ms: dict | None = None  # paced Python runs: lateness against the schedule
+    send_seconds: float | None = None  # Python runs: from the first to the last message started
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -274,7 +276,8 @@ def parse_loadgen_output(returncode: int, stdout: bytes, stderr: bytes) -> LoadR
     if summary.get("timed_out"):
         error = f"load generator deadline passed; first error: {summary['first_error']}"
     return LoadResult(summary["generator"], summary["elapsed"], summary["ok"],
-                      summary["recipients_ok"], error, summary["latency_ms"])
+                      summary["recipients_ok"], error, summary["latency_ms"],
+                      summary.get("start_lag_ms"), summary.get("send_seconds"))
 
 
 def run_python_load(ports: list[int], load: Load, python: str = sys.executable, *,

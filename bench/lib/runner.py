@@ -15,7 +15,7 @@ from .cluster import raftmail_available
 from .procs import BenchError
 from .report import Row
 
-MAX_DISCARDS_PER_RUN = 1  # a case may repeat each run once when the machine was busy
+MAX_DISCARDS_PER_RUN = 1  # a case may repeat as many runs as it keeps when others disturbed them
 
 
 def missing_capability(ctx: Ctx, need: str, cache: dict[str, str | None]) -> str | None:
@@ -62,12 +62,12 @@ def run_case(case: Case, ctx: Ctx, capabilities: dict[str, str | None]) -> list[
             ctx.progress(f"[{case.id}] skipped: {why}")
             return rows
     wanted = min(ctx.runs, HEAVY_CASE_RUNS) if case.heavy and not ctx.quick else ctx.runs
-    attempts_left = wanted * (1 + MAX_DISCARDS_PER_RUN)
+    discards_left = wanted * MAX_DISCARDS_PER_RUN
     clean = 0
+    disturbed_kept = 0
     per_run_notes: list[list[str]] = []
     busy_notes: list[str] = []
-    while clean < wanted and attempts_left > 0:
-        attempts_left -= 1
+    while clean < wanted:
         ctx.run_index = clean
         idle, usage = ctx.idle.wait_for_idle()
         if not idle:
@@ -86,11 +86,14 @@ def run_case(case: Case, ctx: Ctx, capabilities: dict[str, str | None]) -> list[
             break
         others = meter.stop()
         seconds = time.monotonic() - started
-        if ctx.idle.noisy(others) and attempts_left > 0:
-            for row in rows:
-                row.discarded += 1
-            ctx.progress(f"[{case.id}] run discarded: other processes used {others:.2f} cores")
-            continue
+        if ctx.idle.noisy(others):
+            if discards_left > 0:
+                discards_left -= 1
+                for row in rows:
+                    row.discarded += 1
+                ctx.progress(f"[{case.id}] run discarded: other processes used {others:.2f} cores")
+                continue
+            disturbed_kept += 1
         clean += 1
         per_run_notes.append(measurement.notes)
         for row in rows:
@@ -98,6 +101,9 @@ def run_case(case: Case, ctx: Ctx, capabilities: dict[str, str | None]) -> list[
                 row.samples.append(measurement.values[row.key])
         shown = ", ".join(f"{k}={v:.4g}" for k, v in measurement.values.items())
         ctx.progress(f"[{case.id}] run {clean}/{wanted} ({seconds:.1f} s, others {others:.2f} cores): {shown}")
+    if disturbed_kept:
+        busy_notes.append(f"{disturbed_kept} kept run(s) were disturbed by other processes "
+                          f"(> {ctx.idle.noisy_threshold:.2f} cores) after the discard budget ran out")
     notes = collapse_notes(per_run_notes) + sorted(set(busy_notes))
     for row in rows:
         row.notes = list(notes) if row is rows[0] else []
