@@ -32,6 +32,7 @@ __all__ = [
     "DkimSection",
     "DomainLimits",
     "IntakeSection",
+    "MonitoringSection",
     "NodeConfig",
     "RaftSection",
     "StorageSection",
@@ -217,6 +218,25 @@ class StorageSection:
     archive_retention_seconds: float = 2592000.0
 
 
+# At most this many outcome events per webhook POST (the /events endpoint's own page limit).
+MAX_WEBHOOK_BATCH = 10000
+
+
+@dataclass(frozen=True)
+class MonitoringSection:
+    # Outcome events are POSTed here in batches by the Raft leader; None = no webhook.
+    # Not repr'd: the URL often carries the receiver's token.
+    webhook_url: str | None = field(default=None, repr=False)
+    webhook_batch: int = 500  # events per POST
+    webhook_timeout: float = 10.0  # seconds per POST
+    webhook_retry_first: float = 1.0  # seconds before the first retry; doubles per failure ...
+    webhook_max_retry_interval: float = 300.0  # ... up to this
+    # /readyz: ready only when the applied index is within this many entries of the leader's commit.
+    ready_max_lag: int = 100
+    # /readyz?write=1: a committed noop younger than this proves the quorum without a new write.
+    ready_write_window: float = 3.0
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path
@@ -226,6 +246,7 @@ class Config:
     intake: IntakeSection
     delivery: DeliverySection
     storage: StorageSection
+    monitoring: MonitoringSection = field(default_factory=MonitoringSection)
 
     def node(self, node_id: str) -> NodeConfig:
         for node in self.nodes:
@@ -722,11 +743,51 @@ def _storage_section(src: str, table: Mapping[str, Any]) -> StorageSection:
     return StorageSection(**_numbers(sec, StorageSection))
 
 
+NON_NEGATIVE = _Rule("a non-negative {kind}", lambda v: v >= 0)
+
+
+def _webhook_url(sec: _Section) -> str:
+    url = sec.text("webhook_url", secret=True)
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:
+        sec.fail("webhook_url", "is not a valid URL")
+    if parts.scheme not in ("http", "https") or not hostname:
+        sec.fail("webhook_url", "must be an http:// or https:// URL with a host")
+    if any(ch.isspace() for ch in url):
+        sec.fail("webhook_url", "must not contain spaces")
+    return url
+
+
+def _monitoring_section(src: str, table: Mapping[str, Any]) -> MonitoringSection:
+    sec = _Section(src, "[monitoring]", table)
+    sec.check_keys(_field_names(MonitoringSection))
+    numbers = _numbers(sec, MonitoringSection, {"ready_max_lag": NON_NEGATIVE})
+    url = _webhook_url(sec) if sec.has("webhook_url") else None
+    if url is None:
+        # Tuning a webhook that does not exist is a slip (a misspelt or missing URL key).
+        for name in table:
+            if name.startswith("webhook_"):
+                sec.fail(name, "is set but webhook_url is not")
+    monitoring = MonitoringSection(webhook_url=url, **numbers)
+    if monitoring.webhook_batch > MAX_WEBHOOK_BATCH:
+        sec.fail("webhook_batch", f"must be at most {MAX_WEBHOOK_BATCH}, got {monitoring.webhook_batch}")
+    if monitoring.webhook_max_retry_interval < monitoring.webhook_retry_first:
+        name = "webhook_max_retry_interval" if sec.has("webhook_max_retry_interval") else "webhook_retry_first"
+        sec.fail(
+            name,
+            f"webhook_max_retry_interval ({monitoring.webhook_max_retry_interval:g}) must be at least "
+            f"webhook_retry_first ({monitoring.webhook_retry_first:g})",
+        )
+    return monitoring
+
+
 # --------------------------------------------------------------------------------------------
 # File level
 # --------------------------------------------------------------------------------------------
 
-_SECTIONS = ("cluster", "node", "raft", "intake", "delivery", "storage")
+_SECTIONS = ("cluster", "node", "raft", "intake", "delivery", "storage", "monitoring")
 
 
 def _section_label(name: str, value: Any) -> str:
@@ -781,4 +842,5 @@ def load_config(path: str | Path) -> Config:
         intake=_intake_section(src, _top_level_table(src, document, "intake")),
         delivery=_delivery_section(src, base_dir, _top_level_table(src, document, "delivery")),
         storage=_storage_section(src, _top_level_table(src, document, "storage")),
+        monitoring=_monitoring_section(src, _top_level_table(src, document, "monitoring")),
     )
