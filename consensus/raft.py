@@ -15,6 +15,13 @@ lives here, in our own code, with a test that reproduces the defect:
   the configured address only, never 0.0.0.0.
 * Positional method ids (§9.6): exactly one replicated method takes a msgpack command.
 * Tick thread dies with its creator thread (§9.11): we run our own tick thread.
+* Followers re-truncating entries they already hold (§4.5): pysyncobj deletes everything after
+  `prevLogIdx` whenever its log is longer, conflict or not, so a resend from a stale nextIndex
+  throws away (already applied) entries, and racing compaction once emptied a journal for good.
+  `_SyncObj__onMessageReceived` first drops the entries we already hold with the same term (Raft
+  §5.3 truncates only on a conflict) and, when the rest of our log is provably the leader's (its
+  last term is the leader's current term: the Log Matching property), acknowledges it whole.
+  (tests/test_raft_wrapper.py::test_stale_resend_does_not_truncate_the_follower_log)
 * Silent authentication failures (§7, upstream #175): `_AuditedEncryptor` counts and logs frames
   that fail the cluster secret's check, so a node started with the wrong secret is visible.
 * Unbounded read buffer (§7, upstream #174): an incoming connection whose frame claims more than
@@ -362,6 +369,7 @@ class RaftNode(SyncObj):
         self.tick_errors = 0
         self.auth_failures = 0
         self.oversized_frames = 0
+        self.resends_trimmed = 0
         self._last_auth_log = 0.0
         self._max_frame_bytes = max_frame_bytes
         self.snapshot_path = data_dir / "snapshot.bin"
@@ -410,6 +418,41 @@ class RaftNode(SyncObj):
             transport.send = send_after_sync
         self._tick_thread = threading.Thread(target=self._tick_loop, name="raft-tick", daemon=True)
         self._tick_thread.start()
+
+    # -- follower log safety
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
+        if isinstance(message, dict) and message.get("type") == "append_entries" \
+                and "prevLogIdx" in message and "transmission" not in message:
+            message = self._without_known_entries(message)
+        SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _without_known_entries(self, message: dict) -> dict:
+        if message["term"] < self.raftCurrentTerm:
+            return message
+        get = self._SyncObj__getEntries
+        prev = get(message["prevLogIdx"], 1)
+        if not prev or prev[0][2] != message["prevLogTerm"]:
+            return message  # a real mismatch: pysyncobj's own handling (reset) is right
+        entries = list(message.get("entries", []))
+        known = 0
+        for entry in entries:
+            mine = get(entry[1], 1)
+            if not mine or mine[0][2] != entry[2]:
+                break
+            known += 1
+        prev_idx, prev_term = message["prevLogIdx"], message["prevLogTerm"]
+        if known:
+            prev_idx, prev_term = entries[known - 1][1], entries[known - 1][2]
+            entries = entries[known:]
+        last = self._SyncObj__raftLog[-1]
+        if not entries and last[1] > prev_idx and last[2] == message["term"]:
+            # Our tail was written in the leader's own term, so it is the leader's: keep it.
+            prev_idx, prev_term = last[1], last[2]
+        if known or prev_idx != message["prevLogIdx"]:
+            self.resends_trimmed += 1
+            message = dict(message, prevLogIdx=prev_idx, prevLogTerm=prev_term, entries=entries)
+        return message
 
     # -- port hardening
 
@@ -536,6 +579,7 @@ class RaftNode(SyncObj):
             "leader_changes": self.leader_changes,
             "auth_failures": self.auth_failures,
             "oversized_frames": self.oversized_frames,
+            "resends_trimmed": self.resends_trimmed,
             "snapshot_seconds": self.snapshots.last_duration,
         }
 

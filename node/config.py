@@ -146,6 +146,18 @@ class RaftSection:
     snapshot_chunk_bytes: int = 262144
 
 
+DEFAULT_ALLOW_NETWORKS = ("127.0.0.0/8", "::1/128")
+MAX_LOGIN_CHARS = 255
+
+
+def _default_allow_networks() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(n) for n in DEFAULT_ALLOW_NETWORKS)
+
+
+def _no_users() -> Mapping[str, str]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class IntakeSection:
     max_message_bytes: int = 10485760
@@ -156,6 +168,14 @@ class IntakeSection:
     idle_timeout: float = 300.0
     group_commit_bytes: int = 131072
     max_queued_recipients: int = 5000000
+    # Who may submit: clients in these networks without AUTH, everyone else only after AUTH.
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
+        default_factory=_default_allow_networks)
+    users: Mapping[str, str] = field(default_factory=_no_users, repr=False)  # login -> scrypt hash
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    allow_plaintext_auth_on_loopback: bool = False
+    auth_fail_delay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -566,10 +586,87 @@ def _raft_section(src: str, table: Mapping[str, Any]) -> RaftSection:
     return raft
 
 
-def _intake_section(src: str, table: Mapping[str, Any]) -> IntakeSection:
+def _allow_networks(sec: _Section) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    value = sec.table["allow_networks"]
+    if not isinstance(value, list):
+        sec.fail("allow_networks", f'must be an array of networks like ["127.0.0.0/8", "::1/128"], got {_describe(value)}')
+    networks = []
+    for item in value:
+        if not isinstance(item, str):
+            sec.fail("allow_networks", f'must hold networks as strings like "10.0.0.0/8", got {_describe(item)}')
+        try:
+            networks.append(ipaddress.ip_network(item.strip(), strict=True))
+        except ValueError as exc:
+            hint = ""
+            try:
+                hint = f" (did you mean {ipaddress.ip_network(item.strip(), strict=False)}?)"
+            except ValueError:
+                pass
+            sec.fail("allow_networks", f"{_describe(item)} is not a network in CIDR form: {exc}{hint}")
+    return tuple(networks)
+
+
+def _users(src: str, sec: _Section) -> Mapping[str, str]:
+    from raftmail.node.auth import parse_hash
+
+    users_sec = _Section(src, "[intake.users]", sec.subtable("users", 'write [intake.users] with name = "scrypt$..." lines'))
+    users: dict[str, str] = {}
+    for name in users_sec.table:
+        if not name or len(name) > MAX_LOGIN_CHARS or not name.isprintable() or any(c.isspace() for c in name):
+            users_sec.fail(name, f"a login must be 1-{MAX_LOGIN_CHARS} printable characters without spaces")
+        value = users_sec.text(name, secret=True)
+        try:
+            parse_hash(value)
+        except ValueError as exc:
+            users_sec.fail(name, str(exc))
+        users[name] = value
+    return MappingProxyType(users)
+
+
+def _tls_files(src: str, base_dir: Path, sec: _Section) -> tuple[Path | None, Path | None]:
+    if not sec.has("tls_cert") and not sec.has("tls_key"):
+        return None, None
+    for name, other in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+        if not sec.has(other):
+            sec.fail(name, f"is set but {other} is not; STARTTLS needs both")
+    paths = {name: _resolve_path(base_dir, sec.text(name)) for name in ("tls_cert", "tls_key")}
+    # Checked now so a typo stops the node at start-up instead of failing every STARTTLS later.
+    for name, path in paths.items():
+        try:
+            with open(path, "rb") as handle:
+                first_byte = handle.read(1)
+        except OSError as exc:
+            sec.fail(name, f"cannot read {path}: {exc.strerror or exc}")
+        if not first_byte:
+            sec.fail(name, f"{path} is empty")
+    from raftmail.node.tls import TLSConfigError, server_context
+
+    try:
+        server_context(paths["tls_cert"], paths["tls_key"])
+    except TLSConfigError as exc:
+        sec.fail("tls_key", f"{paths['tls_cert']} and {paths['tls_key']} cannot serve STARTTLS: {exc}")
+    return paths["tls_cert"], paths["tls_key"]
+
+
+def _intake_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> IntakeSection:
     sec = _Section(src, "[intake]", table)
     sec.check_keys(_field_names(IntakeSection))
-    intake = IntakeSection(**_numbers(sec, IntakeSection))
+    tls_cert, tls_key = _tls_files(src, base_dir, sec)
+    plaintext_ok = sec.boolean("allow_plaintext_auth_on_loopback") if sec.has("allow_plaintext_auth_on_loopback") \
+        else False
+    intake = IntakeSection(
+        **_numbers(sec, IntakeSection),
+        allow_networks=_allow_networks(sec) if sec.has("allow_networks") else _default_allow_networks(),
+        users=_users(src, sec),
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        allow_plaintext_auth_on_loopback=plaintext_ok,
+    )
+    if intake.users and tls_cert is None and not plaintext_ok:
+        sec.fail("users", "are set but tls_cert and tls_key are not: AUTH is offered only after STARTTLS "
+                          "(for a loopback-only test, set allow_plaintext_auth_on_loopback = true)")
+    if not intake.allow_networks and not intake.users:
+        sec.fail("allow_networks", "is empty and [intake.users] has no users, so nobody could submit")
     if intake.max_queued_recipients < intake.max_recipients:
         name = "max_queued_recipients" if sec.has("max_queued_recipients") else "max_recipients"
         sec.fail(
@@ -839,7 +936,7 @@ def load_config(path: str | Path) -> Config:
         cluster=_cluster_section(src, base_dir, _top_level_table(src, document, "cluster")),
         nodes=_nodes(src, document.get("node")),
         raft=_raft_section(src, _top_level_table(src, document, "raft")),
-        intake=_intake_section(src, _top_level_table(src, document, "intake")),
+        intake=_intake_section(src, base_dir, _top_level_table(src, document, "intake")),
         delivery=_delivery_section(src, base_dir, _top_level_table(src, document, "delivery")),
         storage=_storage_section(src, _top_level_table(src, document, "storage")),
         monitoring=_monitoring_section(src, _top_level_table(src, document, "monitoring")),

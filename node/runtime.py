@@ -18,7 +18,9 @@ from raftmail.node.bodies import BodyStore, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer
 from raftmail.node.config import Config, ConfigError
 from raftmail.node.intake import GroupCommitter, Intake, start_smtp_server
+from raftmail.node.metrics import NodeMetrics, add_monitoring_routes
 from raftmail.node.peers import PeerClient, PeerCrypto, add_peer_routes
+from raftmail.node.webhook import poster_for
 
 log = logging.getLogger("raftmail.node")
 
@@ -55,6 +57,7 @@ class MailNode:
             commands_queue_size=max(1000, r.max_commands_in_flight * 4),
             fsync_journal=config.cluster.fsync,
         )
+        self.metrics = NodeMetrics(self)
 
     # ---------------------------------------------------------------- helpers used by parts
 
@@ -163,6 +166,7 @@ class MailNode:
         r.add_post("/cluster/leave", self._h_leave)
         r.add_post("/cluster/transfer", self._h_transfer)
         r.add_post("/cluster/noop", self._h_noop)
+        add_monitoring_routes(app, self)
         add_peer_routes(app, self.store, self.crypto, max_body_bytes=self.config.intake.max_message_bytes,
                         on_auth_failure=self._peer_auth_failed)
         return app
@@ -405,6 +409,7 @@ class MailNode:
         self.committer.start(self._submit_command, self.config.intake.commit_timeout)
         self.intake = Intake(self.config, self.id, self.store, self.committer, self.replicate_body,
                              self.majority)
+        self.metrics.watch_intake(self.intake)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -423,6 +428,9 @@ class MailNode:
         print(f"raftmail node {self.id} ready: smtp {self.me.smtp} admin {self.me.admin} raft {self.me.raft}",
               flush=True)
         tasks.append(asyncio.create_task(self._leave_when_removed(stop)))
+        self.webhook = poster_for(self)
+        if self.webhook is not None:
+            tasks.append(asyncio.create_task(self.webhook.run()))
         await stop.wait()
         log.info("node %s stopping", self.id)
         smtp.close()  # stop taking new mail; transactions in progress finish below

@@ -67,6 +67,7 @@ class BatchRun:
         d = self.node.config.delivery
         enhanced = o.enhanced or parse_enhanced(o.text)
         verdict = classify(o.code, enhanced)
+        self.node.metrics.delivery_outcome(self.bid, self.domain, STATE_NAMES[verdict.state])
         next_at = None
         if verdict.state == DEFERRED:
             next_at = time.time() + next_retry_delay(
@@ -111,6 +112,7 @@ class BatchRun:
 
     async def run(self) -> None:
         node, d = self.node, self.node.config.delivery
+        node.metrics.batch_started(self.bid)
 
         def read(st):
             out = []

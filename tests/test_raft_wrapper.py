@@ -189,3 +189,47 @@ def test_fsync_mode_leaves_no_dirty_journal_pages(tmp_path: Path, fsync_journal:
     else:
         assert node.journal.syncs >= 50
     node.stop()
+
+
+class UntrimmedRaftNode(RaftNode):
+    """pysyncobj's own append_entries handling, without our known-entries trim."""
+
+    def _without_known_entries(self, message: dict) -> dict:
+        return message
+
+
+@pytest.mark.parametrize("cls,keeps", [(RaftNode, True), (UntrimmedRaftNode, False)])
+def test_stale_resend_does_not_truncate_the_follower_log(tmp_path: Path, cls, keeps: bool) -> None:
+    """Report §4.5: a leader resending from a stale nextIndex made followers delete entries they had
+    already applied. Feed the real handler such a resend and look at the journal."""
+    from pysyncobj.node import TCPNode
+    addr = f"127.0.0.1:{free_port()}"
+    node = start_single(tmp_path, addr, cls=cls)
+    for i in range(30):
+        propose_sync(node, submit_cmd(i))
+    log = node._SyncObj__raftLog
+    entries = [log[i] for i in range(len(log))]
+    last_idx, term = entries[-1][1], entries[-1][2]
+    applied = node.raftLastApplied
+    assert applied == last_idx
+    k = len(entries) - 20  # resend 5 entries from 20 back, as a stale nextIndex makes the leader do
+    resend = {"type": "append_entries", "term": term, "commit_index": last_idx,
+              "prevLogIdx": entries[k - 1][1], "prevLogTerm": entries[k - 1][2],
+              "entries": entries[k:k + 5]}
+    leader = TCPNode(f"127.0.0.1:{free_port()}")
+
+    def deliver():
+        node._SyncObj__onMessageReceived(leader, resend)
+    node.addOnTickCallback(deliver)  # on the tick thread, as the transport would
+    wait_for(lambda: node._SyncObj__raftLeader == leader, what="the resend to be handled")
+    node.removeOnTickCallback(deliver)
+    ticked = threading.Event()
+    node.addOnTickCallback(ticked.set)  # a whole tick after the resend: the journal is settled
+    assert ticked.wait(5)
+    now = [log[i][1] for i in range(len(log))]
+    if keeps:
+        assert now[-1] == last_idx, "entries the follower had already applied were deleted"
+        assert node.resends_trimmed >= 1
+    else:
+        assert now[-1] == entries[k + 4][1], "expected pysyncobj as shipped to truncate (the defect)"
+    node.stop()

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .procs import LOOPBACK, BenchError, free_port, spawn, wait_port, wait_until
 
@@ -239,6 +240,7 @@ def run_smtp_source(ports: list[int], load: Load) -> LoadResult:
             continue
         ended = max(ended, time.monotonic())
         stderr = child.proc.stderr.read().decode("utf-8", "replace").strip()
+        child.stop()  # already ended: only forgets it
         if child.proc.returncode != 0:
             errors.append(stderr.splitlines()[-1] if stderr else f"exit {child.proc.returncode}")
     elapsed = ended - started
@@ -287,6 +289,7 @@ def run_python_load(ports: list[int], load: Load, python: str = sys.executable, 
     child = spawn("loadgen", loadgen_argv(ports, load, python, rate=rate, keep_going=keep_going,
                                           records=records), capture=True)
     stdout, stderr = child.proc.communicate()
+    child.stop()  # already ended: only forgets it
     return parse_loadgen_output(child.proc.returncode, stdout, stderr)
 
 
@@ -297,7 +300,7 @@ def drive(ports: list[int], load: Load, generator: str, python: str = sys.execut
     return run_python_load(ports, load, python)
 
 
-def wait_for_count(count_fn, expected: int, timeout: float, what: str) -> float:
+def wait_for_count(count_fn: Callable[[], int], expected: int, timeout: float, what: str) -> float:
     """Poll a counter until it reaches `expected`; returns the monotonic time it was seen there."""
     wait_until(lambda: count_fn() >= expected, timeout, f"{what} to reach {expected}",
                interval=COUNT_POLL_INTERVAL)

@@ -66,12 +66,12 @@ def run_case(case: Case, ctx: Ctx, capabilities: dict[str, str | None]) -> list[
     clean = 0
     disturbed_kept = 0
     per_run_notes: list[list[str]] = []
-    busy_notes: list[str] = []
+    busy_starts: list[float] = []  # others' usage when a run started without the machine going quiet
     while clean < wanted:
         ctx.run_index = clean
         idle, usage = ctx.idle.wait_for_idle()
         if not idle:
-            busy_notes.append(f"machine never became idle (others used {usage:.2f} cores); ran anyway")
+            busy_starts.append(usage)
         meter = OthersMeter()
         meter.start()
         started = time.monotonic()
@@ -101,10 +101,15 @@ def run_case(case: Case, ctx: Ctx, capabilities: dict[str, str | None]) -> list[
                 row.samples.append(measurement.values[row.key])
         shown = ", ".join(f"{k}={v:.4g}" for k, v in measurement.values.items())
         ctx.progress(f"[{case.id}] run {clean}/{wanted} ({seconds:.1f} s, others {others:.2f} cores): {shown}")
+    busy_notes = []
+    if busy_starts:
+        busy_notes.append(f"the machine did not become quiet within {ctx.idle.max_wait:g} s before "
+                          f"{len(busy_starts)} run(s) (others used up to {max(busy_starts):.2f} cores); "
+                          "they ran anyway")
     if disturbed_kept:
         busy_notes.append(f"{disturbed_kept} kept run(s) were disturbed by other processes "
                           f"(> {ctx.idle.noisy_threshold:.2f} cores) after the discard budget ran out")
-    notes = collapse_notes(per_run_notes) + sorted(set(busy_notes))
+    notes = collapse_notes(per_run_notes) + busy_notes
     for row in rows:
         row.notes = list(notes) if row is rows[0] else []
     return rows

@@ -1,0 +1,329 @@
+"""Monitoring for one node: Prometheus metrics on the admin address (`/metrics`), and the health
+probes load balancers ask (`/healthz`, `/readyz`).
+
+Metrics are read from the node and its replicated state at scrape time, or counted by small hooks
+in the I/O shell (intake, sender). Nothing here writes to the state machine. Label values are
+bounded: reply codes, SMTP commands, recipient states, member ids, and destination domains capped
+to the names of the cluster file's [delivery.domains] tables plus "other".
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+
+from raftmail.consensus.outcomes import STATE_NAMES
+from raftmail.node.bridge import ProposalFailed
+
+if TYPE_CHECKING:
+    from raftmail.node.intake import Intake
+    from raftmail.node.runtime import MailNode
+
+OTHER_DOMAIN = "other"
+ROLES = ("leader", "follower", "candidate")
+# Seconds from the end of DATA to the reply: body replication plus the Raft commit.
+INTAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Seconds per recipient attempt (the first of a batch includes route lookup and connecting).
+DELIVERY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+MAX_TRACKED_BATCHES = 1024  # batches whose last attempt time is remembered (for the latency)
+READY_WRITE_TIMEOUT = 1.0  # seconds a /readyz?write=1 noop may take to commit
+
+
+def domain_label(domain: str, known: frozenset[str]) -> str:
+    """A destination domain as a label value: a configured [delivery.domains] name, else "other"."""
+    d = domain.strip().rstrip(".").lower()
+    return d if d in known else OTHER_DOMAIN
+
+
+def reply_code(reply: str) -> str:
+    """The three-digit code of an SMTP reply line ("000" if it has none)."""
+    code = reply[:3]
+    return code if code.isdigit() else "000"
+
+
+def readiness(rs: dict, members: int, max_lag: int) -> tuple[bool, str]:
+    """Is this node fit to take SMTP submissions? (ready, reason), from its Raft status.
+
+    Ready means part of a quorum (pysyncobj connected to a majority, and a known leader that is
+    this node or connected to it) and caught up (applied index within `max_lag` entries of the
+    leader's commit index as this node last heard it)."""
+    connected = len(rs.get("partners_connected") or [])
+    if not rs.get("has_quorum"):
+        return False, f"no quorum: connected to {connected + 1} of {members} members"
+    leader = rs.get("leader_addr")
+    if leader is None:
+        return False, "no known leader (election in progress?)"
+    if rs.get("role") != "leader" and leader not in (rs.get("partners_connected") or []):
+        return False, f"the leader {leader} is not connected"
+    leader_commit = rs.get("leader_commit_index")
+    if leader_commit is None:
+        return False, "the leader's commit index is not known yet"
+    lag = leader_commit - (rs.get("applied_index") or 0)
+    if lag > max_lag:
+        return False, f"catching up: applied index {rs.get('applied_index')} is {lag} entries behind " \
+                      f"the leader's commit index {leader_commit} (ready within {max_lag})"
+    return True, f"ready: in a quorum with leader {leader}, {max(lag, 0)} entries behind"
+
+
+class NodeMetrics:
+    """The metric registry of one node, and the hooks the I/O shell calls."""
+
+    def __init__(self, node: "MailNode") -> None:
+        self.node = node
+        self.domains = frozenset(d for d in node.config.delivery.domains if d != "default")
+        self.registry = CollectorRegistry(auto_describe=False)
+        reg = self.registry
+        self.submissions = Counter("raftmail_intake_submissions", "SMTP submissions (DATA) answered "
+                                   "by this node, by result: accepted, duplicate, refused",
+                                   ["result"], registry=reg)
+        self.recipients = Counter("raftmail_intake_recipients", "Recipients of SMTP submissions answered "
+                                  "by this node, by result: accepted, duplicate, refused",
+                                  ["result"], registry=reg)
+        self.refused = Counter("raftmail_intake_refused", "SMTP commands this node refused, by command "
+                               "and reply code", ["command", "code"], registry=reg)
+        self.intake_seconds = Histogram("raftmail_intake_seconds", "Seconds from the end of DATA to the "
+                                        "reply (body replication and Raft commit)",
+                                        buckets=INTAKE_BUCKETS, registry=reg)
+        self.deliveries = Counter("raftmail_deliveries", "Recipient delivery attempts made by this node, "
+                                  "by outcome and destination domain", ["outcome", "domain"], registry=reg)
+        self.delivery_seconds = Histogram("raftmail_delivery_seconds", "Seconds per recipient delivery "
+                                          "attempt by this node (the first of a batch includes connecting)",
+                                          ["domain"], buckets=DELIVERY_BUCKETS, registry=reg)
+        self.batches_started = Counter("raftmail_batches_started", "Leased batches this node started "
+                                       "delivering", registry=reg)
+        self._batch_clock: OrderedDict[str, float] = OrderedDict()
+        self._write_proof = 0.0  # monotonic time of the last committed /readyz noop
+        reg.register(_NodeCollector(self))
+
+    # ---------------------------------------------------------------- hooks
+
+    def watch_intake(self, intake: "Intake") -> None:
+        """Count every reply of `intake` and time its DATA handling, by wrapping the three methods
+        the SMTP handler calls (intake.py stays free of metrics code)."""
+        accept, check_sender, check_recipient = intake.accept, intake.check_sender, intake.check_recipient
+
+        async def timed_accept(sender: str, recipients: Sequence[str], message: bytes) -> str:
+            started = time.monotonic()
+            reply = await accept(sender, recipients, message)
+            self.intake_reply(reply, len(recipients), time.monotonic() - started)
+            return reply
+
+        def counted_sender(address: str) -> str | None:
+            return self._count_refusal("MAIL", check_sender(address))
+
+        def counted_recipient(address: str, already: int) -> str | None:
+            return self._count_refusal("RCPT", check_recipient(address, already))
+
+        intake.accept = timed_accept  # type: ignore[method-assign]
+        intake.check_sender = counted_sender  # type: ignore[method-assign]
+        intake.check_recipient = counted_recipient  # type: ignore[method-assign]
+
+    def _count_refusal(self, command: str, refusal: str | None) -> str | None:
+        if refusal:
+            self.refused.labels(command, reply_code(refusal)).inc()
+        return refusal
+
+    def intake_reply(self, reply: str, n_recipients: int, seconds: float) -> None:
+        self.intake_seconds.observe(seconds)
+        if reply.startswith("250"):
+            result = "duplicate" if "Already queued" in reply else "accepted"
+        else:
+            result = "refused"
+            self.refused.labels("DATA", reply_code(reply)).inc()
+        self.submissions.labels(result).inc()
+        self.recipients.labels(result).inc(n_recipients)
+
+    def batch_started(self, bid: str) -> None:
+        self.batches_started.inc()
+        self._batch_clock[bid] = time.monotonic()
+        while len(self._batch_clock) > MAX_TRACKED_BATCHES:
+            self._batch_clock.popitem(last=False)
+
+    def delivery_outcome(self, bid: str, domain: str, outcome: str) -> None:
+        """One recipient attempt finished with `outcome` (delivered, deferred, bounced)."""
+        label = domain_label(domain, self.domains)
+        self.deliveries.labels(outcome, label).inc()
+        now = time.monotonic()
+        last = self._batch_clock.get(bid)
+        if last is not None:
+            self.delivery_seconds.labels(label).observe(now - last)
+            self._batch_clock[bid] = now
+
+    # ---------------------------------------------------------------- probes
+
+    def ready(self) -> tuple[bool, str]:
+        node = self.node
+        return readiness(node.raft.raft_status(), len(node.raft.otherNodes) + 1,
+                         node.config.monitoring.ready_max_lag)
+
+    async def prove_quorum(self) -> tuple[bool, str]:
+        """A committed noop, unless one committed within [monitoring] ready_write_window."""
+        if time.monotonic() - self._write_proof < self.node.config.monitoring.ready_write_window:
+            return True, "a noop committed recently"
+        try:
+            await self.node.proposer.propose({"op": "noop"}, READY_WRITE_TIMEOUT)
+        except ProposalFailed as e:
+            return False, f"a noop write did not commit: {e.reason}"
+        self._write_proof = time.monotonic()
+        return True, "a noop write committed"
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _NodeCollector:
+    """Gauges and counters read from the node and its replicated state at scrape time."""
+
+    def __init__(self, metrics: NodeMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.metrics.node
+        yield from self._raft(node)
+        yield from self._queue(node)
+        yield from self._intake(node)
+        yield from self._bodies(node)
+        yield from self._webhook(node)
+
+    def _raft(self, node: "MailNode") -> Iterator[Metric]:
+        rs = node.raft.raft_status()
+        info = InfoMetricFamily("raftmail_node", "This node's id and cluster name")
+        info.add_metric([], {"node": node.id, "cluster": node.config.cluster.name})
+        yield info
+        role = GaugeMetricFamily("raftmail_raft_role", "1 for this node's current Raft role", labels=["role"])
+        for r in ROLES:
+            role.add_metric([r], 1.0 if rs["role"] == r else 0.0)
+        yield role
+        yield _gauge("raftmail_raft_term", "Current Raft term", rs["term"] or 0)
+        yield _gauge("raftmail_raft_commit_index", "Highest log index known committed", rs["commit_index"] or 0)
+        yield _gauge("raftmail_raft_applied_index", "Highest log index applied to the state",
+                     rs["applied_index"] or 0)
+        known = rs["leader_commit_index"] is not None and rs["leader_addr"] is not None
+        yield _gauge("raftmail_raft_leader_known", "1 when this node knows a leader", 1 if known else 0)
+        if rs["leader_commit_index"] is not None:
+            yield _gauge("raftmail_raft_leader_commit_index", "The leader's commit index as this node last "
+                         "heard it", rs["leader_commit_index"])
+            yield _gauge("raftmail_raft_lag_entries", "Log entries this node's applied index is behind the "
+                         "leader's commit index", max(0, rs["leader_commit_index"] - (rs["applied_index"] or 0)))
+        yield _counter("raftmail_raft_leader_changes", "Times this node became or stopped being the "
+                       "leader (odd while it leads)", rs["leader_changes"])
+        yield _gauge("raftmail_raft_quorum", "1 when this node is connected to a majority of the members",
+                     1 if rs["has_quorum"] else 0)
+        yield _gauge("raftmail_raft_peers_connected", "Other members this node's Raft transport is "
+                     "connected to", len(rs["partners_connected"]))
+        yield _gauge("raftmail_raft_members", "Members of the Raft membership, this node included",
+                     len(node.raft.otherNodes) + 1)
+        yield _gauge("raftmail_raft_log_entries", "Entries in this node's Raft log (since the last "
+                     "snapshot)", rs["log_len"] or 0)
+        yield _counter("raftmail_raft_tick_errors", "Exceptions in this node's Raft tick thread",
+                       node.raft.tick_errors)
+        ready, _ = readiness(rs, len(node.raft.otherNodes) + 1, node.config.monitoring.ready_max_lag)
+        yield _gauge("raftmail_ready", "1 when /readyz answers 200 (caught up and in a quorum)", 1 if ready else 0)
+
+    def _queue(self, node: "MailNode") -> Iterator[Metric]:
+        def read(st: Any) -> dict:
+            per_node: dict[str, int] = {}
+            for b in st.batches.values():
+                per_node[b.node] = per_node.get(b.node, 0) + 1
+            return {"counts": list(st.counts), "batches": per_node, "stats": dict(st.stats),
+                    "submissions": len(st.submissions), "campaigns": len(st.campaigns),
+                    "suppressed": len(st.suppressed), "events": st.event_seq}
+        q = node.raft.read(read)
+        states = GaugeMetricFamily("raftmail_recipients", "Recipients in the cluster's queue by state "
+                                   "(replicated: the same on every caught-up node)", labels=["state"])
+        for i, name in enumerate(STATE_NAMES):
+            states.add_metric([name], q["counts"][i])
+        yield states
+        batches = GaugeMetricFamily("raftmail_batches_in_flight", "Leased batches per holder (replicated)",
+                                    labels=["node"])
+        for holder in sorted(set(q["batches"]) | set(node.members())):
+            batches.add_metric([holder], q["batches"].get(holder, 0))
+        yield batches
+        yield _gauge("raftmail_submissions", "Submissions kept in the replicated state", q["submissions"])
+        yield _gauge("raftmail_campaigns", "Campaigns kept in the replicated state", q["campaigns"])
+        yield _gauge("raftmail_suppressed_addresses", "Addresses on the replicated suppression list",
+                     q["suppressed"])
+        s = q["stats"]
+        yield _counter("raftmail_lease_expiries", "Batch leases that ran out (replicated)", s.get("lease_expiries", 0))
+        yield _counter("raftmail_recipients_reassigned", "Recipients returned to the queue by a lease "
+                       "expiry, possibly sent already (replicated)", s.get("reassigned_in_flight", 0))
+        yield _counter("raftmail_fenced_outcomes", "Outcomes reported after the lease moved on (replicated)",
+                       s.get("fenced_reports", 0))
+        yield _counter("raftmail_duplicate_submissions", "Submissions deduplicated by Message-ID and "
+                       "sender (replicated)", s.get("duplicates_refused", 0))
+        yield _counter("raftmail_commands_refused", "Replicated commands the state machine refused",
+                       s.get("commands_refused", 0))
+        yield _counter("raftmail_outcome_events", "Recipient outcome events committed (replicated)", q["events"])
+
+    def _intake(self, node: "MailNode") -> Iterator[Metric]:
+        conns = getattr(getattr(node, "intake", None), "connections", None) or {}
+        yield _gauge("raftmail_intake_connections_open", "SMTP client connections open on this node",
+                     conns.get("open", 0))
+        yield _counter("raftmail_intake_connections_refused", "SMTP connections refused with 421 (too many)",
+                       conns.get("refused", 0))
+
+    def _bodies(self, node: "MailNode") -> Iterator[Metric]:
+        count, size = node.store.stats()
+        yield _gauge("raftmail_body_store_bodies", "Message bodies in this node's body store", count)
+        yield _gauge("raftmail_body_store_bytes", "Bytes of message bodies in this node's body store", size)
+        yield _counter("raftmail_bodies_fetched", "Bodies this node fetched from peers",
+                       getattr(node, "bodies_fetched", 0))
+
+    def _webhook(self, node: "MailNode") -> Iterator[Metric]:
+        hook = getattr(node, "webhook", None)
+        if hook is None:
+            return
+        yield _gauge("raftmail_webhook_cursor", "Last outcome event seq the webhook acknowledged to this node",
+                     hook.cursor)
+        yield _counter("raftmail_webhook_posts_ok", "Webhook POSTs acknowledged with 2xx", hook.posts_ok)
+        yield _counter("raftmail_webhook_posts_failed", "Webhook POSTs that failed (retried)", hook.posts_failed)
+        yield _counter("raftmail_webhook_events_posted", "Outcome events acknowledged by the webhook",
+                       hook.events_posted)
+        yield _counter("raftmail_webhook_events_skipped", "Outcome events that left the ring before the "
+                       "webhook got them", hook.events_skipped)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+# ---------------------------------------------------------------- HTTP
+
+def add_monitoring_routes(app: web.Application, node: "MailNode") -> None:
+    """GET /metrics, /healthz and /readyz on the node's admin app."""
+    app.router.add_get("/metrics", _handler(node, _h_metrics))
+    app.router.add_get("/healthz", _handler(node, _h_healthz))
+    app.router.add_get("/readyz", _handler(node, _h_readyz))
+
+
+def _handler(node: "MailNode", fn: Callable[["MailNode", web.Request], Awaitable[web.Response]]
+             ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        return await fn(node, request)
+    return handle
+
+
+async def _h_metrics(node: "MailNode", request: web.Request) -> web.Response:
+    # In a thread: the body store walk and the state lock must not stall SMTP intake.
+    body = await asyncio.to_thread(node.metrics.exposition)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _h_healthz(node: "MailNode", request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "node": node.id, "uptime": round(time.time() - node.started, 1)})
+
+
+async def _h_readyz(node: "MailNode", request: web.Request) -> web.Response:
+    ready, reason = node.metrics.ready()
+    if ready and request.query.get("write") in ("1", "true", "yes"):
+        ready, reason = await node.metrics.prove_quorum()
+    return web.json_response({"ready": ready, "node": node.id, "reason": reason}, status=200 if ready else 503)
