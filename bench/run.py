@@ -78,7 +78,7 @@ def select_cases(spec: str) -> list[cases.Case]:
             wanted.add(name)
         else:
             known = ", ".join([*cases.GROUPS, *cases.CASES_BY_ID])
-            raise SystemExit(f"unknown case {name!r}; known: {known}")
+            raise ValueError(f"unknown case {name!r}; known: {known}")
     # Registry order, whatever the order given: the latency cases read the intake medians.
     return [case for case in cases.CASES if case.id in wanted]
 
@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases.CASES:
             print(f"{case.id:28} {case.group:9} {case.rows[0].title}")
         return 0
-    selected = select_cases(args.cases)
+    try:
+        selected = select_cases(args.cases)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     generator, message = resolve_generator(args.generator, args.quick)
     if generator is None:
         print(f"error: {message}", file=sys.stderr)

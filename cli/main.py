@@ -175,11 +175,15 @@ def _fetch_all(config: Config, path: str, timeout: float = 2.0) -> dict[str, Any
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(config_path: str, as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="A live view, redrawn every second, until Ctrl-C.")
+def status(config_path: str, as_json: bool, watch: bool) -> None:
     """The whole cluster: nodes, roles, indexes, lag, leader, fault tolerance, queue.
     Exit status 0 when a leader and a quorum are reachable, 1 otherwise."""
     from raftmail.node.client import cluster_status
     config = _load(config_path)
+    if watch:
+        _watch(config)
+        return
     view = cluster_status(config, _fetch_all(config, "/status"))
     if as_json:
         click.echo(json.dumps(view, indent=2, sort_keys=True))
@@ -295,6 +299,143 @@ def _node_or_exit(config: Config, node_id: str):
     except ConfigError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+
+
+# ------------------------------------------------------------------ outcome events and the live view
+
+EVENTS_PAGE = 1000  # events asked per request
+EVENTS_POLL = 0.5  # seconds between polls once caught up (--follow)
+
+
+class EventFollower:
+    """Follows the cluster's outcome events (GET /events) by seq, from any node: a seq is never
+    returned twice, a node that stops answering is replaced by the next one, and a gap (events
+    that left the replicated ring before they were read) is reported, never hidden."""
+
+    def __init__(self, nodes: list[tuple[str, str]], campaign: str | None = None, after: int = 0,
+                 limit: int = EVENTS_PAGE, timeout: float = 2.0) -> None:
+        self.nodes = nodes
+        self.campaign = campaign
+        self.seq = after
+        self.limit = limit
+        self.timeout = timeout
+        self.at = 0  # index of the node asked first
+        self.answering: str | None = None  # the node that answered last
+        self.silent = False  # no node answered the last poll (said once, not every poll)
+
+    def poll(self) -> tuple[list[dict] | None, bool, list[str]]:
+        """(new events or None when no node answered, whether more are waiting, notes for stderr)."""
+        from urllib.parse import urlencode
+        from raftmail.node.client import get_json
+        query = {"after": self.seq, "limit": self.limit, **({"campaign": self.campaign} if self.campaign else {})}
+        notes, failed = [], []
+        for _ in range(len(self.nodes)):
+            nid, admin = self.nodes[self.at]
+            try:
+                answer = get_json(admin, f"/events?{urlencode(query)}", self.timeout)
+            except (OSError, ValueError) as e:
+                failed.append(f"{nid}: {getattr(e, 'reason', e)}")
+                self.at = (self.at + 1) % len(self.nodes)
+                continue
+            if self.answering != nid or self.silent:
+                if self.answering is not None or failed:
+                    notes.append(f"reading events from {nid}" + (f" ({'; '.join(failed)})" if failed else ""))
+                self.answering, self.silent = nid, False
+            return self._take(answer, notes), len(answer["events"]) >= self.limit, notes
+        if not self.silent:
+            notes.append(f"no node answered ({'; '.join(failed)}); retrying")
+            self.silent = True
+        return None, False, notes
+
+    def _take(self, answer: dict, notes: list[str]) -> list[dict]:
+        oldest = answer["oldest"]
+        if self.seq + 1 < oldest:
+            notes.append(f"gap: events {self.seq + 1}..{oldest - 1} left the replicated ring before they "
+                         f"were read; continuing from {oldest}")
+            self.seq = oldest - 1
+        fresh = [e for e in answer["events"] if e["seq"] > self.seq]
+        if fresh:
+            self.seq = fresh[-1]["seq"]
+        return fresh
+
+
+def _node_order(config: Config, first: str | None) -> list[tuple[str, str]]:
+    nodes = [(n.id, str(n.admin)) for n in config.nodes]
+    return sorted(nodes, key=lambda n: n[0] != first)
+
+
+@main.command()
+@config_option
+@click.option("--campaign", "campaign_id", default=None, help="Only this campaign's events.")
+@click.option("--follow", is_flag=True, help="Keep printing new events as they commit, until Ctrl-C.")
+@click.option("--after", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Start after this event seq (the last one you have).")
+@click.option("--node", "node_id", default=None, help="Ask this node first (any node answers).")
+def events(config_path: str, campaign_id: str | None, follow: bool, after: int, node_id: str | None) -> None:
+    """Recipient outcomes (delivered, deferred, bounced, suppressed, expired, cancelled) for the
+    whole cluster, one JSON line each, in commit order, each seq once."""
+    config = _load(config_path)
+    if node_id is not None:
+        _node_or_exit(config, node_id)
+    follower = EventFollower(_node_order(config, node_id), campaign_id, after)
+    answered = False
+    try:
+        while True:
+            page, more, notes = follower.poll()
+            for note in notes:
+                click.echo(note, err=True)
+            if page is not None:
+                answered = True
+                for e in page:
+                    sys.stdout.write(json.dumps(e) + "\n")
+                sys.stdout.flush()
+            if more:
+                continue
+            if not follow:
+                break
+            time.sleep(EVENTS_POLL)
+    except KeyboardInterrupt:
+        pass
+    if not answered and not follow:
+        click.echo("error: no node answered", err=True)
+        sys.exit(1)
+
+
+def _readiness(config: Config) -> dict[str, tuple[bool | None, str]]:
+    """GET /readyz on every node: {id: (ready, reason)}, (None, error) when unreachable."""
+    import urllib.error
+    from concurrent.futures import ThreadPoolExecutor
+    from raftmail.node.client import get_json
+
+    def one(admin: str) -> tuple[bool | None, str]:
+        try:
+            return True, get_json(admin, "/readyz", 1.0).get("reason", "")
+        except urllib.error.HTTPError as e:
+            try:
+                return False, json.loads(e.read()).get("reason", str(e))
+            except ValueError:
+                return False, str(e)
+        except (OSError, ValueError) as e:
+            return None, str(getattr(e, "reason", e))
+    with ThreadPoolExecutor(len(config.nodes)) as pool:
+        return dict(zip([n.id for n in config.nodes], pool.map(one, [str(n.admin) for n in config.nodes])))
+
+
+def _watch(config: Config) -> None:
+    from raftmail.cli.render import run_watch
+    from raftmail.node.client import cluster_status, first_answer
+    follower = EventFollower(_node_order(config, None), limit=10000)
+
+    def fetch() -> tuple[dict, dict, list, list]:
+        view = cluster_status(config, _fetch_all(config, "/status", timeout=1.0))
+        campaigns = (first_answer(_fetch_all(config, "/campaigns", timeout=1.0)) or {}).get("campaigns", [])
+        new: list[dict] = []
+        more = True
+        while more:  # at start: the whole ring (at most EVENT_RING events), then what is new
+            page, more, _notes = follower.poll()
+            new += page or []
+        return view, _readiness(config), campaigns, new
+    run_watch(fetch)
 
 
 if __name__ == "__main__":

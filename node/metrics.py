@@ -14,7 +14,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
+                               disable_created_metrics, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from raftmail.consensus.outcomes import STATE_NAMES
@@ -76,6 +77,8 @@ class NodeMetrics:
     def __init__(self, node: "MailNode") -> None:
         self.node = node
         self.domains = frozenset(d for d in node.config.delivery.domains if d != "default")
+        # `_created` series would double the series count and say nothing an operator watches.
+        disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
         reg = self.registry
         self.submissions = Counter("raftmail_intake_submissions", "SMTP submissions (DATA) answered "

@@ -70,7 +70,7 @@ def test_unknown_case_is_refused(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(RUN), "--quick", "--cases", "no-such-case",
                            "--out", str(tmp_path / "t.md")], capture_output=True, text=True,
                           timeout=RUN_TIMEOUT, cwd=ROOT)
-    assert done.returncode != 0
+    assert done.returncode == 2
     assert "unknown case 'no-such-case'" in done.stderr
     assert not (tmp_path / "t.md").exists()
 
