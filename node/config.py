@@ -175,7 +175,8 @@ class IntakeSection:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     allow_plaintext_auth_on_loopback: bool = False
-    auth_fail_delay: float = 1.0
+    auth_fail_delay: float = 1.0  # seconds after a failed AUTH; doubles per recent failure ...
+    auth_fail_delay_max: float = 30.0  # ... up to this
 
 
 @dataclass(frozen=True)
@@ -665,6 +666,10 @@ def _intake_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Intak
     if intake.users and tls_cert is None and not plaintext_ok:
         sec.fail("users", "are set but tls_cert and tls_key are not: AUTH is offered only after STARTTLS "
                           "(for a loopback-only test, set allow_plaintext_auth_on_loopback = true)")
+    if intake.auth_fail_delay_max < intake.auth_fail_delay:
+        name = "auth_fail_delay_max" if sec.has("auth_fail_delay_max") else "auth_fail_delay"
+        sec.fail(name, f"auth_fail_delay_max ({intake.auth_fail_delay_max:g}) must be at least "
+                       f"auth_fail_delay ({intake.auth_fail_delay:g})")
     if not intake.allow_networks and not intake.users:
         sec.fail("allow_networks", "is empty and [intake.users] has no users, so nobody could submit")
     if intake.max_queued_recipients < intake.max_recipients:

@@ -5,7 +5,9 @@ is ever lost.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
+import ipaddress
 import logging
 import re
 import secrets
@@ -13,13 +15,17 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Sequence
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
+from raftmail.node.auth import FailureThrottle, SMTPAuth, UserDirectory, peer_address
 from raftmail.node.bridge import ProposalFailed, Proposer
 from raftmail.node.bodies import BodyStore
-from raftmail.node.config import Config
+from raftmail.node.config import Config, ConfigError
+from raftmail.node.tls import TLSConfigError, server_context
 
 log = logging.getLogger("raftmail.intake")
+# aiosmtpd warns about its own deprecated attribute on every successful AUTH; not our concern.
+logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated" not in record.getMessage())
 
 # Replies, with RFC 3463 enhanced codes.
 R_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
@@ -29,6 +35,26 @@ R_NO_QUORUM = "451 4.3.0 Not committed on a majority of the cluster; nothing was
 R_QUEUE_FULL = "452 4.3.1 Queue is full; try again later"
 R_TOO_MANY_CONN = "421 4.7.0 Too many connections, try again later"
 R_REFUSED = "554 5.3.0 Submission refused: {}"
+R_AUTH_REQUIRED = "530 5.7.0 Authentication required: this address may submit only after AUTH"
+R_AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism: STARTTLS first"
+R_AUTH_UNAVAILABLE = "502 5.5.1 AUTH is not available: no users are configured"
+R_NON_ASCII_ADDRESS = "553 5.6.7 Non-ASCII address without the SMTPUTF8 parameter on MAIL FROM (RFC 6531)"
+R_BAD_UTF8_ADDRESS = "553 5.6.7 Address is not valid UTF-8"
+R_BARE_LINE_END = ("554 5.6.0 Message refused: it has a bare CR or LF; every line must end with CRLF "
+                   "(RFC 5321 section 2.3.8)")
+R_NUL_IN_MESSAGE = "554 5.6.0 Message refused: it contains NUL bytes (RFC 5322, RFC 6152)"
+R_TEXT_LINE_TOO_LONG = ("500 5.5.2 Line too long: text lines are at most 998 bytes plus CRLF "
+                        "(RFC 5321 section 4.5.3.1.6)")
+R_COMMAND_TOO_LONG = "500 5.5.2 Command line too long: at most 512 bytes with CRLF (RFC 5321 section 4.5.3.1.4)"
+R_COMMAND_LINE_END = "500 5.5.2 Command lines must end with CRLF, with no bare CR or LF (RFC 5321 section 2.3.8)"
+R_COMMAND_NUL = "500 5.5.2 NUL byte in a command line"
+R_IDLE = "421 4.4.2 {host} Idle for too long; closing the connection"
+R_INTERNAL = "451 4.3.0 Local error in processing; nothing was queued, try again"
+
+# RFC 5321 4.5.3.1: 998 text bytes plus CRLF per line; 512 bytes per command line with its CRLF.
+MAX_TEXT_LINE_BYTES = 998
+MAX_COMMAND_LINE_BYTES = 512
+_LONG_TEXT_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_TEXT_LINE_BYTES + 1))
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
@@ -146,8 +172,68 @@ class Intake:
         self.majority = majority
         self.limits = config.intake
         self.counters = {"accepted": 0, "duplicates": 0, "refused_451": 0, "refused_452": 0,
-                         "refused_5xx": 0, "recipients_accepted": 0}
+                         "refused_5xx": 0, "recipients_accepted": 0, "refused_530": 0, "refused_content": 0,
+                         "auth_ok": 0, "auth_failed": 0}
         self._seq = 0
+        self.auth: SMTPAuth | None = None
+        if self.limits.users:
+            throttle = FailureThrottle(self.limits.auth_fail_delay, cap=self.limits.auth_fail_delay_max)
+            self.auth = SMTPAuth(UserDirectory(self.limits.users), throttle)
+            self.auth.counters = self.counters
+
+    # ------------------------------------------------------------ who may submit
+
+    def in_allowed_network(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self.limits.allow_networks if net.version == ip.version)
+
+    def submission_refusal(self, session: Session) -> str | None:
+        """The one decision on who may submit (MAIL, RCPT, DATA): clients in [intake]
+        allow_networks, and everyone who authenticated. None to go on, else the 530 reply."""
+        if session.authenticated or self.in_allowed_network(peer_address(session)):
+            return None
+        self.counters["refused_530"] += 1
+        return R_AUTH_REQUIRED
+
+    def auth_refusal(self, session: Session) -> str | None:
+        """None if this session may AUTH now (and EHLO offers it), else the reply to AUTH:
+        only with users configured, and only over TLS unless plaintext on loopback is allowed."""
+        if self.auth is None:
+            return R_AUTH_UNAVAILABLE
+        if session.ssl is not None:
+            return None
+        if self.limits.allow_plaintext_auth_on_loopback and _is_loopback(peer_address(session)):
+            return None
+        return R_AUTH_NEEDS_TLS
+
+    # ------------------------------------------------------------ what may be submitted
+
+    def address_refusal(self, address: str, smtputf8: bool) -> str | None:
+        """RFC 6531: a non-ASCII address only in a transaction that declared SMTPUTF8."""
+        if address.isascii():
+            return None
+        try:
+            address.encode("utf-8")  # aiosmtpd keeps invalid UTF-8 as surrogate escapes
+        except UnicodeEncodeError:
+            return R_BAD_UTF8_ADDRESS
+        return None if smtputf8 else R_NON_ASCII_ADDRESS
+
+    def content_refusal(self, message: bytes) -> str | None:
+        """Refuse what must not be relayed: NUL bytes, bare CR or LF (which let a message
+        smuggle an end-of-data into a receiver that is lenient about line ends) and lines over
+        998 bytes. 8-bit text without BODY=8BITMIME is accepted, as most MTAs do; delivery
+        declares 8BITMIME downstream."""
+        if b"\0" in message:
+            return R_NUL_IN_MESSAGE
+        crlf = message.count(b"\r\n")
+        if message.count(b"\r") != crlf or message.count(b"\n") != crlf:
+            return R_BARE_LINE_END
+        if _LONG_TEXT_LINE.search(message):
+            return R_TEXT_LINE_TOO_LONG
+        return None
 
     def check_recipient(self, address: str, already: int) -> str | None:
         """None to accept the RCPT, else the reply."""
@@ -166,7 +252,12 @@ class Intake:
         return f"{int(time.time() * 1000):x}-{self.node_id}-{self._seq}-{secrets.token_hex(3)}"
 
     async def accept(self, sender: str, recipients: Sequence[str], message: bytes) -> str:
-        """Store, replicate, commit; the returned string is the SMTP reply to the final dot."""
+        """Check, store, replicate, commit; the returned string is the SMTP reply to the final dot."""
+        refusal = self.content_refusal(message)
+        if refusal:
+            self.counters["refused_content"] += 1
+            log.info("submission from %s refused: %s", sender, refusal)
+            return refusal
         timeout = self.limits.commit_timeout
         deadline = time.monotonic() + timeout
         digest = await asyncio.to_thread(self.store.put, message)
@@ -205,15 +296,73 @@ class Intake:
         return R_REFUSED.format(detail)
 
 
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+class BadCommandLine(Exception):
+    """A command line refused before aiosmtpd parses it; its reply goes out via handle_exception."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+def command_line_refusal(line: bytes) -> str | None:
+    """RFC 5321 2.3.8: a command line ends with CRLF, and CR or LF appear nowhere else."""
+    if b"\0" in line:
+        return R_COMMAND_NUL
+    if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-2]:
+        return R_COMMAND_LINE_END
+    return None
+
+
+# aiosmtpd's own refusals carry no RFC 3463 code: one is added by reply code, the text is kept.
+_HAS_ENHANCED = re.compile(r"^\d\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_ENHANCED_BY_CODE = {421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
+                     500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+                     530: "5.7.0", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4"}
+
+
+def with_enhanced_code(status: str) -> str:
+    """A 4xx/5xx reply with an enhanced status code; other replies (EHLO lines, 334, 354) as is."""
+    if len(status) < 5 or status[0] not in "45" or not status[:3].isdigit() or _HAS_ENHANCED.match(status):
+        return status
+    enhanced = _ENHANCED_BY_CODE.get(int(status[:3]), f"{status[0]}.0.0")
+    return f"{status[:4]}{enhanced} {status[4:].removeprefix('Error: ')}"
+
+
 class IntakeHandler:
     """aiosmtpd hooks: small, each delegating to Intake."""
 
     def __init__(self, intake: Intake) -> None:
         self.intake = intake
 
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname  # aiosmtpd leaves this to an EHLO hook
+        if self.intake.auth_refusal(session):
+            responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        return responses
+
+    async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope, args: list[str]) -> Any:
+        return self.intake.auth_refusal(session) or MISSING
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> Any:
+        assert self.intake.auth is not None  # handle_AUTH refused AUTH without users
+        return await self.intake.auth.plain(server, args)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> Any:
+        assert self.intake.auth is not None
+        return await self.intake.auth.login(server, args)
+
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
-        refusal = self.intake.check_sender(address)
+        refusal = self.intake.address_refusal(address, envelope.smtp_utf8) or self.intake.check_sender(address)
         if refusal:
             return refusal
         envelope.mail_from = address
@@ -222,32 +371,60 @@ class IntakeHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
-        refusal = self.intake.check_recipient(address, len(envelope.rcpt_tos))
+        refusal = (self.intake.address_refusal(address, envelope.smtp_utf8)
+                   or self.intake.check_recipient(address, len(envelope.rcpt_tos)))
         if refusal:
             return refusal
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        return await self.intake.accept(envelope.mail_from, envelope.rcpt_tos, envelope.original_content)
+        server.committing = True  # type: ignore[attr-defined]
+        try:
+            return await self.intake.accept(envelope.mail_from, envelope.rcpt_tos, envelope.original_content)
+        finally:
+            server.committing = False  # type: ignore[attr-defined]
+
+    async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, BadCommandLine):
+            return error.reply
+        if isinstance(error, TLSSetupException):
+            log.info("STARTTLS handshake failed: %r", error.__cause__)
+            return "454 4.7.0 TLS handshake failed"
+        log.exception("SMTP session error")
+        return R_INTERNAL
 
 
 class IntakeSMTP(SMTP):
-    """aiosmtpd's server with a connection limit and enhanced status codes on its own refusals."""
+    """aiosmtpd's server with a connection limit, the submission policy of Intake, strict line
+    ends, an idle timeout that answers 421, and enhanced status codes on its own refusals."""
+
+    command_size_limit = MAX_COMMAND_LINE_BYTES - 2  # aiosmtpd measures the line without CRLF
 
     _REWRITE = {
         "552 Error: Too much mail data": "552 5.3.4 Message exceeds the size limit of {limit} bytes",
         "552 Error: message size exceeds fixed maximum message size":
             "552 5.3.4 Message exceeds the size limit of {limit} bytes",
+        "500 Command line too long": R_COMMAND_TOO_LONG,
+        "500 Line too long (see RFC5321 4.5.3.1.6)": R_TEXT_LINE_TOO_LONG,
     }
 
-    def __init__(self, handler: Any, *, connections: dict, max_connections: int, **kw: Any) -> None:
+    def __init__(self, handler: Any, *, intake: Intake, connections: dict, max_connections: int,
+                 **kw: Any) -> None:
+        # Per connection: aiosmtpd's class-level table is shared by every connection.
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
         super().__init__(handler, **kw)
+        self.intake = intake
         self._connections = connections
         self._max_connections = max_connections
         self._counted = False
+        self.committing = False
+        self.auth_failures = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._counted:  # after STARTTLS: the same connection, now over TLS
+            super().connection_made(transport)
+            return
         if self._connections["open"] >= self._max_connections:
             self._connections["refused"] += 1
             transport.write(f"{R_TOO_MANY_CONN}\r\n".encode())  # type: ignore[attr-defined]
@@ -263,22 +440,85 @@ class IntakeSMTP(SMTP):
             self._counted = False
             super().connection_lost(error)
 
-    async def push(self, status: str) -> None:
-        template = self._REWRITE.get(status)
-        if template is not None:
-            status = template.format(limit=self.data_size_limit)
+    def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        super()._cb_client_connected(reader, writer)
+        self._watch_lines(reader)
+
+    def _watch_lines(self, reader: asyncio.StreamReader) -> None:
+        """Check each command line before aiosmtpd parses it, and count message text as activity."""
+        read = reader.readuntil
+        overrun = False  # the next line read is the tail of an over-long one (aiosmtpd refuses it)
+
+        async def readuntil(separator: bytes = b"\n") -> bytes:
+            nonlocal overrun
+            try:
+                line = await read(separator)
+            except asyncio.LimitOverrunError:
+                overrun = separator == b"\n"
+                raise
+            if separator != b"\n":  # DATA reads up to CRLF: message text
+                self._reset_timeout()  # a client sending message text is not idle
+            elif overrun:
+                overrun = False
+            else:  # a command line or an AUTH response
+                refusal = command_line_refusal(line)
+                if refusal:
+                    raise BadCommandLine(refusal)
+            return line
+        reader.readuntil = readuntil  # type: ignore[method-assign]
+
+    def _timeout_cb(self) -> None:
+        if self.committing:  # the client waits for our reply; the commit has its own deadline
+            self._reset_timeout()
+            return
+        log.info("closing idle connection from %s", peer_address(self.session))
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(f"{R_IDLE.format(host=self.hostname)}\r\n".encode())  # type: ignore[attr-defined]
+        super()._timeout_cb()
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # aiosmtpd widens the MAIL line limit on every EHLO; start from the base each time.
+        self.command_size_limits.clear()
+        await super().smtp_EHLO(hostname)
+
+    async def check_auth_needed(self, caller_method: str) -> bool:
+        """aiosmtpd asks this before MAIL, RCPT, DATA, VRFY and HELP; Intake decides."""
+        if caller_method == "HELP":
+            return False
+        refusal = self.intake.submission_refusal(self.session)
+        if refusal:
+            await self.push(refusal)
+            return True
+        return False
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            template = self._REWRITE.get(status)
+            status = template.format(limit=self.data_size_limit) if template else with_enhanced_code(status)
         await super().push(status)
 
 
 async def start_smtp_server(intake: Intake, host: str, port: int, *, hostname: str) -> asyncio.AbstractServer:
     limits = intake.limits
+    tls_context = None
+    if limits.tls_cert is not None and limits.tls_key is not None:
+        try:
+            tls_context = server_context(limits.tls_cert, limits.tls_key)
+        except TLSConfigError as e:
+            raise ConfigError(intake.config.path, "[intake] tls_key",
+                              f"{limits.tls_cert} and {limits.tls_key} cannot serve STARTTLS: {e}") from None
     connections = {"open": 0, "refused": 0}
     handler = IntakeHandler(intake)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: IntakeSMTP(handler, connections=connections, max_connections=limits.max_connections,
+        lambda: IntakeSMTP(handler, intake=intake, connections=connections,
+                           max_connections=limits.max_connections,
                            data_size_limit=limits.max_message_bytes, enable_SMTPUTF8=True,
-                           decode_data=False, hostname=hostname, timeout=limits.idle_timeout),
+                           decode_data=False, hostname=hostname, timeout=limits.idle_timeout,
+                           tls_context=tls_context, require_starttls=False,
+                           # Intake decides when AUTH is allowed (auth_refusal), per session.
+                           auth_require_tls=False),
         host, port, reuse_address=True, backlog=512)
     intake.connections = connections  # type: ignore[attr-defined]
     return server

@@ -24,8 +24,9 @@ from raftmail.node.webhook import poster_for
 
 log = logging.getLogger("raftmail.node")
 
-BODY_REPAIR_INTERVAL = 2.0  # seconds between scans for bodies this node lacks
-BODY_REPAIR_MAX = 200  # bodies fetched per scan
+BODY_REPAIR_INTERVAL = 1.0  # seconds between scans for bodies this node lacks
+BODY_REPAIR_MAX = 1000  # bodies fetched per scan
+BODY_REPAIR_PARALLEL = 16  # fetches in flight at once
 BODY_GC_INTERVAL = 60.0
 PEER_PROBE_INTERVAL = 5.0  # seconds between checks that every peer shares our cluster secret
 ORPHAN_BODY_AGE = 3600.0  # a body never committed (its submission got 451) is kept this long
@@ -344,14 +345,19 @@ class MailNode:
     async def repair_bodies(self) -> None:
         """Fetch bodies of unfinished submissions that this node lacks (it was down, or restored
         from a snapshot), so any node can deliver any batch."""
+        slots = asyncio.Semaphore(BODY_REPAIR_PARALLEL)
+
+        async def fetch(digest: str) -> None:
+            async with slots:
+                await self.body(digest)
         while True:
             await asyncio.sleep(BODY_REPAIR_INTERVAL)
             try:
                 wanted = self.raft.read(lambda st: list({s.body for s in st.submissions.values()
                                                          if s.finished_at is None}))
-                missing = [d for d in wanted if not self.store.has(d)][:BODY_REPAIR_MAX]
-                for digest in missing:
-                    await self.body(digest)
+                missing = await asyncio.to_thread(
+                    lambda: [d for d in wanted if not self.store.has(d)][:BODY_REPAIR_MAX])
+                await asyncio.gather(*(fetch(d) for d in missing))
             except Exception:
                 log.exception("body repair failed")
 

@@ -128,8 +128,10 @@ class Cluster:
         lines += ["[delivery]", f"lease_seconds = {lease_seconds}", f"retry_first = {retry_first}",
                   f"batch_size = {batch_size}", "report_interval = 0.1", "connect_timeout = 5",
                   "command_timeout = 10"]
-        if sink is not None:
-            lines += [f'relay = "127.0.0.1:{sink.port}"']
+        # Always a local relay: without one the sender would look up MX records on the internet.
+        # With no sink, the relay is a port nobody listens on (deliveries defer).
+        relay_port = sink.port if sink is not None else free_ports(1)[0]
+        lines += [f'relay = "127.0.0.1:{relay_port}"']
         lines += ["", extra_toml]
         self.config_path.write_text("\n".join(lines))
 

@@ -670,3 +670,69 @@ def test_dkim_missing_selector(tmp_path: Path) -> None:
     (tmp_path / "k.pem").write_text("key")
     text = BASE + '[delivery.dkim]\ndomain = "example.test"\nkey_file = "k.pem"\n'
     refused(write(tmp_path, text), "[delivery.dkim] selector", "required")
+
+
+# --------------------------------------------------------------------------------------------
+# [monitoring]
+# --------------------------------------------------------------------------------------------
+
+
+def test_monitoring_defaults_without_a_webhook(tmp_path: Path) -> None:
+    from raftmail.node.config import MonitoringSection
+    config = load_config(write(tmp_path, BASE))
+    assert config.monitoring == MonitoringSection()
+    assert config.monitoring.webhook_url is None
+    assert config.monitoring.ready_max_lag == 100
+
+
+def test_monitoring_values_are_read(tmp_path: Path) -> None:
+    text = BASE + """
+[monitoring]
+webhook_url = "https://hooks.example.test/raftmail?token=abc"
+webhook_batch = 50
+webhook_timeout = 3
+webhook_retry_first = 2
+webhook_max_retry_interval = 60
+ready_max_lag = 0
+ready_write_window = 5
+"""
+    m = load_config(write(tmp_path, text)).monitoring
+    assert m.webhook_url == "https://hooks.example.test/raftmail?token=abc"
+    assert (m.webhook_batch, m.webhook_timeout, m.webhook_retry_first) == (50, 3.0, 2.0)
+    assert m.webhook_max_retry_interval == 60.0 and isinstance(m.webhook_timeout, float)
+    assert m.ready_max_lag == 0 and m.ready_write_window == 5.0
+    assert "abc" not in repr(m)  # the URL's token stays out of logs and tracebacks
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "fragment"),
+    [
+        ('webhook_url = "ftp://hooks.example.test/x"', "webhook_url", "http:// or https://"),
+        ('webhook_url = "https:///x"', "webhook_url", "with a host"),
+        ('webhook_url = "https://hooks.example.test/a b"', "webhook_url", "spaces"),
+        ('webhook_url = "http://[::1/x"', "webhook_url", "not a valid URL"),
+        ("webhook_url = 5", "webhook_url", "must be a string"),
+        ('webhook_url = "https://h.test/"\nwebhook_batch = 0', "webhook_batch", "positive integer"),
+        ('webhook_url = "https://h.test/"\nwebhook_batch = 20000', "webhook_batch", "at most 10000"),
+        ('webhook_url = "https://h.test/"\nwebhook_timeout = -1', "webhook_timeout", "positive number"),
+        ('webhook_url = "https://h.test/"\nwebhook_retry_first = 10\nwebhook_max_retry_interval = 5',
+         "webhook_max_retry_interval", "must be at least webhook_retry_first"),
+        ('webhook_url = "https://h.test/"\nwebhook_retry_first = 900', "webhook_retry_first", "(300)"),
+        ("webhook_batch = 10", "webhook_batch", "is set but webhook_url is not"),
+        ("ready_max_lag = -1", "ready_max_lag", "non-negative integer"),
+        ("ready_write_window = 0", "ready_write_window", "positive number"),
+        ('webhok_url = "https://h.test/"', "webhok_url", "did you mean webhook_url?"),
+    ],
+)
+def test_monitoring_refusals(tmp_path: Path, body: str, key: str, fragment: str) -> None:
+    refused(write(tmp_path, BASE + f"[monitoring]\n{body}\n"), f"[monitoring] {key}", fragment)
+
+
+def test_monitoring_refusal_does_not_echo_the_webhook_token(tmp_path: Path) -> None:
+    message = refused(write(tmp_path, BASE + '[monitoring]\nwebhook_url = "ftp://h.test/?token=s3cret-token"\n'),
+                      "[monitoring] webhook_url")
+    assert "s3cret-token" not in message
+
+
+def test_monitoring_is_an_allowed_section(tmp_path: Path) -> None:
+    refused(write(tmp_path, BASE + "[bogus]\nx = 1\n"), "[bogus]", "[monitoring]")

@@ -527,10 +527,9 @@ def measure_memory(ctx: Ctx) -> Measurement:
     load = Load(messages=max(1, recipients // BULK_RECIPIENTS), sessions=ctx.sizes.sessions,
                 recipients=BULK_RECIPIENTS, body_bytes=ctx.sizes.body_bytes)
     hold = {"connect_timeout": HOLD_SECONDS, "command_timeout": HOLD_SECONDS}
-    spec = ClusterSpec(relay_port=0, lease_seconds=HOLD_SECONDS, extra={"delivery": hold})
     root = ctx.scratch("memory-raftmail")
     blackhole = Blackhole()
-    spec.relay_port = blackhole.port
+    spec = ClusterSpec(relay_port=blackhole.port, lease_seconds=HOLD_SECONDS, extra={"delivery": hold})
     try:
         with raftmail_cluster(ctx, root, spec) as (cluster, leader):
             idle = {node.id: cluster.rss(node.id) for node in cluster.nodes}

@@ -1,0 +1,498 @@
+"""The fault suite's driver: a seeded plan of client letters, client threads that submit them the
+way a bulk sender does (retrying 4xx with the same Message-ID), fault steps on real node
+processes, and the end-of-scenario invariant check against the capture sink's own record."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import shutil
+import statistics
+import threading
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Callable
+
+from cluster import Cluster, SlowSink, make_message, queued_as, wait_converged_explained, wait_for
+
+# ---------------------------------------------------------------- parameters
+
+DEFAULT_SEED = 20261128
+SEED_ENV = "RAFTMAIL_FAULT_SEED"  # the first (or only) seed
+SEEDS_ENV = "RAFTMAIL_FAULT_SEEDS"  # how many consecutive seeds to run (a longer soak, by hand)
+REPORT_ENV = "RAFTMAIL_FAULT_REPORT"  # file the summary lines are written to, when set
+
+LEASE_SECONDS = 4.0  # [delivery] lease_seconds: short, so lost holders are replaced quickly
+BATCH_SIZE = 20  # recipients per batch: several batches per domain are in flight at once
+DOMAIN_CONNECTIONS = 2  # batches in flight per domain, cluster-wide: delivery lags intake a little
+SINK_DELAY = 0.04  # seconds the sink takes per message, so batches stay in flight long enough to hit
+RETRY_FIRST = 1.0  # [delivery] retry_first: a greylisted recipient is retried within the scenario
+DOMAINS = ("example.com", "example.net", "example.org", "example.info")
+MAX_RCPTS = 20  # recipients per letter, drawn from 1..MAX_RCPTS
+BOUNCE_ADDRESS = "gone@bounce.example"  # the sink refuses it: bounced, then suppressed
+GREYLIST_ADDRESS = "grey@example.net"  # the sink defers it the first few times: deferred, retried
+SINK_RULES = [f"{BOUNCE_ADDRESS}=550 5.1.1 No such user here",
+              f"{GREYLIST_ADDRESS}=451 4.7.1 Greylisted, try again later*3"]
+SPECIAL_SHARE = 0.12  # share of letters with the bounce or greylist address in them
+
+CLIENT_TIMEOUT = 6.0  # seconds a client waits for one SMTP transaction (commit_timeout is 3)
+MAX_TRIES = 8  # transactions per letter: the first and the retries, each to a node drawn by the seed
+RETRY_PAUSE = (0.2, 2.0)  # client's backoff between tries: first, cap (doubling)
+PROBE_INTERVAL = 0.15  # seconds between failover probe letters
+MAX_PROBES = 40  # probe letters per failover measurement
+FAILOVER_TIMEOUT = 40.0
+CATCH_UP_TIMEOUT = 40.0
+DRAIN_TIMEOUT = 120.0  # seconds for every accepted recipient to reach a final state
+FINAL_STATES = {"delivered", "bounced", "suppressed", "cancelled", "expired"}
+
+_RCPT_MESSAGE_ID = re.compile(r"^<(?P<sid>[^.<>]+)\.(?P<idx>\d+)\.rm@[^>]+>$")
+_OUTCOME_LINE = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO raftmail\.sender: outcome "
+                           r"campaign=\S+ submission=(?P<sid>\S+) recipient=(?P<rcpt>\S+) node=(?P<node>\S+) "
+                           r"batch=(?P<batch>\S+) code=(?P<code>\d+)")
+_ASSIGN_LINE = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO raftmail\.scheduler: assigned "
+                          r"batch (?P<batch>\S+) \((?P<n>\d+) recipients of (?P<domain>\S+)\) to (?P<node>\S+),")
+
+SUMMARIES: list[str] = []  # one line per scenario run in this session
+
+
+def seeds() -> list[int]:
+    """The seeds to run: RAFTMAIL_FAULT_SEED (or the default) and, with RAFTMAIL_FAULT_SEEDS=N,
+    the N-1 after it."""
+    base = int(os.environ.get(SEED_ENV) or DEFAULT_SEED)
+    n = int(os.environ.get(SEEDS_ENV) or 1)
+    return [base + i for i in range(max(1, n))]
+
+
+def make_fault_cluster(root: Path, n: int, **kw) -> Cluster:
+    """A cluster configured for the fault scenarios, delivering into a slow accept-all sink with
+    one bouncing and one greylisting address. Not started."""
+    extra = f"[delivery.domains.default]\nmax_connections = {DOMAIN_CONNECTIONS}\n"
+    kw = {"lease_seconds": LEASE_SECONDS, "batch_size": BATCH_SIZE, "retry_first": RETRY_FIRST,
+          "extra_toml": extra, **kw}
+    return Cluster(root, n, sink=SlowSink(root, SINK_RULES, SINK_DELAY), **kw)
+
+
+# ---------------------------------------------------------------- letters and clients
+
+@dataclass
+class Attempt:
+    node: str
+    code: int
+    text: str
+    started: float
+    ended: float
+
+
+@dataclass
+class Letter:
+    """One message a client wants queued, retried with the same Message-ID until acknowledged."""
+    key: str  # its Message-ID header
+    campaign: str
+    rcpts: list[str]
+    targets: list[str]  # the node of each try, drawn by the seeded generator
+    attempts: list[Attempt] = field(default_factory=list)
+    sid: str | None = None  # the submission id the cluster acknowledged it as
+
+    def message(self) -> bytes:
+        return make_message(subject=f"fault letter {self.key}", message_id=self.key,
+                            campaign=self.campaign, body=f"letter {self.key}\n")
+
+
+def make_letters(rng: random.Random, tag: str, ids: list[str], n: int,
+                 campaigns: tuple[str, ...] = ("main",), max_rcpts: int = MAX_RCPTS) -> list[Letter]:
+    """`n` letters of 1..max_rcpts unique recipients over several domains; a few include the
+    bouncing or the greylisted address."""
+    letters = []
+    for i in range(n):
+        rcpts = [f"{tag}-{i}-{j}@{rng.choice(DOMAINS)}" for j in range(rng.randint(1, max_rcpts))]
+        if rng.random() < SPECIAL_SHARE:
+            rcpts[rng.randrange(len(rcpts))] = rng.choice((BOUNCE_ADDRESS, GREYLIST_ADDRESS))
+        letters.append(Letter(key=f"<{tag}.{i}@client.example>", campaign=campaigns[i % len(campaigns)],
+                              rcpts=rcpts, targets=[rng.choice(ids) for _ in range(MAX_TRIES)]))
+    return letters
+
+
+class Traffic:
+    """Client threads submitting a plan of letters (each client its own share, in order, `pace`
+    seconds apart), plus probe letters for failover timing. Records every transaction."""
+
+    def __init__(self, c: Cluster, letters: list[Letter], clients: int = 3, pace: float = 0.2) -> None:
+        self.c = c
+        self.letters = list(letters)
+        self.extra: list[Letter] = []
+        self.clients = clients
+        self.pace = pace
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> "Traffic":
+        for k in range(self.clients):
+            t = threading.Thread(target=self._client, args=(self.letters[k::self.clients],), daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def _client(self, mine: list[Letter]) -> None:
+        for letter in mine:
+            self.send(letter)
+            time.sleep(self.pace)  # a paced sender, so the campaign spans the faults
+
+    def send(self, letter: Letter) -> Letter:
+        """One letter, retried on 4xx and lost connections with the same Message-ID."""
+        for n, target in enumerate(letter.targets):
+            started = time.time()
+            code, text = self.c.submit(target, letter.rcpts, letter.message(), timeout=CLIENT_TIMEOUT)
+            with self._lock:
+                letter.attempts.append(Attempt(target, code, text, started, time.time()))
+                if code == 250:
+                    letter.sid = queued_as(text)
+            if code == 250 or code >= 500:
+                return letter
+            time.sleep(min(RETRY_PAUSE[1], RETRY_PAUSE[0] * 2 ** n))  # the client's backoff
+        return letter
+
+    def send_extra(self, letter: Letter, background: bool = False) -> Letter:
+        with self._lock:
+            self.extra.append(letter)
+        if not background:
+            return self.send(letter)
+        t = threading.Thread(target=self.send, args=(letter,), daemon=True)
+        t.start()
+        with self._lock:
+            self._threads.append(t)
+        return letter
+
+    def running(self) -> bool:
+        with self._lock:
+            return any(t.is_alive() for t in self._threads)
+
+    def join(self, timeout: float = 120.0) -> None:
+        wait_for(lambda: not self.running(), timeout, "client threads to finish their letters", interval=0.1)
+
+    def all_letters(self) -> list[Letter]:
+        with self._lock:
+            return self.letters + self.extra
+
+    def acked(self) -> int:
+        with self._lock:
+            return sum(1 for letter in self.letters + self.extra if letter.sid)
+
+    def first_ack_after(self, since: float, nodes: list[str]) -> float | None:
+        """When the first transaction started after `since` on one of `nodes` was answered 250."""
+        with self._lock:
+            ends = [a.ended for letter in self.letters + self.extra for a in letter.attempts
+                    if a.code == 250 and a.started >= since and a.node in nodes]
+        return min(ends) if ends else None
+
+    def failover(self, since: float, survivors: list[str], rng: random.Random,
+                 timeout: float = FAILOVER_TIMEOUT) -> float:
+        """Seconds from `since` (a leader kill) to the next 250 from a survivor. Probe letters
+        of one recipient go to random survivors every PROBE_INTERVAL until one is acknowledged,
+        so the measure does not depend on the campaign's pace."""
+        deadline = time.time() + timeout
+        probes = 0
+        while True:
+            first = self.first_ack_after(since, survivors)
+            if first is not None:
+                return first - since
+            if time.time() > deadline:
+                raise AssertionError(f"no 250 from {survivors} within {timeout}s of the fault")
+            if probes < MAX_PROBES:
+                probes += 1
+                tag = f"probe{int(since * 1000)}x{probes}"
+                letter = Letter(key=f"<{tag}@client.example>", campaign="probes",
+                                rcpts=[f"{tag}@{rng.choice(DOMAINS)}"],
+                                targets=[rng.choice(survivors) for _ in range(MAX_TRIES)])
+                self.send_extra(letter, background=True)
+            time.sleep(PROBE_INTERVAL)  # probe pacing, not synchronisation (the loop polls)
+
+
+# ---------------------------------------------------------------- cluster views and fault steps
+
+def any_status(c: Cluster, among: list[str] | None = None) -> dict | None:
+    """The status of the leader if there is one, else of any live node that answers. `among`
+    leaves out a node that cannot answer (a frozen one)."""
+    nodes = among or [n for n in c.ids if c.alive(n)]
+    ld = c.leader(nodes)
+    for nid in ([ld] if ld else []) + nodes:
+        st = c.status(nid)
+        if st:
+            return st
+    return None
+
+
+def holders(c: Cluster, among: list[str] | None = None) -> dict[str, int]:
+    """Batches in flight per node, from the committed state."""
+    st = any_status(c, among)
+    return dict(st["batches_in_flight"]) if st else {}
+
+
+def stats(c: Cluster, among: list[str] | None = None) -> dict[str, int]:
+    st = any_status(c, among)
+    return dict(st["stats"]) if st else {}
+
+
+def admin_post(c: Cluster, nid: str, path: str, timeout: float = 10.0) -> dict:
+    req = urllib.request.Request(f"http://127.0.0.1:{c.admin[nid]}{path}", data=b"{}", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_holder(c: Cluster, choose: Callable[[dict[str, int], str | None], str | None],
+                timeout: float = 30.0, what: str = "a node holding batches") -> str:
+    """Poll the batch holders until `choose(holders, leader)` names a node."""
+    def pick():
+        ld = c.leader()
+        return choose(holders(c), ld) if ld else None
+    return wait_for(pick, timeout, what, interval=0.02)
+
+
+def wait_caught_up(c: Cluster, nid: str, timeout: float = CATCH_UP_TIMEOUT) -> None:
+    """`nid` follows the leader and has applied everything the leader had committed when asked."""
+    ld = c.wait_leader(timeout)
+    target = c.status(ld)["commit_index"] if ld != nid else 0
+
+    def caught_up():
+        st = c.status(nid)
+        return st and st["leader"] == ld and st["applied_index"] >= target
+    wait_for(caught_up, timeout, f"{nid} to catch up with leader {ld} (index {target})", interval=0.1)
+
+
+def kill(c: Cluster, nids: list[str]) -> float:
+    """SIGKILL `nids` at once; returns the moment of the kill."""
+    at = time.time()
+    for nid in nids:
+        c.signal(nid, signal.SIGKILL)
+    for nid in nids:
+        c.procs[nid].wait(10)
+    return at
+
+
+def start_nodes(c: Cluster, nids: list[str]) -> None:
+    for nid in nids:
+        c.start(nid)
+
+
+def wait_back(c: Cluster, nids: list[str], timeout: float = CATCH_UP_TIMEOUT) -> None:
+    """Restarted nodes answer, follow the leader and have caught up with it."""
+    for nid in nids:
+        wait_for(lambda nid=nid: c.status(nid), timeout, f"{nid} to answer /status after its restart")
+    for nid in nids:
+        wait_caught_up(c, nid, timeout)
+
+
+def restart(c: Cluster, nids: list[str], timeout: float = CATCH_UP_TIMEOUT) -> None:
+    start_nodes(c, nids)
+    wait_back(c, nids, timeout)
+
+
+def wipe(c: Cluster, nid: str) -> None:
+    """Delete a stopped node's whole data directory (Raft journal, snapshot, bodies)."""
+    assert not c.alive(nid), f"{nid} must be down before its data is deleted"
+    shutil.rmtree(c.data_dir(nid))
+
+
+def log_time(ts: str) -> float:
+    return datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=timezone.utc).timestamp()
+
+
+def outcome_lines(c: Cluster, nid: str) -> list[dict]:
+    """Every send a node logged: time, submission, recipient, node, batch, code."""
+    out = []
+    for line in c.log_text(nid).splitlines():
+        m = _OUTCOME_LINE.match(line)
+        if m:
+            out.append({**m.groupdict(), "t": log_time(m["ts"])})
+    return out
+
+
+def assignments(c: Cluster) -> list[dict]:
+    """Every batch assignment any leader logged: time, batch, size, domain, node."""
+    out = []
+    for nid in c.ids:
+        for line in c.log_text(nid).splitlines():
+            m = _ASSIGN_LINE.match(line)
+            if m:
+                out.append({**m.groupdict(), "t": log_time(m["ts"])})
+    return out
+
+
+# ---------------------------------------------------------------- the invariants
+
+@dataclass
+class Verdict:
+    scenario: str
+    seed: int
+    nodes: int
+    submissions: int = 0  # letters acknowledged 250
+    refused: int = 0  # letters never acknowledged (every try 4xx or no answer)
+    accepted: int = 0  # recipients of acknowledged letters
+    delivered: int = 0
+    final: Counter = field(default_factory=Counter)
+    lost: list = field(default_factory=list)  # delivered by the state, absent at the sink
+    skipped: list = field(default_factory=list)  # accepted recipients not in a final state
+    missing: list = field(default_factory=list)  # acknowledged submissions absent from the state
+    unacked: list = field(default_factory=list)  # sink copies of letters never acknowledged
+    mismatched: list = field(default_factory=list)  # at the sink, but the state says not delivered
+    duplicates: int = 0
+    duplicated: list = field(default_factory=list)
+    bound: int = 0
+    stats: dict = field(default_factory=dict)
+    failovers: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    def line(self) -> str:
+        f = f"{statistics.median(self.failovers):.2f}" if self.failovers else "-"
+        return (f"scenario={self.scenario} seed={self.seed} accepted={self.accepted} delivered={self.delivered} "
+                f"lost={len(self.lost)} skipped={len(self.skipped)} duplicates={self.duplicates} failover_s={f} "
+                f"nodes={self.nodes} submissions={self.submissions} refused={self.refused} "
+                f"bound={self.bound} lease_expiries={self.stats.get('lease_expiries', 0)}")
+
+    def problems(self) -> list[str]:
+        out = []
+        for name in ("missing", "lost", "skipped", "unacked", "mismatched"):
+            items = getattr(self, name)
+            if items:
+                out.append(f"{len(items)} {name}: {items[:8]}")
+        if self.duplicates > self.bound:
+            out.append(f"{self.duplicates} duplicates exceed the bound {self.bound} "
+                       f"(reassigned_in_flight + fenced_reports); duplicated: {self.duplicated[:8]}")
+        if not self.submissions:
+            out.append("no letter was acknowledged")
+        return out
+
+
+def verify(c: Cluster, traffic: Traffic, scenario: str, seed: int, failovers: list[float],
+           drain_timeout: float = DRAIN_TIMEOUT) -> Verdict:
+    """Check the invariants once the campaign is over; every node must be running.
+
+    - every acknowledged submission is in the state, and each of its recipients reached a final
+      state (0 skipped); a recipient the state calls delivered reached the sink (0 lost);
+    - the sink holds nothing of a letter the cluster never acknowledged, and nothing for a
+      recipient whose final state is not delivered;
+    - every replica has the same state (equal digests);
+    - duplicates stay within the cluster's own count of sends that could have been in flight.
+    """
+    traffic.join()
+    assert all(c.alive(nid) for nid in c.ids), "every node must run for the final check"
+    ld = c.wait_leader(30)
+
+    def drained():
+        q = c.queue(ld)
+        return q["pending"] + q["deferred"] + q["in_flight"] == 0
+    try:
+        wait_for(drained, drain_timeout, "every accepted recipient to reach a final state", interval=0.2)
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed}: {e}; queue {c.queue(ld)}") from None
+    wait_converged_explained(c, c.ids, 40)
+
+    v = Verdict(scenario, seed, len(c.ids), failovers=list(failovers))
+    letters = traffic.all_letters()
+    by_sid: dict[str, Letter] = {}
+    for letter in letters:
+        if letter.sid is None:
+            v.refused += 1
+            continue
+        assert letter.sid not in by_sid, f"two letters acknowledged as {letter.sid}"
+        by_sid[letter.sid] = letter
+    v.submissions = len(by_sid)
+
+    states: dict[tuple[str, int], str] = {}
+    for sid, letter in by_sid.items():
+        sub = c.submission(ld, sid)
+        if sub is None:
+            v.missing.append(sid)
+            continue
+        assert [r["address"] for r in sub["recipients"]] == letter.rcpts, f"{sid}: recipients differ"
+        for r in sub["recipients"]:
+            states[(sid, r["index"])] = r["state"]
+    v.accepted = len(states)
+
+    copies: Counter = Counter()
+    for e in c.sink.delivered():
+        m = _RCPT_MESSAGE_ID.match(e.get("message_id") or "")
+        if not m:
+            v.unacked.append(("no raftmail Message-ID", e.get("message_id"), e.get("rcpt")))
+            continue
+        copies[(m["sid"], int(m["idx"]))] += 1
+    for key, state in states.items():
+        v.final[state] += 1
+        if state not in FINAL_STATES:
+            v.skipped.append((key, state))
+        elif state == "delivered" and copies[key] == 0:
+            v.lost.append(key)
+    v.delivered = v.final["delivered"]
+    for key in copies:
+        if key[0] not in by_sid:
+            v.unacked.append((key, letter_key_of(c, key)))
+        elif states.get(key) != "delivered":
+            v.mismatched.append((key, states.get(key)))
+    v.duplicated = sorted(k for k, n in copies.items() if n > 1)
+    v.duplicates = sum(n - 1 for n in copies.values() if n > 1)
+    v.stats = c.status(ld)["stats"]
+    # Why this bounds the duplicates: a recipient reaches the sink a second time only if a holder
+    # sent it and the outcome never committed while that holder's lease was valid. Then either the
+    # lease ran out and the expiry returned it to the queue (every item still leased at expiry is
+    # counted in reassigned_in_flight, sent or not, so this over-counts), or the holder's report
+    # came after the batch had moved on (counted in fenced_reports). Each extra copy needs one such
+    # event for that recipient; sends whose outcome committed are never repeated.
+    v.bound = v.stats["reassigned_in_flight"] + v.stats["fenced_reports"]
+    if v.duplicated:
+        v.notes.append(explain_duplicates(c, v.duplicated, by_sid))
+    return v
+
+
+def letter_key_of(c: Cluster, key: tuple[str, int]) -> str:
+    """The client's letter behind a sink copy, from the Subject of the stored file."""
+    for e in c.sink.delivered():
+        if (e.get("message_id") or "").startswith(f"<{key[0]}.{key[1]}."):
+            raw = (c.sink.maildir / e["file"]).read_bytes()
+            return str(BytesHeaderParser().parsebytes(raw).get("Subject"))
+    return "?"
+
+
+def explain_duplicates(c: Cluster, duplicated: list[tuple[str, int]], by_sid: dict[str, Letter]) -> str:
+    """For each duplicated recipient, which node sent it in which batch (from the node logs):
+    tells a reassigned batch from a holder that re-ran its own batch after a restart."""
+    sends: dict[tuple[str, str], list[str]] = {}
+    for nid in c.ids:
+        for o in outcome_lines(c, nid):
+            sends.setdefault((o["sid"], o["rcpt"]), []).append(f"{o['node']}/{o['batch']}/{o['code']}")
+    parts = []
+    for sid, idx in duplicated[:10]:
+        rcpt = by_sid[sid].rcpts[idx] if sid in by_sid else "?"
+        parts.append(f"{sid}.{idx} {rcpt}: {sends.get((sid, rcpt), [])}")
+    return "duplicated sends (node/batch/code): " + "; ".join(parts)
+
+
+def record(v: Verdict) -> str:
+    """Print the scenario's summary line and keep it for the session report."""
+    line = v.line()
+    SUMMARIES.append(line)
+    print(f"\n{line}", flush=True)
+    for note in v.notes:
+        print(f"  {note}", flush=True)
+    return line
+
+
+def write_report(path: str | None = None) -> None:
+    path = path or os.environ.get(REPORT_ENV)
+    if path and SUMMARIES:
+        Path(path).write_text("\n".join(SUMMARIES) + "\n")
+
+
+def check(v: Verdict, c: Cluster) -> None:
+    """Fail the scenario with every broken invariant and the nodes' view."""
+    problems = v.problems()
+    if problems:
+        from cluster import describe
+        raise AssertionError(f"seed {v.seed} scenario {v.scenario}: " + "; ".join(problems)
+                             + "\n" + "\n".join(v.notes) + "\n" + describe(c))
