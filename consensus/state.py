@@ -40,6 +40,8 @@ MAX_TEXT = 200  # reply text kept per recipient
 # Recipient outcome events kept in the replicated state, for `raftmail events` and webhooks. A
 # protocol constant, not a setting: every replica must drop the same oldest event.
 EVENT_RING = 20000
+EVENT_FIELDS = ("seq", "t", "outcome", "campaign", "submission", "index", "recipient", "node", "remote",
+                "code", "text", "attempt")
 
 
 class CommandRefused(Exception):
@@ -159,8 +161,8 @@ class MailState:
         self.stats = {"lease_expiries": 0, "reassigned_in_flight": 0, "fenced_reports": 0,
                       "duplicates_refused": 0, "commands_refused": 0}
         self.delivered_minutes: dict[int, int] = {}  # minute -> recipients delivered (last hour)
-        # Outcome events, oldest first: [seq, t, kind, campaign, submission, index, recipient, node,
-        # remote, code, text, attempt]. seq increases by one per event, cluster-wide.
+        # Outcome events, oldest first, laid out as EVENT_FIELDS. seq increases by one per event,
+        # cluster-wide.
         self.events: deque = deque(maxlen=EVENT_RING)
         self.event_seq = 0
         # Members added or removed at run time (the cluster file lists the founding members):

@@ -31,6 +31,8 @@ logging.getLogger("mail.log").addFilter(lambda record: "login_data is deprecated
 R_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 R_BAD_RCPT = "553 5.1.3 Recipient address must be local-part@domain"
 R_NO_SENDER = "553 5.1.7 A submission needs a sender address (null sender refused)"
+R_BAD_SENDER_DOMAIN = ("553 5.1.7 The sender domain must be a DNS name like example.com "
+                       "(ASCII letters, digits, hyphens; the xn-- form for international names)")
 R_NO_QUORUM = "451 4.3.0 Not committed on a majority of the cluster; nothing was queued, try again"
 R_QUEUE_FULL = "452 4.3.1 Queue is full; try again later"
 R_TOO_MANY_CONN = "421 4.7.0 Too many connections, try again later"
@@ -56,6 +58,9 @@ MAX_TEXT_LINE_BYTES = 998
 MAX_COMMAND_LINE_BYTES = 512
 _LONG_TEXT_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_TEXT_LINE_BYTES + 1))
 
+# The sender domain goes into every copy's Message-ID and Return-Path: a DNS name, LDH labels.
+_SENDER_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+"
+                            r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _MESSAGE_ID = re.compile(rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE)
 _CAMPAIGN = re.compile(rb"^x-campaign-id:[ \t]*([A-Za-z0-9._:-]{1,64})[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
@@ -245,7 +250,10 @@ class Intake:
         return None
 
     def check_sender(self, address: str) -> str | None:
-        return R_NO_SENDER if not address or "@" not in address else None
+        local, at, domain = address.rpartition("@")
+        if not at or not local:
+            return R_NO_SENDER
+        return None if _SENDER_DOMAIN.fullmatch(domain) and len(domain) <= 253 else R_BAD_SENDER_DOMAIN
 
     def new_submission_id(self) -> str:
         self._seq += 1
@@ -333,6 +341,8 @@ def with_enhanced_code(status: str) -> str:
     if len(status) < 5 or status[0] not in "45" or not status[:3].isdigit() or _HAS_ENHANCED.match(status):
         return status
     enhanced = _ENHANCED_BY_CODE.get(int(status[:3]), f"{status[0]}.0.0")
+    if status.startswith("50") and ("not recognized" in status or "not implemented" in status):
+        enhanced = "5.5.1"  # RFC 3463: invalid command, rather than a syntax error
     return f"{status[:4]}{enhanced} {status[4:].removeprefix('Error: ')}"
 
 

@@ -20,7 +20,7 @@ from raftmail.node.config import Config, ConfigError
 from raftmail.node.intake import GroupCommitter, Intake, start_smtp_server
 from raftmail.node.metrics import NodeMetrics, add_monitoring_routes
 from raftmail.node.peers import PeerClient, PeerCrypto, add_peer_routes
-from raftmail.node.webhook import poster_for
+from raftmail.node.webhook import event_dict, poster_for
 
 log = logging.getLogger("raftmail.node")
 
@@ -229,9 +229,7 @@ class MailNode:
             return web.json_response({"error": "after and limit must be integers"}, status=400)
         campaign = request.query.get("campaign") or None
         events, oldest = self.raft.read(lambda st: st.events_after(after, limit, campaign))
-        keys = ("seq", "t", "outcome", "campaign", "submission", "index", "recipient", "node", "remote",
-                "code", "text", "attempt")
-        return web.json_response({"events": [dict(zip(keys, e)) for e in events], "oldest": oldest,
+        return web.json_response({"events": [event_dict(e) for e in events], "oldest": oldest,
                                   "gap": after + 1 < oldest and after > 0})
 
     async def _h_join(self, request: web.Request) -> web.Response:

@@ -23,11 +23,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from raftmail.consensus.state import EVENT_FIELDS
+
 log = logging.getLogger("raftmail.webhook")
 
 # The fields of one outcome event, in the order the state machine stores them (as GET /events).
-EVENT_KEYS = ("seq", "t", "outcome", "campaign", "submission", "index", "recipient", "node", "remote",
-              "code", "text", "attempt")
 IDLE_POLL = 0.5  # seconds between looks for new events (or for leadership)
 RETRY_JITTER = 0.2  # +-20 % on each retry delay, so nodes and receivers do not beat in step
 
@@ -36,7 +36,7 @@ EventReader = Callable[[int, int], "tuple[list[list], int, int]"]
 
 
 def event_dict(event: list) -> dict:
-    return dict(zip(EVENT_KEYS, event))
+    return dict(zip(EVENT_FIELDS, event))
 
 
 def state_reader(raft: Any) -> EventReader:

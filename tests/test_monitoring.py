@@ -23,7 +23,8 @@ from rich.console import Console
 from cluster import PY, Cluster, SlowSink, make_message, queued_as, wait_for
 from raftmail.cli.render import WatchModel, render_watch
 from raftmail.node.metrics import OTHER_DOMAIN, domain_label, readiness
-from raftmail.node.webhook import EVENT_KEYS, WebhookPoster, retry_delay
+from raftmail.consensus.state import EVENT_FIELDS
+from raftmail.node.webhook import WebhookPoster, retry_delay
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -274,7 +275,7 @@ def test_events_follow_shows_each_final_outcome_once_across_a_leader_kill(slow_c
     finals = final_outcomes(printed)
     assert sorted(finals) == rcpts
     assert all(v == ["delivered"] for v in finals.values()), {k: v for k, v in finals.items() if v != ["delivered"]}
-    assert set(EVENT_KEYS) == set(printed[0])
+    assert set(EVENT_FIELDS) == set(printed[0])
     assert "reading events from" in err, err  # it switched away from the killed node
     assert "gap" not in err, err
 
@@ -303,7 +304,7 @@ def test_webhook_gets_every_outcome_at_least_once_despite_failures_and_a_leader_
         wait_for(received_all, 20, "every event at the webhook", interval=0.2)
         assert receiver.attempts >= 4 and len(receiver.batches) >= 30 // 7
         assert all(len(b) <= 7 for b in receiver.batches)
-        assert set(receiver.events()[0]) == set(EVENT_KEYS)
+        assert set(receiver.events()[0]) == set(EVENT_FIELDS)
         assert sorted(final_outcomes(receiver.events())) == first
         old = c.leader()
         failed = total(scrape(c, old), "raftmail_webhook_posts_failed_total")
