@@ -8,6 +8,7 @@ referenced by sha256), kept compact so a million queued recipients snapshot to a
 from __future__ import annotations
 
 import hashlib
+import math
 import zlib
 from collections import deque
 from typing import Any, Iterator
@@ -260,19 +261,23 @@ class MailState:
 
     def _submit_one(self, s: dict, now: float, max_queued: int) -> list:
         try:
+            if not isinstance(s, dict):
+                raise CommandRefused("a submission must be a map")
             sid, campaign, sender, body = (_str(s, k) for k in ("id", "campaign", "sender", "body"))
             size = int(_num(s, "size"))
             rcpts = s["rcpts"]
             key = s.get("key")
             if not isinstance(rcpts, list) or not rcpts or not all(isinstance(r, str) and "@" in r for r in rcpts):
                 raise CommandRefused("rcpts must be a non-empty list of addresses")
+            if key is not None and not isinstance(key, str):
+                raise CommandRefused("key must be a string")
         except (KeyError, TypeError, ValueError, CommandRefused) as e:
             self.stats["commands_refused"] += 1
             return ["refused", str(e)]
         if key is not None and key in self.dedupe:
             self.stats["duplicates_refused"] += 1
             return ["duplicate", self.dedupe[key][0]]
-        if sid in self.submissions:
+        if sid in self.submissions or sid in self.archived:
             return ["duplicate", sid]
         queued = self.counts[PENDING] + self.counts[DEFERRED] + self.counts[IN_FLIGHT]
         if queued + len(rcpts) > max_queued:
@@ -312,15 +317,16 @@ class MailState:
         max_connections = int(_num(c, "max_connections"))
         max_per_minute = int(_num(c, "max_per_minute"))
         items = c.get("items")
-        if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS_PER_COMMAND:
-            raise CommandRefused("assign: items must be a non-empty list")
+        if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS_PER_COMMAND \
+                or not all(_is_item(i) for i in items):
+            raise CommandRefused("assign: items must be a non-empty list of [submission, index]")
         if self.members.get(node, {}).get("status", "active") != "active":
             return {"batch": None, "reason": f"node {node} is {self.members[node]['status']}"}
         if self.domain_batches.get(domain, 0) >= max_connections:
             return {"batch": None, "reason": "max_connections"}
         quota = len(items)
         if max_per_minute > 0:
-            quota = min(quota, max_per_minute - self.sent_last_minute(domain, now))
+            quota = min(quota, max_per_minute - self._sent_last_minute(domain, now))
             if quota <= 0:
                 return {"batch": None, "reason": "max_per_minute"}
         chosen: dict[tuple[str, int], None] = {}
@@ -329,7 +335,7 @@ class MailState:
                 break
             sid, idx = item[0], item[1]
             sub = self.submissions.get(sid)
-            if sub is None or not isinstance(idx, int) or not 0 <= idx < len(sub.rcpts):
+            if sub is None or not 0 <= idx < len(sub.rcpts):
                 continue
             if domain_of(sub.rcpts[idx]) != domain:
                 continue
@@ -357,7 +363,7 @@ class MailState:
             self.domain_recent.setdefault(domain, deque()).append([now, len(chosen)])
         return {"batch": bid, "n": len(chosen)}
 
-    def sent_last_minute(self, domain: str, now: float) -> int:
+    def _sent_last_minute(self, domain: str, now: float) -> int:
         """Recipients assigned to `domain` in the 60 s before `now` (prunes older records)."""
         recent = self.domain_recent.get(domain)
         if not recent:
@@ -386,14 +392,14 @@ class MailState:
                 or len(results) + len(release) > MAX_ITEMS_PER_COMMAND:
             raise CommandRefused("report: results and release must be lists")
         for r in results:
-            if not (isinstance(r, list) and len(r) >= 6 and isinstance(r[0], str) and isinstance(r[1], int)
-                    and isinstance(r[2], int) and not isinstance(r[2], bool)
-                    and (r[5] is None or isinstance(r[5], (int, float)))):
+            if not (isinstance(r, list) and len(r) >= 6 and _is_item(r) and type(r[2]) is int
+                    and (r[3] is None or isinstance(r[3], str))
+                    and (r[5] is None or type(r[5]) in (int, float) and math.isfinite(r[5]))):
                 raise CommandRefused("report: each result is [submission, index, code, enhanced, text, next_at, remote]")
             if r[5] is None and 400 <= r[2] < 500 or r[5] is None and not 200 <= r[2] < 600:
                 raise CommandRefused("report: a deferral needs next_at")
         for r in release:
-            if not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and isinstance(r[1], int)):
+            if not (isinstance(r, list) and len(r) == 2 and _is_item(r)):
                 raise CommandRefused("report: each release is [submission, index]")
         batch = self.batches.get(bid)
         if batch is None or batch.node != node:
@@ -484,8 +490,8 @@ class MailState:
         camp.cancelled = True
         n = 0
         for sid in camp.submissions:
-            sub = self.submissions[sid]
-            if not sub.waiting():
+            sub = self.submissions.get(sid)  # archived ones have nothing waiting
+            if sub is None or not sub.waiting():
                 continue
             for idx, st in enumerate(sub.states):
                 if st in _WAITING:
@@ -520,7 +526,7 @@ class MailState:
 
     def _op_member_remove(self, c: dict) -> dict:
         nid = _str(c, "id")
-        if nid not in self.members:
+        if self.members.get(nid, {}).get("status") != "leaving":
             raise CommandRefused(f"{nid} is not leaving")
         self.members[nid]["status"] = "removed"
         return {"ok": True}
@@ -539,7 +545,13 @@ class MailState:
             archived += 1
         dropped = [sid for sid, a in self.archived.items() if a[1] < now - keep]
         for sid in dropped:
-            del self.archived[sid]
+            campaign, _, blob = self.archived.pop(sid)
+            _rcpts, states = msgpack.unpackb(zlib.decompress(blob), raw=False)
+            camp = self.campaigns.get(campaign)
+            for st in states:  # counts cover what the state still holds
+                self.counts[st] -= 1
+                if camp is not None:
+                    camp.counts[st] -= 1
         for camp in [c for c in self.campaigns.values()
                      if all(s not in self.submissions for s in c.submissions)
                      and all(s not in self.archived for s in c.submissions)]:
@@ -559,6 +571,8 @@ class MailState:
         """Recipients that may be assigned now, grouped by domain, oldest submission first."""
         out: dict[str, list[list]] = {}
         found = 0
+        if limit <= 0:
+            return out
         for sid in self.open:
             sub = self.submissions[sid]
             camp = self.campaigns[sub.campaign]
@@ -678,9 +692,14 @@ class MailState:
 
 def _num(c: dict, key: str) -> float:
     v = c[key] if key in c else None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise CommandRefused(f"{key} must be a number")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise CommandRefused(f"{key} must be a finite number")
     return v
+
+
+def _is_item(x: Any) -> bool:
+    """[submission id, recipient index]; bool is not an index (it would not survive a snapshot)."""
+    return isinstance(x, (list, tuple)) and len(x) >= 2 and isinstance(x[0], str) and type(x[1]) is int
 
 
 def _str(c: dict, key: str) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from raftmail.consensus.outcomes import DEFERRED, IN_FLIGHT, PENDING, STATE_NAMES
@@ -121,13 +121,19 @@ def run(state: MailState, command: Any) -> Any:
     return result
 
 
-def snapshot_fields(state: MailState) -> dict:
-    """The decoded snapshot (msgpack, possibly zlib-compressed)."""
-    blob = state.to_snapshot()
+def _is_compressed(blob: bytes) -> bool:
     try:
-        blob = zlib.decompress(blob)
+        zlib.decompress(blob)
     except zlib.error:
-        pass
+        return False
+    return True
+
+
+def snapshot_fields(state: MailState) -> dict:
+    """The decoded snapshot (msgpack, zlib-compressed or not)."""
+    blob = state.to_snapshot()
+    if _is_compressed(blob):
+        blob = zlib.decompress(blob)
     return msgpack.unpackb(blob, raw=False, strict_map_key=False)
 
 
@@ -159,7 +165,10 @@ def queries(state: MailState, now: float) -> dict:
         "counts": state.queue_counts(),
         "campaigns": [state.campaign_summary(c) for c in state.campaigns.values()],
         "recipients": [state.recipient(sid, idx) for sid, idx, _, _ in state.iter_recipients()],
-        "batches": {n: [b.to_wire() for b in state.batches_for(n)] for n in ("mx-a", "mx-b")},
+        "batches": {n: [b.to_wire() for b in state.batches_for(n)]
+                    for n in sorted({b.node for b in state.batches.values()} | {"mx-a", "mx-b"})},
+        "members": state.members,
+        "archived": sorted(state.archived),
         "suppressed": sorted(state.suppressed),
         "stats": dict(state.stats),
     }
@@ -226,7 +235,7 @@ def test_different_histories_give_different_digests() -> None:
     assert a.digest() != b.digest()
 
 
-@pytest.mark.parametrize("split", [0, 3, 7, 12, len(mixed_history())])
+@pytest.mark.parametrize("split", [0, 3, 7, 12, 20, len(mixed_history())])
 def test_snapshot_round_trip_keeps_digest_queries_and_future(split: int) -> None:
     history = mixed_history()
     original = MailState()
@@ -245,7 +254,19 @@ def test_snapshot_round_trip_keeps_digest_queries_and_future(split: int) -> None
     for command in tail:
         assert run(copy, command) == run(original, command)
         assert copy.digest() == original.digest()
+    assert state_of(copy, "m3", 1) == "deferred"  # the tail did real work on both
     assert queries(copy, T0 + 7000) == queries(original, T0 + 7000)
+
+
+def test_reads_do_not_change_the_replicated_state() -> None:
+    state = MailState()
+    for command in mixed_history():
+        run(state, command)
+    before = state.digest()
+    for now in (T0, T0 + 800, T0 + 30 * DAY):
+        queries(state, now)
+        state.events_after(0, 1000)
+    assert state.digest() == before
 
 
 def test_snapshot_of_another_schema_is_rejected() -> None:
@@ -253,8 +274,8 @@ def test_snapshot_of_another_schema_is_rejected() -> None:
     snap = snapshot_fields(MailState())
     snap["schema"] = 999
     bad = msgpack.packb(snap, use_bin_type=True)
-    if good != msgpack.packb(snapshot_fields(MailState()), use_bin_type=True):
-        bad = zlib.compress(bad, 1)  # same framing as the real snapshot
+    if _is_compressed(good):
+        bad = zlib.compress(bad, 1)  # same framing as a real snapshot, so only the schema is wrong
     assert MailState.from_snapshot(good).digest() == MailState().digest()
     with pytest.raises(ValueError):
         MailState.from_snapshot(bad)
@@ -348,13 +369,8 @@ def test_garbage_bytes_are_refused(blob: bytes) -> None:
     check_refused_everywhere(lambda replica: replica.apply_blob(blob))
 
 
-# Refused commands that currently leave part of their work behind (see the report to the lead):
-# the handler mutates state for the first rows before a later row raises.
+# A bad row anywhere refuses the whole command before anything changes.
 PARTIAL_REFUSALS: list[tuple[str, Any]] = [
-    ("submit: a non-dict submission after a good one",
-     submit_cmd(T0 + 5, submission("s9", ["z@x.test"]), 5)),
-    ("submit: an unhashable idempotency key after a good submission",
-     submit_cmd(T0 + 5, submission("s9", ["z@x.test"]), submission("s10", ["w@x.test"], key=["k"]))),
     ("assign: a malformed item after a good one",
      {**assign_cmd("mx-b", "y.test", [("s1", 2)], T0 + 5), "items": [["s1", 2], 7]}),
     ("report: an enhanced code that is a list",
@@ -362,14 +378,25 @@ PARTIAL_REFUSALS: list[tuple[str, Any]] = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="handlers mutate before validating every row (reported to lead)")
 @pytest.mark.parametrize("command", [c for _, c in PARTIAL_REFUSALS], ids=[n for n, _ in PARTIAL_REFUSALS])
 def test_refused_command_with_a_bad_row_changes_nothing(command: Any) -> None:
     check_refused_everywhere(lambda replica: run(replica, command))
 
 
-@pytest.mark.xfail(strict=True, reason="a bool index passes isinstance(int) and lands in `detail` as "
-                                       "key True; a snapshot-restored replica has key 1 and diverges")
+@pytest.mark.parametrize("bad", [5, submission("s10", ["w@x.test"], key=["k"])], ids=["non-dict", "unhashable-key"])
+def test_a_bad_submission_in_a_group_commit_is_refused_alone(bad: Any) -> None:
+    """A submit command carries many SMTP transactions (group commit): a bad one is refused by
+    itself, identically everywhere, and its neighbours are queued."""
+    replicas = [busy_state()]
+    replicas.append(restored(replicas[0]))
+    results = [run(r, submit_cmd(T0 + 5, submission("s9", ["z@x.test"]), bad)) for r in replicas]
+    assert results[0] == results[1]
+    assert results[0][0] == ["ok", "s9"] and results[0][1][0] == "refused"
+    for replica in replicas:
+        assert_counts_match(replica)
+    assert replicas[0].digest() == replicas[1].digest()
+
+
 @pytest.mark.parametrize("idx", [True])
 def test_report_with_a_non_int_index_keeps_replicas_identical(idx: Any) -> None:
     state = MailState()
@@ -686,7 +713,7 @@ def test_max_per_minute_trims_the_batch_until_a_minute_has_passed() -> None:
     items = [("s1", i) for i in range(8)]
     first = run(state, assign_cmd("mx-a", "x.test", items, T0 + 1, max_per_minute=3))
     assert first == {"batch": "b1", "n": 3}
-    assert state.sent_last_minute("x.test", T0 + 1) == 3
+    assert state._sent_last_minute("x.test", T0 + 1) == 3
     blocked = run(state, assign_cmd("mx-b", "x.test", items, T0 + 30, max_per_minute=3))
     assert blocked == {"batch": None, "reason": "max_per_minute"}
     assert state.queue_counts()["in_flight"] == 3
@@ -782,8 +809,6 @@ def test_prune_archives_finished_submissions_and_keeps_the_counts() -> None:
     assert state.eligible(T0 + 4 + HOUR, 100) == {"x.test": [["live", 0]]}
 
 
-@pytest.mark.xfail(strict=True, reason="_op_cancel reads self.submissions[sid] for every id of the campaign; "
-                                       "an archived one raises KeyError after camp.cancelled is set")
 def test_cancel_after_prune_cancels_the_live_submissions() -> None:
     state = MailState()
     run(state, submit_cmd(T0, submission("old", ["a@x.test"], campaign="promo")))
@@ -796,24 +821,23 @@ def test_cancel_after_prune_cancels_the_live_submissions() -> None:
     assert [state_of(state, "new", i) for i in range(2)] == ["cancelled", "cancelled"]
 
 
-@pytest.mark.xfail(strict=True, reason="submit checks only live ids: an archived id is accepted again, and "
-                                       "the old campaign's list then points at the new submission")
 def test_cancelling_one_campaign_never_touches_another() -> None:
     state = MailState()
     run(state, submit_cmd(T0, submission("s1", ["a@x.test"], campaign="promo")))
     run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 1))
     run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 250)]))
     run(state, prune_cmd(T0 + DAY))
-    run(state, submit_cmd(T0 + DAY + 1, submission("s1", ["b@x.test"], campaign="receipts")))
+    # An archived id stays taken: reusing it is a duplicate, not a new submission.
+    assert run(state, submit_cmd(T0 + DAY + 1, submission("s1", ["b@x.test"], campaign="receipts"))) \
+        == [["duplicate", "s1"]]
+    run(state, submit_cmd(T0 + DAY + 1, submission("s3", ["b@x.test"], campaign="receipts")))
     run(state, submit_cmd(T0 + DAY + 2, submission("s2", ["c@x.test"], campaign="promo")))
     run(state, campaign_cmd("cancel", "promo", T0 + DAY + 3))
     assert state_of(state, "s2", 0) == "cancelled"
-    assert state_of(state, "s1", 0) == "pending"
+    assert state_of(state, "s3", 0) == "pending"
     assert state.campaigns["receipts"].counts[PENDING] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="dropping an archive removes its recipients (and maybe its campaign) "
-                                       "but not their share of queue_counts()")
 def test_counts_still_match_after_archives_are_dropped() -> None:
     state = queued_state(["a@x.test"])
     run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 1))
@@ -1013,7 +1037,10 @@ def step(state: MailState, kind: str, payload: Any) -> str:
 
 
 TIME_STEPS = st.sampled_from([0, 1, 5, 29, 61, 400])
+# No shrink phase: draws depend on the state, so shrinking these histories takes minutes (past the
+# timeout) and gains little; a failure prints its full list of draws instead.
 PROPERTY_SETTINGS = settings(derandomize=True, max_examples=200, deadline=None,
+                             phases=[Phase.explicit, Phase.generate],
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -1041,7 +1068,7 @@ def test_random_histories_keep_replicas_identical(data: st.DataObject) -> None:
     assert queries(rejoined, now) == queries(steady, now)
 
 
-@PROPERTY_SETTINGS
+@settings(PROPERTY_SETTINGS, max_examples=100)  # a second angle on the same generator: fewer runs
 @given(data=st.data())
 def test_valid_histories_never_strand_a_recipient(data: st.DataObject) -> None:
     state = MailState()
@@ -1052,9 +1079,9 @@ def test_valid_histories_never_strand_a_recipient(data: st.DataObject) -> None:
         result = state.apply_blob(encode_command(command))
         if isinstance(result, dict) and "error" in result:
             # The only refusals a valid history can meet: a campaign that does not exist, or
-            # removing a member that was never added.
+            # removing a member that is not leaving.
             if command["op"] == "member_remove":
-                assert command["id"] not in state.members
+                assert state.members.get(command["id"], {}).get("status") != "leaving"
             else:
                 assert command["op"] in ("pause", "resume", "cancel")
                 assert command["campaign"] not in state.campaigns
