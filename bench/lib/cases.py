@@ -7,6 +7,7 @@ them before it returns, so runs do not see each other's queues."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import signal
@@ -37,6 +38,7 @@ CATCHUP_POLL_INTERVAL = 0.02
 HOLD_SECONDS = 3600.0             # memory case: deliveries wait this long on the silent relay
 BLACKHOLE_BACKLOG = 64
 LATENCY_SESSIONS = 20
+FILL_ROUNDS = 5                   # memory / catch-up: resubmit refused messages this many times
 LATE_WARNING_MS = 50.0            # paced load this far behind schedule did not hold the rate
 
 
@@ -63,7 +65,7 @@ FULL = Sizes(messages=20000, bulk_messages=2000, large_messages=5000, failover_r
              failover_seconds=15.0, failover_kill_after=5.0, catchup_outcomes=100_000,
              memory_recipients=1_000_000, latency_seconds=20.0, latency_min_messages=1000)
 QUICK = Sizes(messages=300, bulk_messages=20, large_messages=100, failover_rate=50.0,
-              failover_seconds=6.0, failover_kill_after=2.0, catchup_outcomes=2000,
+              failover_seconds=4.5, failover_kill_after=1.5, catchup_outcomes=2000,
               memory_recipients=5000, latency_seconds=2.0, latency_min_messages=100)
 
 
@@ -83,6 +85,7 @@ class Ctx:
     progress: Callable[[str], None]
     rows: dict[str, Row] = field(default_factory=dict)
     run_index: int = 0
+    run_notes: list[str] = field(default_factory=list)  # added by helpers during one run
     _scratch_count: int = 0
 
     def scratch(self, name: str) -> Path:
@@ -195,7 +198,13 @@ def raftmail_cluster(ctx: Ctx, root: Path, spec: ClusterSpec) -> Iterator[tuple[
     cluster = Cluster(root / "cluster", spec, ctx.python, ctx.node_command)
     try:
         leader = cluster.start()
+        first_term = (cluster.status(leader) or {}).get("term")
         yield cluster, leader
+        # Elections during a run are worth knowing: each one costs the clients a round of 451s.
+        terms = [s["term"] for s in map(cluster.status, cluster.live_ids()) if s and "term" in s]
+        if first_term is not None and terms and max(terms) > first_term:
+            ctx.run_notes.append(f"raft term went from {first_term} to {max(terms)} during the run "
+                                 "(leader elections)")
     finally:
         killed = cluster.stop()
         if killed:
@@ -211,11 +220,54 @@ def drive(ctx: Ctx, ports: list[int], load: Load) -> LoadResult:
 
 
 def drive_cluster(ctx: Ctx, cluster: Cluster, load: Load, among: list[str] | None = None) -> LoadResult:
+    """Load the cluster's SMTP ports, counting 4xx replies instead of stopping at the first: a
+    451 while the leader changes is raftmail telling the client to try again, not a broken run."""
+    load = dataclasses.replace(load, tolerate_refusals=True)
     result = peers.drive(cluster.smtp_ports(among), load, ctx.generator, ctx.python)
-    if result.error:
-        dead = cluster.dead_node_report()
-        raise BenchError(f"load generator: {result.error}" + (f"; {dead}" if dead else ""))
+    dead = cluster.dead_node_report(among)
+    if result.error or dead:
+        raise BenchError(f"load generator: {result.error or 'finished'}" + (f"; {dead}" if dead else ""))
     return result
+
+
+def refusal_note(result: LoadResult, load: Load, resubmitted: bool = False) -> list[str]:
+    if not result.refused:
+        return []
+    what = "resubmitted in a later round" if resubmitted else "not retried; rates count committed ones only"
+    return [f"{result.refused} of {load.messages} submissions refused, {what} (first: {result.first_refusal})"]
+
+
+def committed_recipients(cluster: Cluster, node_id: str, result: LoadResult) -> int:
+    """Recipients the node counts once every 250 the generator saw is applied there."""
+    queue, _ = cluster.wait_queue(node_id, lambda q: queue_total(q) >= result.recipients_ok,
+                                  COMMIT_CHECK_TIMEOUT,
+                                  f"{node_id} to show the {result.recipients_ok} recipients answered 250")
+    committed = queue_total(queue)
+    if committed == 0:
+        raise BenchError(f"nothing was committed: {result.refused} refusals, first: {result.first_refusal}")
+    return committed
+
+
+def fill_queue(ctx: Ctx, cluster: Cluster, node_id: str, recipients: int, *,
+               among: list[str] | None = None) -> tuple[int, list[str]]:
+    """Submit bulk messages until the node counts at least `recipients` queued recipients,
+    resubmitting what was refused (up to FILL_ROUNDS rounds); returns the count and notes."""
+    notes: list[str] = []
+    for _ in range(FILL_ROUNDS):
+        queued = queue_total(cluster.queue(node_id) or {})
+        missing = recipients - queued
+        if missing <= 0:
+            return queued, notes
+        load = Load(messages=math.ceil(missing / BULK_RECIPIENTS), sessions=ctx.sizes.sessions,
+                    recipients=BULK_RECIPIENTS, body_bytes=ctx.sizes.body_bytes)
+        result = drive_cluster(ctx, cluster, load, among)
+        notes += refusal_note(result, load, resubmitted=True)
+        committed_recipients(cluster, node_id, result)
+    queued = queue_total(cluster.queue(node_id) or {})
+    if queued < recipients:
+        raise BenchError(f"only {queued} of {recipients} recipients queued after {FILL_ROUNDS} rounds; "
+                         + " ".join(notes))
+    return queued, notes
 
 
 def wait_destination(dest: SmtpSink | PlainSmtpd, expected: int, timeout: float) -> float:
@@ -299,11 +351,13 @@ def half_max_rate(ctx: Ctx, intake_key: str, measure_max: Callable[[], float]) -
     return maximum / 2, f"rate = half of {maximum:.0f} msg/s measured first ({ctx.generator}, closed loop)"
 
 
-def paced_latency(ctx: Ctx, ports: list[int], rate: float, prefix: str) -> Measurement:
+def paced_latency(ctx: Ctx, ports: list[int], rate: float, prefix: str,
+                  tolerate: bool = False) -> Measurement:
     messages = max(ctx.sizes.latency_min_messages, int(rate * ctx.sizes.latency_seconds))
     # Connections are reused: per-message connects cost the Python generator more CPU than the
     # rates here leave it, and the measured span (final dot to reply) does not include them.
-    load = Load(messages=messages, sessions=LATENCY_SESSIONS, body_bytes=ctx.sizes.body_bytes, reuse=True)
+    load = Load(messages=messages, sessions=LATENCY_SESSIONS, body_bytes=ctx.sizes.body_bytes,
+                reuse=True, tolerate_refusals=tolerate)
     result = peers.run_python_load(ports, load, ctx.python, rate=rate)
     if result.error:
         raise BenchError(f"paced load: {result.error}")
@@ -317,6 +371,7 @@ def paced_latency(ctx: Ctx, ports: list[int], rate: float, prefix: str) -> Measu
     if lag > LATE_WARNING_MS:
         notes.append("the generator fell behind its schedule (all sessions busy or CPU short): "
                      "the server saw less than the target rate")
+    notes += refusal_note(result, load)
     return Measurement({f"{prefix}-p50": latency["p50"], f"{prefix}-p99": latency["p99"]}, notes)
 
 
@@ -376,20 +431,23 @@ def wait_delivered(cluster: Cluster, node_id: str, recipients: int) -> tuple[dic
                               f"{recipients} recipient outcomes on {node_id}")
 
 
-def intake_raftmail_rate(ctx: Ctx, variant: Variant, fsync: bool = False) -> float:
+def intake_raftmail(ctx: Ctx, variant: Variant, fsync: bool = False) -> tuple[float, list[str]]:
+    """Committed recipients (or messages) per second of load, and notes on refusals."""
     load = variant.load(ctx)
     root = ctx.scratch(f"intake{variant.suffix}-raftmail")
     with destination(ctx, root) as dest, \
             raftmail_cluster(ctx, root, ClusterSpec(relay_port=dest.port, fsync=fsync)) as (cluster, leader):
         result = drive_cluster(ctx, cluster, load)
-        # Every 250 means committed: the leader must already count every recipient.
-        wait_committed(cluster, leader, load.total_recipients)
-    return variant.rate(load, result.elapsed)
+        # Every 250 means committed: the leader must already count those recipients.
+        committed = committed_recipients(cluster, leader, result)
+    counted = dataclasses.replace(load, messages=committed // load.recipients)
+    return variant.rate(counted, result.elapsed), refusal_note(result, load)
 
 
 def measure_intake_raftmail(variant: Variant) -> Callable[[Ctx], Measurement]:
     def measure(ctx: Ctx) -> Measurement:
-        return Measurement({f"intake{variant.suffix}-raftmail": intake_raftmail_rate(ctx, variant)})
+        rate, notes = intake_raftmail(ctx, variant)
+        return Measurement({f"intake{variant.suffix}-raftmail": rate}, notes)
 
     return measure
 
@@ -401,13 +459,14 @@ def measure_e2e_raftmail(ctx: Ctx) -> Measurement:
             raftmail_cluster(ctx, root, ClusterSpec(relay_port=dest.port)) as (cluster, leader):
         started = time.monotonic()
         result = drive_cluster(ctx, cluster, load)
-        _queue, done_at = wait_delivered(cluster, leader, load.total_recipients)
+        committed = committed_recipients(cluster, leader, result)
+        _queue, done_at = wait_delivered(cluster, leader, committed)
         # A delivered outcome is committed only after the destination's 250, so it has them all.
-        if dest.messages() < load.messages:
+        if dest.messages() < committed:
             raise BenchError(f"{dest.kind} counted {dest.messages()} messages, raftmail says "
-                             f"{load.messages} delivered")
-    return Measurement({"e2e-raftmail": load.messages / (done_at - started)},
-                       [f"accepted at {load.messages / result.elapsed:.0f} msg/s in the same runs"])
+                             f"{committed} delivered")
+    notes = [f"accepted at {committed / result.elapsed:.0f} msg/s in the same runs", *refusal_note(result, load)]
+    return Measurement({"e2e-raftmail": committed / (done_at - started)}, notes)
 
 
 def _read_records(path: Path) -> list[list]:
@@ -482,16 +541,14 @@ def wait_node_reaches(cluster: Cluster, node_id: str, target: int, started: floa
 
 def measure_catchup(ctx: Ctx) -> Measurement:
     outcomes = ctx.sizes.catchup_outcomes
-    load = Load(messages=max(1, outcomes // BULK_RECIPIENTS), sessions=ctx.sizes.sessions,
-                recipients=BULK_RECIPIENTS, body_bytes=ctx.sizes.body_bytes)
     root = ctx.scratch("catchup-raftmail")
     with destination(ctx, root) as dest, \
             raftmail_cluster(ctx, root, ClusterSpec(relay_port=dest.port)) as (cluster, leader):
         behind = next(node.id for node in cluster.nodes if node.id != leader)
         live = [n.id for n in cluster.nodes if n.id != behind]
         cluster.kill(behind, signal.SIGTERM)
-        drive_cluster(ctx, cluster, load, among=live)
-        wait_delivered(cluster, leader, load.total_recipients)
+        queued, notes = fill_queue(ctx, cluster, leader, outcomes, among=live)
+        wait_delivered(cluster, leader, queued)
         target = cluster.status(leader)["commit_index"]
         restarted = time.monotonic()
         cluster.start_node(behind)
@@ -502,8 +559,8 @@ def measure_catchup(ctx: Ctx) -> Measurement:
         restarted = time.monotonic()
         cluster.start_node(behind)
         idle_commit_s, _ = wait_node_reaches(cluster, behind, idle_target, restarted)
-    notes = [f"{behind} stopped (SIGTERM) while {load.total_recipients} recipients were accepted "
-             f"and delivered; leader commit index then {target}"]
+    notes.insert(0, f"{behind} stopped (SIGTERM) while {queued} recipients in messages of "
+                    f"{BULK_RECIPIENTS} were accepted and delivered; leader commit index then {target}")
     return Measurement({"catchup-commit": commit_s, "catchup-applied": applied_s,
                         "catchup-restart-idle": idle_commit_s}, notes)
 
@@ -524,8 +581,6 @@ class Blackhole:
 
 def measure_memory(ctx: Ctx) -> Measurement:
     recipients = ctx.sizes.memory_recipients
-    load = Load(messages=max(1, recipients // BULK_RECIPIENTS), sessions=ctx.sizes.sessions,
-                recipients=BULK_RECIPIENTS, body_bytes=ctx.sizes.body_bytes)
     hold = {"connect_timeout": HOLD_SECONDS, "command_timeout": HOLD_SECONDS}
     root = ctx.scratch("memory-raftmail")
     blackhole = Blackhole()
@@ -533,17 +588,19 @@ def measure_memory(ctx: Ctx) -> Measurement:
     try:
         with raftmail_cluster(ctx, root, spec) as (cluster, leader):
             idle = {node.id: cluster.rss(node.id) for node in cluster.nodes}
-            drive_cluster(ctx, cluster, load)
+            queued, fill_notes = fill_queue(ctx, cluster, leader, recipients)
             for node in cluster.nodes:
-                wait_committed(cluster, node.id, load.total_recipients)
+                wait_committed(cluster, node.id, queued)
             loaded = {node.id: cluster.rss(node.id) for node in cluster.nodes}
+            leader = cluster.leader() or leader  # leadership may have moved while filling
     finally:
         blackhole.close()
-    per_recipient = {n: (loaded[n] - idle[n]) / load.total_recipients for n in idle}
+    per_recipient = {n: (loaded[n] - idle[n]) / queued for n in idle}
     followers = [n for n in per_recipient if n != leader]
     mib = 2**20
-    notes = [f"{load.total_recipients} recipients in {load.messages} messages held undelivered; RSS "
-             + ", ".join(f"{n} {idle[n] / mib:.0f}→{loaded[n] / mib:.0f} MiB" for n in idle)]
+    notes = [f"{queued} recipients in messages of {BULK_RECIPIENTS} held undelivered; RSS "
+             + ", ".join(f"{n} {idle[n] / mib:.0f}→{loaded[n] / mib:.0f} MiB" for n in idle),
+             *fill_notes]
     return Measurement({"memory-leader": per_recipient[leader],
                         "memory-follower": max(per_recipient[n] for n in followers)}, notes)
 
@@ -553,13 +610,13 @@ def measure_latency_raftmail(ctx: Ctx) -> Measurement:
     with destination(ctx, root) as dest, \
             raftmail_cluster(ctx, root, ClusterSpec(relay_port=dest.port)) as (cluster, leader):
         def measure_max() -> float:
-            load = base_load(ctx)
-            result = drive_cluster(ctx, cluster, load)
-            wait_delivered(cluster, leader, load.total_recipients)  # a quiet cluster for the timed part
-            return load.messages / result.elapsed
+            result = drive_cluster(ctx, cluster, base_load(ctx))
+            committed = committed_recipients(cluster, leader, result)
+            wait_delivered(cluster, leader, committed)  # a quiet cluster for the timed part
+            return committed / result.elapsed
 
         rate, how = half_max_rate(ctx, "intake-raftmail", measure_max)
-        measurement = paced_latency(ctx, cluster.smtp_ports(), rate, "latency-raftmail")
+        measurement = paced_latency(ctx, cluster.smtp_ports(), rate, "latency-raftmail", tolerate=True)
     measurement.notes.insert(0, how)
     return measurement
 
@@ -567,10 +624,12 @@ def measure_latency_raftmail(ctx: Ctx) -> Measurement:
 def measure_fsync(ctx: Ctx) -> Measurement:
     # Alternate which setting goes first, so drift over the whole run hits both alike.
     order = (False, True) if ctx.run_index % 2 == 0 else (True, False)
-    values = {}
+    values, notes = {}, []
     for fsync in order:
-        values["fsync-on" if fsync else "fsync-off"] = intake_raftmail_rate(ctx, VARIANTS[0], fsync=fsync)
-    return Measurement(values)
+        key = "fsync-on" if fsync else "fsync-off"
+        values[key], refusals = intake_raftmail(ctx, VARIANTS[0], fsync=fsync)
+        notes += [f"{key}: {note}" for note in refusals]
+    return Measurement(values, notes)
 
 
 # --------------------------------------------------------------------------------------------

@@ -178,9 +178,10 @@ class Cluster:
                 child.kill()
         return killed
 
-    def dead_node_report(self) -> str:
-        """Which nodes died, with the end of their logs, for an error message."""
-        dead = [node.id for node in self.nodes if node.id in self.children and not self.alive(node.id)]
+    def dead_node_report(self, among: list[str] | None = None) -> str:
+        """Which of the nodes expected to run died, with the end of their logs, for an error."""
+        expected = among or [node.id for node in self.nodes if node.id in self.children]
+        dead = [node_id for node_id in expected if not self.alive(node_id)]
         parts = []
         for node_id in dead:
             log_tail = self.children[node_id].log_tail().strip().splitlines()[-5:]
@@ -191,7 +192,7 @@ class Cluster:
     def check_alive(self, expected: list[str] | None = None) -> None:
         for node_id in expected or list(self.children):
             if not self.alive(node_id):
-                raise BenchError(f"raftmail node died: {self.dead_node_report()}")
+                raise BenchError(f"raftmail node died: {self.dead_node_report(expected)}")
 
     def rss(self, node_id: str) -> int:
         return rss_bytes(self.children[node_id].pid)

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -181,6 +182,9 @@ class Load:
     recipients: int = 1
     body_bytes: int = 2048
     reuse: bool = False
+    # Carry on past 4xx/5xx replies and count them (smtp-source -A), instead of ending the run at
+    # the first one; for raftmail, whose 451 on a leader change is a normal "try again".
+    tolerate_refusals: bool = False
 
     @property
     def total_recipients(self) -> int:
@@ -197,6 +201,8 @@ class LoadResult:
     latency_ms: dict | None = None
     start_lag_ms: dict | None = None  # paced Python runs: lateness against the schedule
     send_seconds: float | None = None  # Python runs: from the first to the last message started
+    refused: int = 0                   # transactions refused (only counted with tolerate_refusals)
+    first_refusal: str | None = None
 
 
 def split(total: int, parts: int) -> list[int]:
@@ -215,6 +221,8 @@ def smtp_source_argv(binary: str, port: int, messages: int, sessions: int, load:
             "-l", str(load.body_bytes), "-N", "-f", SENDER, "-t", RECIPIENT, "-M", HELO_NAME]
     if load.reuse:
         argv.append("-d")
+    if load.tolerate_refusals:
+        argv.append("-A")
     return argv + [f"inet:{LOOPBACK}:{port}"]
 
 
@@ -225,28 +233,35 @@ def run_smtp_source(ports: list[int], load: Load) -> LoadResult:
         raise BenchError(f"smtp-source not found: {INSTALL_HINT}")
     sessions = split(load.sessions, len(ports))
     messages = split(load.messages, len(ports))
-    started = time.monotonic()
-    children = [spawn("smtp-source", smtp_source_argv(binary, port, m, max(1, s), load), capture=True)
-                for port, m, s in zip(ports, messages, sessions) if m > 0]
-    deadline = started + load_deadline(load)
-    ended = started
-    errors = []
-    for child in children:
-        try:
-            child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            errors.append(f"smtp-source did not finish within {deadline - started:.0f} s")
-            continue
-        ended = max(ended, time.monotonic())
-        stderr = child.proc.stderr.read().decode("utf-8", "replace").strip()
-        child.stop()  # already ended: only forgets it
-        if child.proc.returncode != 0:
-            errors.append(stderr.splitlines()[-1] if stderr else f"exit {child.proc.returncode}")
+    with tempfile.TemporaryDirectory(prefix="smtp-source-") as logdir:
+        # stderr to files, not pipes: with -A every refusal is a warning line, far more than a
+        # pipe buffer holds while we wait for the process.
+        logs = [Path(logdir) / f"{i}.log" for i in range(len(ports))]
+        started = time.monotonic()
+        children = [spawn("smtp-source", smtp_source_argv(binary, port, m, max(1, s), load), log)
+                    for port, m, s, log in zip(ports, messages, sessions, logs) if m > 0]
+        deadline = started + load_deadline(load)
+        ended = started
+        errors: list[str] = []
+        for child in children:
+            try:
+                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                errors.append(f"smtp-source did not finish within {deadline - started:.0f} s")
+                continue
+            ended = max(ended, time.monotonic())
+            child.stop()  # already ended: only forgets it
+            if child.proc.returncode != 0:
+                last = child.log_tail().strip().splitlines()[-1:]
+                errors.append(last[0] if last else f"exit {child.proc.returncode}")
+        refusals = [line for log in logs if log.exists()
+                    for line in log.read_text(errors="replace").splitlines() if "warning:" in line]
     elapsed = ended - started
-    ok = load.messages if not errors else 0
+    ok = 0 if errors else load.messages - len(refusals)
     return LoadResult(f"smtp-source (Postfix {postfix_version() or '?'})", elapsed, ok,
-                      ok * load.recipients, "; ".join(errors) or None)
+                      ok * load.recipients, "; ".join(errors) or None, refused=len(refusals),
+                      first_refusal=refusals[0].split("warning:", 1)[1].strip() if refusals else None)
 
 
 def loadgen_argv(ports: list[int], load: Load, python: str, *, rate: float | None = None,
@@ -260,7 +275,7 @@ def loadgen_argv(ports: list[int], load: Load, python: str, *, rate: float | Non
         argv.append("--reuse")
     if rate:
         argv += ["--rate", str(rate)]
-    if keep_going:
+    if keep_going or load.tolerate_refusals:
         argv.append("--keep-going")
     if records:
         argv += ["--records", str(records)]
@@ -279,7 +294,8 @@ def parse_loadgen_output(returncode: int, stdout: bytes, stderr: bytes) -> LoadR
         error = f"load generator deadline passed; first error: {summary['first_error']}"
     return LoadResult(summary["generator"], summary["elapsed"], summary["ok"],
                       summary["recipients_ok"], error, summary["latency_ms"],
-                      summary.get("start_lag_ms"), summary.get("send_seconds"))
+                      summary.get("start_lag_ms"), summary.get("send_seconds"),
+                      refused=summary["failed"], first_refusal=summary["first_error"])
 
 
 def run_python_load(ports: list[int], load: Load, python: str = sys.executable, *,

@@ -69,6 +69,7 @@ def run_case(case: Case, ctx: Ctx, capabilities: dict[str, str | None]) -> list[
     busy_starts: list[float] = []  # others' usage when a run started without the machine going quiet
     while clean < wanted:
         ctx.run_index = clean
+        ctx.run_notes = []
         idle, usage = ctx.idle.wait_for_idle()
         if not idle:
             busy_starts.append(usage)
@@ -95,7 +96,7 @@ def run_case(case: Case, ctx: Ctx, capabilities: dict[str, str | None]) -> list[
                 continue
             disturbed_kept += 1
         clean += 1
-        per_run_notes.append(measurement.notes)
+        per_run_notes.append(measurement.notes + ctx.run_notes)
         for row in rows:
             if row.key in measurement.values:
                 row.samples.append(measurement.values[row.key])
