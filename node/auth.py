@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from aiosmtpd.smtp import MISSING, AuthResult, LoginPassword
+from aiosmtpd.smtp import MISSING, AuthResult
 
 log = logging.getLogger("raftmail.auth")
 
@@ -46,12 +46,14 @@ AUTH_FAIL_TRACKED_ADDRESSES = 10000
 AUTH_CHECKS_IN_PARALLEL = 2
 MAX_AUTH_FAILURES_PER_CONNECTION = 3
 
-R_AUTH_OK = "235 2.7.0 Authentication successful"
+# The prompts every LOGIN client expects (draft-murchison-sasl-login); clients ignore their text.
+LOGIN_USERNAME_CHALLENGE = "Username:"
+LOGIN_PASSWORD_CHALLENGE = "Password:"
+
 R_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 R_AUTH_TOO_MANY = "421 4.7.0 Too many failed authentication attempts; closing connection"
 R_AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 response"
 R_AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
-R_AUTH_ABORTED = "501 5.7.0 Authentication aborted"
 R_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
 
 
@@ -199,12 +201,15 @@ class SMTPAuth:
 
     def __init__(self, users: UserDirectory, throttle: FailureThrottle, *,
                  checks_in_parallel: int = AUTH_CHECKS_IN_PARALLEL,
-                 max_failures_per_connection: int = MAX_AUTH_FAILURES_PER_CONNECTION) -> None:
+                 max_failures_per_connection: int = MAX_AUTH_FAILURES_PER_CONNECTION,
+                 counters: dict[str, int] | None = None) -> None:
         self.users = users
         self.throttle = throttle
         self.max_failures_per_connection = max_failures_per_connection
         self._checks = asyncio.Semaphore(checks_in_parallel)
-        self.counters = {"auth_ok": 0, "auth_failed": 0}
+        self.counters = counters if counters is not None else {"auth_ok": 0, "auth_failed": 0}
+        self.counters.setdefault("auth_ok", 0)
+        self.counters.setdefault("auth_failed", 0)
 
     async def plain(self, server: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -224,7 +229,7 @@ class SMTPAuth:
 
     async def login(self, server: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
-            login = await _challenge(server, server.AuthLoginUsernameChallenge)
+            login = await _challenge(server, LOGIN_USERNAME_CHALLENGE)
         else:
             login = _b64(args[1])
             if login is None:
@@ -232,7 +237,7 @@ class SMTPAuth:
                 return AuthResult(success=False, handled=True)
         if login is None:
             return AuthResult(success=False, handled=True)
-        password = await _challenge(server, server.AuthLoginPasswordChallenge)
+        password = await _challenge(server, LOGIN_PASSWORD_CHALLENGE)
         if password is None:
             return AuthResult(success=False, handled=True)
         return await self.verify(server, login, password)
@@ -249,7 +254,7 @@ class SMTPAuth:
         if user is not None:
             self.counters["auth_ok"] += 1
             log.info("AUTH as %s from %s", user, address)
-            return AuthResult(success=True, auth_data=LoginPassword(login, b""))
+            return AuthResult(success=True, auth_data=user)
         self.counters["auth_failed"] += 1
         recent = self.throttle.record_failure(address)
         shown = login[:64].decode("utf-8", "replace").encode("unicode_escape").decode("ascii")
@@ -260,7 +265,8 @@ class SMTPAuth:
         server.auth_failures = failures
         if failures >= self.max_failures_per_connection:
             await server.push(R_AUTH_TOO_MANY)
-            server.transport.close()
+            if server.transport is not None:
+                server.transport.close()
             return AuthResult(success=False, handled=True)
         return AuthResult(success=False, handled=False, message=R_AUTH_INVALID)
 
@@ -275,6 +281,8 @@ def peer_address(session: Any) -> str:
 
 
 def _b64(text: str) -> bytes | None:
+    if text == "=":  # RFC 4954: an empty initial response
+        return b""
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
     except (ValueError, binascii.Error):

@@ -736,3 +736,95 @@ def test_monitoring_refusal_does_not_echo_the_webhook_token(tmp_path: Path) -> N
 
 def test_monitoring_is_an_allowed_section(tmp_path: Path) -> None:
     refused(write(tmp_path, BASE + "[bogus]\nx = 1\n"), "[bogus]", "[monitoring]")
+
+
+# --------------------------------------------------------------------------------------------
+# [intake] security keys: allow_networks, users, TLS (issue 5)
+# --------------------------------------------------------------------------------------------
+
+
+def _tls_pair(tmp_path: Path, folder: str = "tls", host: str = "127.0.0.1") -> tuple[Path, Path]:
+    from raftmail.node.tls import write_self_signed
+    return write_self_signed(tmp_path / folder, host)
+
+
+def _hash(password: str = "a test password") -> str:
+    from raftmail.node.auth import hash_password
+    return hash_password(password)
+
+
+def test_intake_security_defaults(tmp_path: Path) -> None:
+    intake = load_config(write(tmp_path, BASE)).intake
+    assert [str(n) for n in intake.allow_networks] == ["127.0.0.0/8", "::1/128"]
+    assert dict(intake.users) == {}
+    assert intake.tls_cert is None and intake.tls_key is None
+    assert intake.allow_plaintext_auth_on_loopback is False
+    assert intake.auth_fail_delay == 1.0 and intake.auth_fail_delay_max == 30.0
+
+
+def test_intake_security_keys_are_read_and_tls_paths_resolve(tmp_path: Path) -> None:
+    _tls_pair(tmp_path)
+    hashed = _hash()
+    text = BASE + (
+        '[intake]\nallow_networks = ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7"]\n'
+        'tls_cert = "tls/cert.pem"\ntls_key = "tls/key.pem"\nauth_fail_delay = 0.5\n'
+        f'\n[intake.users]\nalice = "{hashed}"\n"news@example.com" = "{hashed}"\n'
+    )
+    intake = load_config(write(tmp_path, text)).intake
+    assert [str(n) for n in intake.allow_networks] == ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]
+    assert sorted(intake.users) == ["alice", "news@example.com"]
+    assert intake.tls_cert == tmp_path / "tls" / "cert.pem" and intake.tls_key == tmp_path / "tls" / "key.pem"
+    assert intake.auth_fail_delay == 0.5
+    assert hashed not in repr(intake)
+
+
+def test_users_without_tls_are_fine_when_plaintext_auth_on_loopback_is_allowed(tmp_path: Path) -> None:
+    text = BASE + f'[intake]\nallow_plaintext_auth_on_loopback = true\nallow_networks = []\n[intake.users]\nbob = "{_hash()}"\n'
+    intake = load_config(write(tmp_path, text)).intake
+    assert intake.allow_plaintext_auth_on_loopback is True and intake.allow_networks == () and list(intake.users) == ["bob"]
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "fragment"),
+    [
+        ('allow_networks = "10.0.0.0/8"', "allow_networks", "must be an array"),
+        ('allow_networks = ["10.0.0.1/8"]', "allow_networks", "did you mean 10.0.0.0/8?"),
+        ('allow_networks = ["banana"]', "allow_networks", "not a network in CIDR form"),
+        ("allow_networks = [5]", "allow_networks", "as strings"),
+        ("allow_networks = []", "allow_networks", "nobody could submit"),
+        ('tls_cert = "tls/cert.pem"', "tls_cert", "tls_key is not"),
+        ('tls_key = "tls/key.pem"', "tls_key", "tls_cert is not"),
+        ('tls_cert = "tls/cert.pem"\ntls_key = "tls/missing.pem"', "tls_key", "cannot read"),
+        ('tls_cert = "tls/cert.pem"\ntls_key = "tls"', "tls_key", "cannot read"),
+        ('tls_cert = "tls/cert.pem"\ntls_key = "empty.pem"', "tls_key", "is empty"),
+        ('tls_cert = "tls/cert.pem"\ntls_key = "other/key.pem"', "tls_key", "does not belong to the certificate"),
+        ('tls_cert = "tls/cert.pem"\ntls_key = "tls/cert.pem"', "tls_key", "cannot serve STARTTLS"),
+        ('allow_plaintext_auth_on_loopback = "yes"', "allow_plaintext_auth_on_loopback", "true or false"),
+        ("auth_fail_delay = 0", "auth_fail_delay", "positive number"),
+        ("auth_fail_delay = 5\nauth_fail_delay_max = 2", "auth_fail_delay_max", "at least auth_fail_delay (5)"),
+        ("users = 5", "users", "must be a table"),
+    ],
+)
+def test_intake_security_refusals(tmp_path: Path, body: str, key: str, fragment: str) -> None:
+    _tls_pair(tmp_path)
+    _tls_pair(tmp_path, "other")
+    (tmp_path / "empty.pem").write_bytes(b"")
+    refused(write(tmp_path, BASE + f"[intake]\n{body}\n"), f"[intake] {key}", fragment)
+
+
+def test_users_without_tls_are_refused(tmp_path: Path) -> None:
+    refused(write(tmp_path, BASE + f'[intake.users]\nalice = "{_hash()}"\n'), "[intake] users", "STARTTLS",
+            "allow_plaintext_auth_on_loopback")
+
+
+@pytest.mark.parametrize("value", ['"hunter2-plaintext"', '"scrypt$1$2$3$4$5"', "42"])
+def test_user_with_a_bad_hash_is_refused_without_echoing_it(tmp_path: Path, value: str) -> None:
+    _tls_pair(tmp_path)
+    text = BASE + f'[intake]\ntls_cert = "tls/cert.pem"\ntls_key = "tls/key.pem"\n[intake.users]\nalice = {value}\n'
+    message = refused(write(tmp_path, text), "[intake.users] alice")
+    assert value.strip('"') not in message
+
+
+def test_user_login_with_spaces_is_refused(tmp_path: Path) -> None:
+    text = BASE + f'[intake]\nallow_plaintext_auth_on_loopback = true\n[intake.users]\n"two words" = "{_hash()}"\n'
+    refused(write(tmp_path, text), '[intake.users] "two words"', "without spaces")

@@ -15,7 +15,7 @@ import pytest
 
 from cluster import Cluster, wait_for
 
-from .driver import (LEASE_SECONDS, MAX_TRIES, Letter, Traffic, admin_post, assignments, check, holders, kill,
+from .driver import (FINAL_STATES, LEASE_SECONDS, MAX_TRIES, Letter, Traffic, admin_post, assignments, check, holders, kill,
                      make_letters, outcome_lines, record, restart, seeds, start_nodes, stats, verify, wait_back,
                      wait_caught_up, wait_holder, wipe)
 
@@ -27,7 +27,8 @@ INTAKE_WAIT = 40.0  # seconds to wait for the campaign to reach a fault's trigge
 HOLDER_WAIT = 30.0  # seconds to wait for a node to hold batches
 KILL_ATTEMPTS = 3  # tries to catch a follower while it holds batches (a batch may finish first)
 COMPACTION_MIN_ENTRIES = 100  # low, so the wiped node can only come back from a snapshot
-COMPACTED_MARGIN = 20  # the leader's log must be this much shorter than its commit index
+COMPACTED_MARGIN = 20
+TAIL = "tail"  # a campaign held back during intake, delivered afterwards (faults "during delivery")  # the leader's log must be this much shorter than its commit index
 
 
 def start_campaign(c: Cluster, seed: int, tag: str, letters: int, pace: float,
@@ -44,14 +45,23 @@ def wait_acked(traffic: Traffic, n: int) -> bool:
     return traffic.running()
 
 
-def wait_delivering(c: Cluster, prefer_leader: bool = True) -> None:
-    """Until batches are in flight (the leader's own, if it gets one within a lease)."""
+def hold_campaign(c: Cluster, traffic: Traffic, campaign: str = TAIL) -> None:
+    """Pause `campaign` as soon as it exists: its letters pile up while the others flow."""
+    wait_for(lambda: any(lt.sid for lt in traffic.letters if lt.campaign == campaign), INTAKE_WAIT,
+             f"a letter of campaign {campaign} to be acknowledged")
+    wait_for(lambda: admin_post(c, c.wait_leader(), f"/campaigns/{campaign}/pause"), 30, f"{campaign} to pause")
+
+
+def resume_campaign(c: Cluster, campaign: str = TAIL) -> None:
+    wait_for(lambda: admin_post(c, c.wait_leader(), f"/campaigns/{campaign}/resume"), 30, f"{campaign} to resume")
+
+
+def resume_tail_and_wait_delivering(c: Cluster, traffic: Traffic) -> None:
+    """After intake, release the held TAIL campaign as one backlog, and wait until its batches
+    are in flight: a fault then lands during delivery whatever the timing."""
+    traffic.join()
+    resume_campaign(c, TAIL)
     wait_holder(c, lambda h, ld: h, HOLDER_WAIT, "batches in flight")
-    if prefer_leader:
-        try:
-            wait_holder(c, lambda h, ld: ld in h and ld, LEASE_SECONDS, "the leader to hold a batch")
-        except AssertionError:
-            pass  # any batch in flight will do: the leader's kill still moves the schedule
 
 
 def kill_leader(c: Cluster, traffic: Traffic, rng: random.Random, extra: int = 0) -> float:
@@ -73,31 +83,33 @@ def kill_leader(c: Cluster, traffic: Traffic, rng: random.Random, extra: int = 0
 
 # ---------------------------------------------------------------- 1. leader killed, intake and delivery
 
-def leader_kills(c: Cluster, seed: int, name: str, extra: int) -> None:
-    rng, traffic = start_campaign(c, seed, name, letters=48, pace=0.3)
+def leader_kills(c: Cluster, seed: int, name: str, letters: int, intake_kills: tuple[int, ...],
+                 extra: int) -> None:
+    """Leader kills at the given numbers of acknowledged letters, then one during delivery."""
+    rng, traffic = start_campaign(c, seed, name, letters=letters, pace=0.3, campaigns=("main", TAIL))
+    hold_campaign(c, traffic, TAIL)
     failovers, phases = [], []
-    for acks in (6, 24):
+    for acks in intake_kills:
         phases.append("intake" if wait_acked(traffic, acks) else "delivery")
         failovers.append(kill_leader(c, traffic, rng, extra))
-    traffic.join()
-    wait_delivering(c)
+    resume_tail_and_wait_delivering(c, traffic)
     phases.append("delivery")
     failovers.append(kill_leader(c, traffic, rng, extra))
     print(f"  leader kills during: {phases}", flush=True)
     v = verify(c, traffic, name, seed, failovers)
     record(v)
-    check(v, c)
     assert "intake" in phases, "no leader kill landed during intake"
+    check(v, c)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_leader_sigkill_during_intake_and_delivery(fault_cluster, seed: int) -> None:
-    leader_kills(fault_cluster(3), seed, "leader_kill", extra=0)
+    leader_kills(fault_cluster(3), seed, "leader_kill", letters=44, intake_kills=(6, 22), extra=0)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_five_nodes_leader_and_a_holder_sigkilled_together(fault_cluster, seed: int) -> None:
-    leader_kills(fault_cluster(5), seed, "leader_kill_5", extra=1)
+    leader_kills(fault_cluster(5), seed, "leader_kill_5", letters=36, intake_kills=(6,), extra=1)
 
 
 # ---------------------------------------------------------------- 2. follower holding batches killed
@@ -126,9 +138,9 @@ def test_follower_holding_batches_sigkilled(fault_cluster, seed: int) -> None:
                 break
     v = verify(c, traffic, "follower_kill", seed, [])
     record(v)
-    check(v, c)
     assert expiries_seen >= 1, "no follower was killed while it held a batch"
     assert v.stats["reassigned_in_flight"] > 0
+    check(v, c)
 
 
 # ---------------------------------------------------------------- 3. node frozen past its lease
@@ -163,9 +175,9 @@ def test_frozen_node_wakes_and_does_not_send_what_was_reassigned(fault_cluster, 
     late = Counter(o["batch"] for o in outcome_lines(c, victim) if o["t"] >= woke_at and o["batch"] in old)
     v.notes.append(f"sends after waking, per batch leased before the freeze: {dict(late)}")
     record(v)
-    check(v, c)
     assert all(n <= 1 for n in late.values()), f"seed {seed}: {victim} kept sending reassigned batches: {late}"
     assert v.stats["lease_expiries"] > before
+    check(v, c)
 
 
 # ---------------------------------------------------------------- 4. every node killed
@@ -173,14 +185,14 @@ def test_frozen_node_wakes_and_does_not_send_what_was_reassigned(fault_cluster, 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_every_node_sigkilled_and_restarted(fault_cluster, seed: int) -> None:
     c = fault_cluster(3)
-    rng, traffic = start_campaign(c, seed, "kill_all", letters=40, pace=0.25)
+    rng, traffic = start_campaign(c, seed, "kill_all", letters=32, pace=0.25, campaigns=("main", TAIL))
+    hold_campaign(c, traffic, TAIL)
     failovers = []
     for phase in ("intake", "delivery"):
         if phase == "intake":
-            assert wait_acked(traffic, 10), "the campaign's intake ended before the kill"
+            assert wait_acked(traffic, 8), "the campaign's intake ended before the kill"
         else:
-            traffic.join()
-            wait_delivering(c, prefer_leader=False)
+            resume_tail_and_wait_delivering(c, traffic)
         at = kill(c, c.ids)
         start_nodes(c, c.ids)
         failovers.append(traffic.failover(at, c.ids, rng))
@@ -199,9 +211,7 @@ def test_wiped_node_rejoins_from_snapshot_fetches_bodies_and_serves(fault_cluste
     rng, traffic = start_campaign(c, seed, "wipe", letters=40, pace=0.15, campaigns=("live", "held"))
     # One campaign is held, so unfinished submissions (bodies the wiped node must fetch) exist
     # whatever the timing.
-    wait_for(lambda: any(letter.sid for letter in traffic.letters if letter.campaign == "held"), INTAKE_WAIT,
-             "a letter of the held campaign to be acknowledged")
-    admin_post(c, c.wait_leader(), "/campaigns/held/pause")
+    hold_campaign(c, traffic, "held")
     wait_acked(traffic, 20)
 
     def compacted():
@@ -220,23 +230,32 @@ def test_wiped_node_rejoins_from_snapshot_fetches_bodies_and_serves(fault_cluste
              f"leader {ld} to have compacted its log", interval=0.2)
     restart(c, [victim])
     assert (c.data_dir(victim) / "raft" / "snapshot.bin").exists(), "the wiped node has no snapshot"
+    traffic.join()  # the bodies check below needs a settled set of submissions
     print(f"  wiped {victim} ({'leader' if was_leader else 'follower'}); rejoined from {ld}'s snapshot",
           flush=True)
 
-    # The bodies of every unfinished submission are fetched from the peers into its own store.
+    # The bodies of every unfinished submission are fetched from the peers into its own store
+    # (submissions that finish meanwhile need no body any more: asked afresh on every poll).
     def unfinished_bodies() -> dict[str, str]:
         out = {}
         for letter in traffic.all_letters():
             sub = c.submission(victim, letter.sid) if letter.sid else None
-            if sub and any(r["state"] not in ("delivered", "bounced", "suppressed", "cancelled", "expired")
-                           for r in sub["recipients"]):
+            if sub and any(r["state"] not in FINAL_STATES for r in sub["recipients"]):
                 out[letter.sid] = sub["body"]
         return out
+
+    bodies = c.data_dir(victim) / "bodies"
+
+    def lacking() -> dict[str, list[str]]:
+        """Bodies of unfinished submissions the wiped node lacks -> the nodes that have them."""
+        return {d[:12]: [n for n in c.ids if (c.data_dir(n) / "bodies" / d[:2] / d).exists()]
+                for d in unfinished_bodies().values() if not (bodies / d[:2] / d).exists()}
     wanted = unfinished_bodies()
     assert wanted, "no unfinished submission when the wiped node came back"
-    bodies = c.data_dir(victim) / "bodies"
-    wait_for(lambda: all((bodies / d[:2] / d).exists() for d in wanted.values()), 30,
-             f"{victim} to fetch the {len(wanted)} bodies of unfinished submissions", interval=0.2)
+    try:
+        wait_for(lambda: not lacking(), 30, f"{victim} to fetch the bodies of unfinished submissions", interval=0.2)
+    except AssertionError as e:
+        raise AssertionError(f"seed {seed}: {e}; lacking (body: nodes holding it): {lacking()}") from None
 
     # It serves: a submission to it is answered 250 on the first try.
     probe = Letter(key=f"<wiped-{seed}@client.example>", campaign="live", rcpts=[f"after-wipe-{seed}@example.com"],
@@ -244,7 +263,7 @@ def test_wiped_node_rejoins_from_snapshot_fetches_bodies_and_serves(fault_cluste
     traffic.send_extra(probe)
     assert probe.attempts[0].code == 250, f"the rejoined node answered {probe.attempts[0]}"
 
-    admin_post(c, c.wait_leader(), "/campaigns/held/resume")
+    resume_campaign(c, "held")
     v = verify(c, traffic, "wipe_rejoin", seed, failovers)
     v.notes.append(f"{len(wanted)} unfinished submissions' bodies fetched by {victim}")
     record(v)
@@ -272,5 +291,5 @@ def test_rolling_restart_during_a_campaign(fault_cluster, seed: int) -> None:
               f"{time.time() - at:.1f}s", flush=True)
     v = verify(c, traffic, "rolling_restart", seed, failovers)
     record(v)
-    check(v, c)
     assert all(code == 0 for code in codes.values()), f"a node did not stop cleanly on SIGTERM: {codes}"
+    check(v, c)
