@@ -19,7 +19,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, s
 
 from raftmail.node.auth import FailureThrottle, SMTPAuth, UserDirectory, peer_address
 from raftmail.node.bridge import ProposalFailed, Proposer
-from raftmail.node.bodies import BodyStore
+from raftmail.node.bodies import BodyStore, body_digest
 from raftmail.node.config import Config, ConfigError
 from raftmail.node.tls import TLSConfigError, server_context
 
@@ -275,8 +275,18 @@ class Intake:
             return refusal
         timeout = self.limits.commit_timeout
         deadline = time.monotonic() + timeout
-        digest = await asyncio.to_thread(self.store.put, message)
-        acks = await self.replicate_body(digest, message, timeout)
+        # Our own copy and the peers' copies are written at the same time; the metadata is
+        # proposed only once a majority (this node included) holds the body.
+        digest = body_digest(message)
+        stored, acks = await asyncio.gather(asyncio.to_thread(self.store.put, message),
+                                            self.replicate_body(digest, message, timeout),
+                                            return_exceptions=True)
+        if isinstance(stored, BaseException):
+            self.counters["refused_451"] += 1
+            log.error("cannot store body %s locally (%s): 451", digest[:12], stored)
+            return R_NO_QUORUM
+        if isinstance(acks, BaseException):
+            acks = 0
         if acks + 1 < self.majority():
             self.counters["refused_451"] += 1
             log.warning("body %s on %d nodes (majority %d) before the deadline: 451", digest[:12], acks + 1,

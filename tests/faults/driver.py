@@ -90,7 +90,9 @@ def make_fault_cluster(root: Path, n: int, **kw) -> Cluster:
     extra = f"[delivery.domains.default]\nmax_connections = {DOMAIN_CONNECTIONS}\n"
     kw = {"lease_seconds": LEASE_SECONDS, "batch_size": BATCH_SIZE, "retry_first": RETRY_FIRST,
           "extra_toml": extra, **kw}
-    return Cluster(root, n, sink=SlowSink(root, SINK_RULES, SINK_DELAY), **kw)
+    c = Cluster(root, n, sink=SlowSink(root, SINK_RULES, SINK_DELAY), **kw)
+    c.stopped_at = {nid: [] for nid in c.ids}  # when each node process was killed or stopped
+    return c
 
 
 # ---------------------------------------------------------------- letters and clients
@@ -287,7 +289,17 @@ def kill(c: Cluster, nids: list[str]) -> float:
         c.signal(nid, signal.SIGKILL)
     for nid in nids:
         c.procs[nid].wait(10)
+        c.stopped_at[nid].append(at)
     return at
+
+
+def stop(c: Cluster, nid: str, timeout: float = 30.0) -> tuple[float, int]:
+    """SIGTERM one node and wait for it to exit: (the moment of the signal, its exit status)."""
+    at = time.time()
+    c.procs[nid].terminate()
+    code = c.procs[nid].wait(timeout)
+    c.stopped_at[nid].append(at)
+    return at, code
 
 
 def start_nodes(c: Cluster, nids: list[str]) -> None:
@@ -542,6 +554,7 @@ def classify_duplicates(c: Cluster, copies: Counter, by_sid: dict[str, Letter]) 
     - resumed: a node sent it in a batch leased to it before its own restart, after that restart;
     - released: a node sent it, restarted, and it was sent again in another batch although that
       batch never expired (its new process released what the old one had sent);
+    - unattributed: a copy whose sender died before logging it, and no other sign;
     - counted: anything else (a lease expiry or a fenced report, which the state counts)."""
     assigned = {a["batch"]: (a["node"], a["t"]) for a in assignments(c)}
     starts = node_starts(c)
@@ -560,7 +573,9 @@ def classify_duplicates(c: Cluster, copies: Counter, by_sid: dict[str, Letter]) 
                       for t, node, b in seen)
         released = any(b is not None and restarted(node, t, float("inf")) and b not in expired
                        and any(t2 > t and b2 != b for t2, _, b2 in seen) for t, node, b in seen)
-        causes["resumed" if resumed else "released" if released else "counted"] += n - 1
+        unattributed = any(node is None for _t, node, _b in seen)
+        cause = "resumed" if resumed else "released" if released else "unattributed" if unattributed else "counted"
+        causes[cause] += n - 1
     return causes
 
 
@@ -580,15 +595,32 @@ def write_report(path: str | None = None) -> None:
         Path(path).write_text("\n".join(SUMMARIES) + "\n")
 
 
+def quick_restarts(c: Cluster) -> list[tuple[str, float, float]]:
+    """Nodes that were up again within a lease of being stopped: (node, stopped, up). Only such
+    a node can find its old batches still leased to it."""
+    starts = node_starts(c)
+    out = []
+    for nid, stops in getattr(c, "stopped_at", {}).items():
+        for t in stops:
+            up = min((u for u in starts.get(nid, []) if u > t), default=None)
+            if up is not None and up - t < LEASE_SECONDS:
+                out.append((nid, t, up))
+    return out
+
+
 def check(v: Verdict, c: Cluster) -> None:
     """Fail the scenario with every broken invariant and the nodes' view; call it last."""
     problems = v.problems()
     if not problems:
         return
-    uncounted = v.causes["resumed"] + v.causes["released"]
+    # Copies that only the known defect can explain: attributed resends by a restarted holder,
+    # and copies sent by a process that died before logging them (their batch may have been
+    # resumed or released by the node's next process instead of expiring).
+    uncounted = v.causes["resumed"] + v.causes["released"] + v.causes["unattributed"]
     excess = v.duplicates - v.bound
-    if (KNOWN_UNCOUNTED_RESENDS and len(problems) == 1 and excess > 0 and uncounted >= excess):
-        pytest.xfail(f"known raftmail defect: {uncounted} resends by restarted holders are not counted "
+    if (KNOWN_UNCOUNTED_RESENDS and len(problems) == 1 and excess > 0 and uncounted >= excess
+            and quick_restarts(c)):
+        pytest.xfail(f"known raftmail defect: resends by restarted holders are not counted "
                      f"(duplicates {v.duplicates} > bound {v.bound}); seed {v.seed}; {dict(v.causes)}")
     from cluster import describe
     raise AssertionError(f"seed {v.seed} scenario {v.scenario}: " + "; ".join(problems)

@@ -15,9 +15,9 @@ import pytest
 
 from cluster import Cluster, wait_for
 
-from .driver import (FINAL_STATES, LEASE_SECONDS, MAX_TRIES, Letter, Traffic, admin_post, assignments, check, holders, kill,
-                     make_letters, outcome_lines, record, restart, seeds, start_nodes, stats, verify, wait_back,
-                     wait_caught_up, wait_holder, wipe)
+from .driver import (FINAL_STATES, LEASE_SECONDS, MAX_TRIES, Letter, Traffic, admin_post, assignments, check,
+                     holders, kill, make_letters, outcome_lines, record, restart, seeds, start_nodes, stats, stop,
+                     verify, wait_back, wait_caught_up, wait_holder, wipe)
 
 SCENARIO_TIMEOUT = 150  # seconds per scenario and seed
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.timeout(SCENARIO_TIMEOUT)]
@@ -27,8 +27,8 @@ INTAKE_WAIT = 40.0  # seconds to wait for the campaign to reach a fault's trigge
 HOLDER_WAIT = 30.0  # seconds to wait for a node to hold batches
 KILL_ATTEMPTS = 3  # tries to catch a follower while it holds batches (a batch may finish first)
 COMPACTION_MIN_ENTRIES = 100  # low, so the wiped node can only come back from a snapshot
-COMPACTED_MARGIN = 20
-TAIL = "tail"  # a campaign held back during intake, delivered afterwards (faults "during delivery")  # the leader's log must be this much shorter than its commit index
+COMPACTED_MARGIN = 20  # the leader's log must be this much shorter than its commit index
+TAIL = "tail"  # a campaign held back during intake, delivered afterwards (faults "during delivery")
 
 
 def start_campaign(c: Cluster, seed: int, tag: str, letters: int, pace: float,
@@ -281,9 +281,7 @@ def test_rolling_restart_during_a_campaign(fault_cluster, seed: int) -> None:
     for nid in rng.sample(c.ids, len(c.ids)):
         was_leader = c.wait_leader() == nid
         survivors = [n for n in c.ids if n != nid]
-        at = time.time()
-        c.procs[nid].terminate()
-        codes[nid] = c.procs[nid].wait(30)
+        at, codes[nid] = stop(c, nid)
         if was_leader:
             failovers.append(traffic.failover(at, survivors, rng))
         restart(c, [nid])
