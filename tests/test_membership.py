@@ -1,0 +1,88 @@
+"""Membership (issue 4): join a node while a campaign is sending, remove one cleanly, and the
+operators' failover drill."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cluster import make_message, run_cli, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
+
+
+def _founders_only(c, n: int) -> str:
+    """The cluster file as the founding members see it: the first n [[node]] tables."""
+    full = c.config_path.read_text()
+    head, *nodes = full.split("[[node]]")
+    kept = nodes[:n]
+    tail = nodes[-1][nodes[-1].index("[raft]"):]
+    kept[-1] = kept[-1] if "[raft]" not in kept[-1] else kept[-1][:kept[-1].index("[raft]")]
+    return head + "".join("[[node]]" + k for k in kept) + tail
+
+
+def test_join_while_a_campaign_is_sending_then_leave(make_cluster) -> None:
+    c = make_cluster(4, start=False, batch_size=10)
+    full = c.config_path.read_text()
+    c.config_path.write_text(_founders_only(c, 3))
+    c.sink.start()
+    for n in ("n1", "n2", "n3"):
+        c.start(n)
+    leader = c.wait_leader(30, among=["n1", "n2", "n3"])
+    total = 0
+    for i in range(10):
+        rcpts = [f"a{i}-{j}@example.com" for j in range(30)]
+        code, text = c.submit(leader, rcpts, make_message(message_id=f"<join-{i}@x>", campaign="grow"))
+        assert code == 250, text
+        total += len(rcpts)
+
+    # The operator adds n4 to the file, joins it, starts it: it catches up, then takes batches.
+    c.config_path.write_text(full)
+    r = run_cli(c.config_path, "join", "--node", "n4")
+    assert r.returncode == 0, r.stderr
+    c.start("n4")
+    wait_for(lambda: c.status("n4"), 20, "n4 to answer")
+    for i in range(10, 30):
+        rcpts = [f"a{i}-{j}@example.com" for j in range(30)]
+        code, text = c.submit("n4" if i % 2 else leader, rcpts, make_message(message_id=f"<join-{i}@x>", campaign="grow"))
+        assert code == 250, text
+        total += len(rcpts)
+    wait_for(lambda: c.queue(leader)["delivered"] >= total, 90, "the whole campaign delivered", interval=0.2)
+    assert c.status("n4")["applied_index"] >= c.status(leader)["commit_index"] - 5
+    assert "node=n4" in c.log_text("n4"), "the joined node never took a batch"
+    per_rcpt = {}
+    for e in c.sink.delivered():
+        per_rcpt[e["rcpt"]] = per_rcpt.get(e["rcpt"], 0) + 1
+    assert len(per_rcpt) == total and set(per_rcpt.values()) == {1}
+
+    # Remove n2 cleanly: its batches move first, then it leaves and stops by itself.
+    leaving = "n2"
+    for i in range(30, 36):
+        c.submit(leader if leader != leaving else "n1", [f"b{i}-{j}@example.com" for j in range(30)],
+                 make_message(message_id=f"<leave-{i}@x>", campaign="grow"))
+    r = run_cli(c.config_path, "leave", "--node", leaving, timeout=90)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not c.alive(leaving), 20, f"{leaving} to stop itself")
+    rest = [n for n in c.ids if n != leaving]
+    new_leader = c.wait_leader(30, among=rest)
+    code, text = c.submit(new_leader, ["after-leave@example.com"], make_message(message_id="<after-leave@x>"))
+    assert code == 250, text
+    wait_for(lambda: c.queue(new_leader)["pending"] + c.queue(new_leader)["in_flight"] == 0, 60,
+             "the queue to drain without the removed node")
+    c.wait_converged(rest)
+
+
+def test_drill_moves_leadership_and_everyone_catches_up(make_cluster) -> None:
+    c = make_cluster()
+    old = c.leader()
+    r = run_cli(c.config_path, "drill", "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    print(f"\ndrill: elected {result['elected_seconds']:.2f}s, accepting {result['accepting_seconds']:.2f}s, "
+          f"caught up {result['caught_up_seconds']:.2f}s")
+    assert result["old_leader"] == old and result["new_leader"] not in (None, old)
+    assert result["accepting_seconds"] < 10
+    new = c.wait_leader(20)
+    assert new != old
+    code, text = c.submit(new, ["drill@example.com"], make_message(message_id="<drill@x>"))
+    assert code == 250, text
