@@ -237,6 +237,8 @@ class StorageSection:
     body_retention_seconds: float = 604800.0
     # ... then a compressed record of each recipient's final state, this long (30 days).
     archive_retention_seconds: float = 2592000.0
+    # How often the leader applies the retention and each node deletes expired bodies.
+    maintenance_interval_seconds: float = 60.0
 
 
 # At most this many outcome events per webhook POST (the /events endpoint's own page limit).

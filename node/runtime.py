@@ -28,7 +28,6 @@ log = logging.getLogger("raftmail.node")
 BODY_REPAIR_INTERVAL = 1.0  # seconds between scans for bodies this node lacks
 BODY_REPAIR_MAX = 1000  # bodies fetched per scan
 BODY_REPAIR_PARALLEL = 16  # fetches in flight at once
-BODY_GC_INTERVAL = 60.0
 PEER_PROBE_INTERVAL = 5.0  # seconds between checks that every peer shares our cluster secret
 ORPHAN_BODY_AGE = 3600.0  # a body never committed (its submission got 451) is kept this long
 
@@ -378,7 +377,7 @@ class MailNode:
         """Delete bodies whose submissions all finished longer than the retention ago."""
         retention = self.config.storage.body_retention_seconds
         while True:
-            await asyncio.sleep(BODY_GC_INTERVAL)
+            await asyncio.sleep(self.config.storage.maintenance_interval_seconds)
             try:
                 now = time.time()
 

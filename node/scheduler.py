@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("raftmail.scheduler")
 
 SCHEDULE_INTERVAL = 0.1  # seconds between scheduling rounds on the leader
-PRUNE_INTERVAL = 60.0  # seconds between retention passes on the leader
 
 
 class Scheduler:
@@ -53,7 +52,7 @@ class Scheduler:
             if res.get("expired"):
                 log.warning("leases expired for batches %s: %d recipients back in the queue",
                             ",".join(res["expired"]), res["returned"])
-        if now - self._last_prune > PRUNE_INTERVAL:
+        if now - self._last_prune > node.config.storage.maintenance_interval_seconds:
             self._last_prune = now
             st = node.config.storage
             res = await node.proposer.propose({"op": "prune", "now": now, "retention": st.body_retention_seconds,
