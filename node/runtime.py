@@ -348,13 +348,17 @@ class MailNode:
         async def fetch(digest: str) -> None:
             async with slots:
                 await self.body(digest)
+        present: set[str] = set()  # bodies already seen on disk: each is checked once, not every scan
         while True:
             await asyncio.sleep(BODY_REPAIR_INTERVAL)
             try:
-                wanted = self.raft.read(lambda st: list({s.body for s in st.submissions.values()
-                                                         if s.finished_at is None}))
-                missing = await asyncio.to_thread(
-                    lambda: [d for d in wanted if not self.store.has(d)][:BODY_REPAIR_MAX])
+                wanted = self.raft.read(lambda st: {s.body for s in st.submissions.values()
+                                                    if s.finished_at is None})
+                present &= wanted
+                unseen = list(wanted - present)
+                have = await asyncio.to_thread(lambda: [d for d in unseen if self.store.has(d)])
+                present.update(have)
+                missing = [d for d in unseen if d not in present][:BODY_REPAIR_MAX]
                 await asyncio.gather(*(fetch(d) for d in missing))
             except Exception:
                 log.exception("body repair failed")
