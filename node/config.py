@@ -183,6 +183,8 @@ class IntakeSection:
 class DomainLimits:
     max_connections: int = 10
     max_per_minute: int = 0  # 0 = unlimited
+    # Never send to this domain in clear text: without STARTTLS the recipient is deferred.
+    require_tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -727,6 +729,8 @@ def _domains(src: str, table: Mapping[str, Any]) -> Mapping[str, DomainLimits]:
         sec.check_keys(_field_names(DomainLimits), _QUOTE_DOMAIN_HINT)
         base = limits.get("default", DomainLimits())
         read = _numbers(sec, DomainLimits, {"max_per_minute": UNLIMITED_IF_ZERO})
+        if sec.has("require_tls"):
+            read["require_tls"] = sec.boolean("require_tls")
         limits[domain] = dataclasses.replace(base, **read)
     limits.setdefault("default", DomainLimits())
     return MappingProxyType(limits)

@@ -136,7 +136,8 @@ class BatchRun:
                 await deliver_batch(routes, mail_from, self._messages(rows, positions),
                                     helo_name=d.helo_name, connect_timeout=d.connect_timeout,
                                     command_timeout=d.command_timeout, may_send=self.may_send,
-                                    on_outcome=self.on_outcome)
+                                    on_outcome=self.on_outcome,
+                                    require_tls=d.limits_for(self.domain).require_tls)
         except Exception:
             log.exception("batch %s failed", self.bid)
         finally:

@@ -828,3 +828,17 @@ def test_user_with_a_bad_hash_is_refused_without_echoing_it(tmp_path: Path, valu
 def test_user_login_with_spaces_is_refused(tmp_path: Path) -> None:
     text = BASE + f'[intake]\nallow_plaintext_auth_on_loopback = true\n[intake.users]\n"two words" = "{_hash()}"\n'
     refused(write(tmp_path, text), '[intake.users] "two words"', "without spaces")
+
+
+def test_require_tls_per_domain(tmp_path) -> None:
+    from raftmail.node.config import load_config
+    src = Path(__file__).resolve().parent.parent / "cluster.example.toml"
+    text = src.read_text() + '\n[delivery.domains."bank.example"]\nrequire_tls = true\n'
+    p = tmp_path / "c.toml"
+    p.write_text(text.replace('data_dir = "data"', f'data_dir = "{tmp_path}/data"'))
+    cfg = load_config(p)
+    assert cfg.delivery.limits_for("bank.example").require_tls is True
+    assert cfg.delivery.limits_for("other.example").require_tls is False
+    p.write_text(text.replace("require_tls = true", 'require_tls = "yes"'))
+    with pytest.raises(ConfigError, match="require_tls"):
+        load_config(p)

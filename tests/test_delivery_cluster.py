@@ -388,3 +388,16 @@ def test_messages_are_dkim_signed_with_per_recipient_headers(make_cluster, tmp_p
         signed = re.search(r"\bh=([^;]+)", " ".join(msg["DKIM-Signature"].split())).group(1).lower()
         assert "list-unsubscribe" in signed and "list-unsubscribe-post" in signed
     assert len(ids) == len(rcpts)
+
+
+def test_require_tls_defers_instead_of_sending_in_clear_text(make_cluster) -> None:
+    c = make_cluster(extra_toml='[delivery.domains."secure.example"]\nrequire_tls = true\n')
+    leader = c.leader()
+    code, text = c.submit(leader, ["a@secure.example", "b@example.com"], make_message(message_id="<tls@x>"))
+    assert code == 250, text
+    sid = queued_as(text)
+    wait_for(lambda: [r["state"] for r in c.submission(leader, sid)["recipients"]] == ["deferred", "delivered"],
+             30, "the clear-text-only domain to be deferred and the other delivered")
+    rec = c.submission(leader, sid)["recipients"][0]
+    assert "TLS" in (rec["text"] or "")
+    assert [e["rcpt"] for e in c.sink.delivered()] == ["b@example.com"]
