@@ -468,6 +468,21 @@ class MailState:
         self.stats["reassigned_in_flight"] += returned
         return {"expired": [b.id for b in expired], "returned": returned}
 
+    def _op_abandon(self, c: dict) -> dict:
+        """A restarted node gives back a batch leased to its previous process: it cannot know what
+        that process sent, so every recipient still held is counted as possibly in flight."""
+        bid, node, now = _str(c, "batch"), _str(c, "node"), _num(c, "now")
+        batch = self.batches.get(bid)
+        if batch is None or batch.node != node:
+            return {"abandoned": 0}
+        n = len(batch.items)
+        for sid, idx in batch.items:
+            self._return_to_queue(self.submissions[sid], idx, now)
+        self._end_batch(batch)
+        self.stats["reassigned_in_flight"] += n
+        self.stats["batches_abandoned"] = self.stats.get("batches_abandoned", 0) + 1
+        return {"abandoned": n}
+
     def _campaign(self, c: dict) -> Campaign:
         camp = self.campaigns.get(_str(c, "campaign"))
         if camp is None:
@@ -715,6 +730,7 @@ _HANDLERS = {
     "renew": MailState._op_renew,
     "report": MailState._op_report,
     "expire": MailState._op_expire,
+    "abandon": MailState._op_abandon,
     "pause": MailState._op_pause,
     "resume": MailState._op_resume,
     "cancel": MailState._op_cancel,

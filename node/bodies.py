@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,13 @@ def _require_digest(digest: str) -> None:
     # crafted value like "../../etc/passwd" from ever becoming a path.
     if not is_digest(digest):
         raise ValueError(f"not a sha256 hex digest: {digest!r}")
+
+
+def _verify(digest: str, data: bytes) -> None:
+    _require_digest(digest)
+    actual = body_digest(data)
+    if actual != digest:
+        raise ValueError(f"body hash {actual} does not match claimed digest {digest}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -110,9 +117,17 @@ class BodyStore:
             shard.mkdir()
         except FileExistsError:
             return
-        # The new directory entry must be durable too, or the body file is lost with it.
+        # The new directory entry must be durable too, or the body file is lost with it. This
+        # is synced at once, not deferred with the body files: a concurrent writer that finds
+        # the shard existing trusts it to be durable. Only the first body of a shard pays it.
         if self._fsync:
             _fsync_dir(self.root)
+
+    def _sync_dirs(self, touched: set[Path]) -> None:
+        if not self._fsync:
+            return
+        for directory in sorted(touched):
+            _fsync_dir(directory)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -124,19 +139,46 @@ class BodyStore:
 
     def put_verified(self, digest: str, data: bytes) -> None:
         """Store a body received under a claimed *digest*; ValueError if it does not match."""
-        _require_digest(digest)
-        actual = body_digest(data)
-        if actual != digest:
-            raise ValueError(f"body hash {actual} does not match claimed digest {digest}")
+        _verify(digest, data)
         self._store(digest, data)
 
+    def put_many_verified(self, items: Iterable[tuple[str, bytes]]) -> None:
+        """Store several bodies received under claimed digests, in one call.
+
+        Every body is checked before anything is written, so a ValueError (bad digest or a body
+        that does not match) leaves the store untouched. Each new file is fsynced, and each
+        shard directory touched is fsynced once at the end rather than once per body.
+        """
+        bodies: dict[str, bytes] = {}
+        for digest, data in items:
+            _verify(digest, data)
+            bodies[digest] = data
+        touched: set[Path] = set()
+        try:
+            for digest, data in bodies.items():
+                self._write(digest, data, touched)
+        finally:
+            self._sync_dirs(touched)
+
     def _store(self, digest: str, data: bytes) -> None:
+        touched: set[Path] = set()
+        try:
+            self._write(digest, data, touched)
+        finally:
+            self._sync_dirs(touched)
+
+    def _write(self, digest: str, data: bytes, touched: set[Path]) -> None:
+        """Put one body file in place (file fsynced); directories needing an fsync go to
+        *touched*."""
         path = self._path(digest)
         if _file_matches(path, digest, len(data)):
             # Refresh the mtime: age_seconds() is what orphan collection looks at, and a body
             # that was just submitted again must not look old.
             try:
                 os.utime(path)
+                # Another writer may have renamed it in and not yet synced the directory
+                # (a batch syncs its directories at the end): sync it before we answer too.
+                touched.add(path.parent)
                 return
             except FileNotFoundError:
                 pass  # deleted between the check and the touch; write it again below
@@ -159,8 +201,7 @@ class BodyStore:
             except FileNotFoundError:
                 pass
             raise
-        if self._fsync:
-            _fsync_dir(shard)
+        touched.add(shard)
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -180,22 +180,44 @@ class Sender:
         if dk is not None:
             self.dkim = DkimSigner(dk.domain, dk.selector, dk.key_file.read_bytes())
 
+    def caught_up(self) -> bool:
+        """Applied everything the current leader has told us is committed: before that, our
+        view of our own batches may be stale (a restart replays an old journal)."""
+        rs = self.node.raft.raft_status()
+        return rs["leader_commit_index"] is not None and rs["applied_index"] >= rs["leader_commit_index"]
+
     async def run(self) -> None:
         limit = self.node.config.delivery.max_concurrent_batches
         while not self.stopping:
             await asyncio.sleep(POLL_INTERVAL)
             try:
+                if not self.caught_up():
+                    continue
                 mine = self.node.raft.read(
-                    lambda st: [(b.id, b.domain, list(b.items)) for b in st.batches_for(self.node.id)])
-                self.finished &= {bid for bid, _, _ in mine}
-                for bid, domain, items in mine:
+                    lambda st: [(b.id, b.domain, list(b.items), b.assigned_at) for b in st.batches_for(self.node.id)])
+                self.finished &= {m[0] for m in mine}
+                for bid, domain, items, assigned_at in mine:
                     if bid in self.running or bid in self.finished or len(self.running) >= limit:
+                        continue
+                    if assigned_at < self.node.started:
+                        # Leased to this node's previous process, which may have sent any of it.
+                        self.finished.add(bid)
+                        asyncio.create_task(self._abandon(bid))
                         continue
                     task = asyncio.create_task(BatchRun(self, bid, domain, items).run())
                     self.running[bid] = task
                     task.add_done_callback(lambda _t, bid=bid: self._done(bid))
             except Exception:
                 log.exception("sender poll failed")
+
+    async def _abandon(self, bid: str) -> None:
+        try:
+            res = await self.node.proposer.propose({"op": "abandon", "batch": bid, "node": self.node.id,
+                                                    "now": time.time()}, self.node.config.intake.commit_timeout)
+            log.warning("batch %s was leased to this node before it restarted: given back, %d recipients "
+                        "back in the queue (counted as possibly sent twice)", bid, res.get("abandoned", 0))
+        except ProposalFailed as e:
+            log.warning("batch %s: could not give it back (%s); its lease will expire", bid, e.reason)
 
     def _done(self, bid: str) -> None:
         self.running.pop(bid, None)

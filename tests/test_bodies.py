@@ -210,3 +210,76 @@ def test_concurrent_put_and_get_never_returns_wrong_bytes(tmp_path: Path) -> Non
         t.join()
     assert seen, "reader never ran"
     assert all(got in (None, body) for got in seen)
+
+
+# -- put_many_verified: one call for a pushed batch ------------------------------------------
+
+
+def campaign_bodies(n: int) -> list[tuple[str, bytes]]:
+    bodies = [b"Subject: Offer %d\r\n\r\n" % i + os.urandom(100 + i) for i in range(n)]
+    return [(hashlib.sha256(b).hexdigest(), b) for b in bodies]
+
+
+def test_put_many_verified_stores_every_body(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=True)
+    batch = campaign_bodies(40)
+    store.put_many_verified(batch)
+    for digest, data in batch:
+        assert body_path(tmp_path, digest).read_bytes() == data
+        assert store.get(digest) == data
+    assert store.stats() == (40, sum(len(d) for _, d in batch))
+    assert temp_files(tmp_path) == []
+
+
+def test_put_many_verified_checks_everything_before_writing(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    batch = campaign_bodies(5)
+    substituted = batch[:2] + [(batch[2][0], b"a substituted body")] + batch[3:]
+    with pytest.raises(ValueError):
+        store.put_many_verified(substituted)
+    with pytest.raises(ValueError):
+        store.put_many_verified(batch[:2] + [("../../etc/passwd", b"x")])
+    # Not even the bodies before the bad one were written.
+    assert store.stats() == (0, 0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_put_many_verified_keeps_existing_files_and_refreshes_age(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    batch = campaign_bodies(3)
+    digest, data = batch[0]
+    store.put(data)
+    path = body_path(tmp_path, digest)
+    inode = path.stat().st_ino
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    store.put_many_verified(batch + [batch[0]])  # already stored, and twice in the batch
+    assert path.stat().st_ino == inode
+    age = store.age_seconds(digest)
+    assert age is not None and age < 60
+    assert store.stats() == (3, sum(len(d) for _, d in batch))
+
+
+def test_put_many_verified_fsyncs_each_file_and_each_directory_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = BodyStore(tmp_path / "bodies", fsync=True)
+    batch = campaign_bodies(60)  # 60 bodies over 256 shards: some shards get several
+    shards = {digest[:2] for digest, _ in batch}
+    assert len(shards) < len(batch)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:  # passes through: the disk is really synced
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    store.put_many_verified(batch)
+    root = str(tmp_path / "bodies")
+    dirs = [p for p in synced if os.path.isdir(p)]
+    files = [p for p in synced if not os.path.isdir(p)]
+    assert len(files) == len(batch)  # temp files, fsynced before their rename
+    # Each shard once, and the root once per shard that had to be created.
+    assert sorted(p for p in dirs if p != root) == sorted(f"{root}/{s}" for s in shards)
+    assert dirs.count(root) == len(shards)

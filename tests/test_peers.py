@@ -17,11 +17,15 @@ from aiohttp import web
 from raftmail.node.bodies import BodyStore
 from raftmail.node.peers import (
     AUTH_HEADER,
+    BATCH_ROUTE,
     PeerAuthError,
     PeerClient,
     PeerCrypto,
     add_peer_routes,
+    batch_sealed_limit,
+    pack_batch,
     sealed_size,
+    unpack_batch,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -35,19 +39,31 @@ def digest_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sealed_batch(crypto: PeerCrypto, bodies: list[tuple[str, bytes]]) -> bytes:
+    return crypto.seal(pack_batch(bodies))
+
+
+def campaign_body(i: int) -> bytes:
+    return b"Subject: Offer %d\r\n\r\n" % i + os.urandom(512 + 37 * i)
+
+
 class PeerNode:
     """One node's peer endpoint: a body store served on an ephemeral 127.0.0.1 port."""
 
-    def __init__(self, root: Path, crypto: PeerCrypto, max_body_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, root: Path, crypto: PeerCrypto, max_body_bytes: int = 1 << 20, **batch_limits: int
+    ) -> None:
         self.store = BodyStore(root, fsync=False)
         self.auth_failures: list[str] = []
-        self.app = web.Application()
+        self.batch_puts = 0  # PUT requests that reached this node
+        self.app = web.Application(middlewares=[self._count])
         add_peer_routes(
             self.app,
             self.store,
             crypto,
             max_body_bytes=max_body_bytes,
             on_auth_failure=self.auth_failures.append,
+            **batch_limits,
         )
         self.runner = web.AppRunner(self.app)
         self.address = ""
@@ -62,6 +78,12 @@ class PeerNode:
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        if request.method == "PUT":
+            self.batch_puts += 1
+        return await handler(request)
 
 
 def dead_address() -> str:
@@ -325,6 +347,213 @@ def test_fetch_rejects_body_that_does_not_match(tmp_path: Path) -> None:
     run(main)
 
 
+# -- batching ------------------------------------------------------------------------------
+
+
+def test_concurrent_pushes_share_requests(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        a = await PeerNode(tmp_path / "a", crypto).start()
+        b = await PeerNode(tmp_path / "b", crypto).start()
+        client = PeerClient(crypto)
+        bodies = [campaign_body(i) for i in range(50)]
+        try:
+            acks = await asyncio.gather(
+                *(client.push(digest_of(x), x, [a.address, b.address], 2, 5.0) for x in bodies)
+            )
+            assert acks == [2] * 50
+            for node in (a, b):
+                assert 1 <= node.batch_puts <= 5, node.batch_puts
+                for x in bodies:
+                    path = node.store.root / digest_of(x)[:2] / digest_of(x)
+                    assert path.read_bytes() == x
+                assert node.store.stats() == (50, sum(map(len, bodies)))
+        finally:
+            await client.close()
+            await a.stop()
+            await b.stop()
+
+    run(main)
+
+
+def test_sustained_pushes_group_while_batches_are_in_flight(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        a = await PeerNode(tmp_path / "a", crypto).start()
+        b = await PeerNode(tmp_path / "b", crypto).start()
+        client = PeerClient(crypto, max_batches_in_flight=2)
+        sessions, rounds = 16, 8
+        results: list[int] = []
+
+        async def session(k: int) -> None:
+            # Each session pushes its next body only after the previous one was acked, like
+            # an SMTP client waiting for the reply to its DATA.
+            for r in range(rounds):
+                x = campaign_body(k * rounds + r)
+                results.append(await client.push(digest_of(x), x, [a.address, b.address], 1, 5.0))
+
+        try:
+            await asyncio.gather(*(session(k) for k in range(sessions)))
+            total = sessions * rounds
+            assert len(results) == total and all(1 <= acks <= 2 for acks in results)
+            await wait_for(lambda: a.store.stats()[0] == b.store.stats()[0] == total)
+            await wait_for(lambda: client.background_pushes == 0)
+            for node in (a, b):
+                assert node.batch_puts <= total // 3, node.batch_puts
+        finally:
+            await client.close()
+            await a.stop()
+            await b.stop()
+
+    run(main)
+
+
+def test_idle_push_is_not_delayed(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        a = await PeerNode(tmp_path / "a", crypto).start()
+        b = await PeerNode(tmp_path / "b", crypto).start()
+        client = PeerClient(crypto)
+        try:
+            for i in range(3):
+                x = campaign_body(i)
+                began = time.monotonic()
+                assert await client.push(digest_of(x), x, [a.address, b.address], 2, 5.0) == 2
+                assert time.monotonic() - began < 0.5
+                # Alone on an idle channel: one request per push, nothing held back.
+                assert a.batch_puts == b.batch_puts == i + 1
+        finally:
+            await client.close()
+            await a.stop()
+            await b.stop()
+
+    run(main)
+
+
+def test_batch_limits_split_batches_and_big_body_goes_alone(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        node = await PeerNode(tmp_path / "n", crypto).start()
+        client = PeerClient(crypto, max_batch_bytes=4096, max_batch_items=3)
+        big = os.urandom(10_000)
+        small = [campaign_body(i) for i in range(7)]  # each well under 4096 / 3 bytes
+        mid = [os.urandom(1500) for _ in range(4)]  # two fit in 4096 bytes, three do not
+        try:
+            first = [big] + small
+            acks = await asyncio.gather(
+                *(client.push(digest_of(x), x, [node.address], 1, 5.0) for x in first)
+            )
+            assert acks == [1] * len(first)
+            # [big], [s0 s1 s2], [s3 s4 s5], [s6]: all four in flight at once.
+            assert node.batch_puts == 4
+            acks = await asyncio.gather(
+                *(client.push(digest_of(x), x, [node.address], 1, 5.0) for x in mid)
+            )
+            assert acks == [1] * len(mid)
+            assert node.batch_puts == 4 + 2
+            for x in first + mid:
+                assert node.store.get(digest_of(x)) == x
+        finally:
+            await client.close()
+            await node.stop()
+
+    run(main)
+
+
+def test_refused_body_does_not_cost_its_batch_mates(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        node = await PeerNode(tmp_path / "n", crypto).start()
+        client = PeerClient(crypto, max_body_bytes=2048)
+        good = campaign_body(1)
+        oversize = os.urandom(4096)
+        try:
+            acks = await asyncio.gather(
+                client.push(digest_of(good), good, [node.address], 1, 5.0),
+                client.push(digest_of(NEWSLETTER), b"substituted body", [node.address], 1, 5.0),
+                client.push(digest_of(oversize), oversize, [node.address], 1, 5.0),
+            )
+            assert acks == [1, 0, 0]
+            assert node.batch_puts == 1
+            assert node.store.stats() == (1, len(good))
+        finally:
+            await client.close()
+            await node.stop()
+
+    run(main)
+
+
+def test_slow_peer_does_not_stall_the_pipeline(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        live = await PeerNode(tmp_path / "live", crypto).start()
+        stalled = await StalledPeer().start()
+        client = PeerClient(crypto, timeout=20.0, max_batches_in_flight=1,
+                            max_background_pushes=4)
+        try:
+            began = time.monotonic()
+            for i in range(10):  # more batches than slots or background room
+                x = campaign_body(i)
+                assert await client.push(digest_of(x), x, [stalled.address, live.address],
+                                         1, 5.0) == 1
+            assert time.monotonic() - began < 3.0
+            assert live.store.stats()[0] == 10
+            # The frozen peer's requests wait in the background, never more than the bound.
+            assert client.background_pushes == 4
+        finally:
+            await client.close()
+            assert client.background_pushes == 0
+            await stalled.stop()
+            await live.stop()
+
+    run(main)
+
+
+def test_full_queue_answers_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        stalled = await StalledPeer().start()
+        client = PeerClient(crypto, timeout=20.0, max_batches_in_flight=1, max_queued_pushes=1)
+        bodies = [campaign_body(i) for i in range(3)]
+        try:
+            in_flight = asyncio.create_task(
+                client.push(digest_of(bodies[0]), bodies[0], [stalled.address], 1, 20.0)
+            )
+            await asyncio.wait_for(stalled.connected.wait(), 5.0)
+            queued = asyncio.create_task(
+                client.push(digest_of(bodies[1]), bodies[1], [stalled.address], 1, 20.0)
+            )
+            await asyncio.sleep(0)  # one loop step: the task above enqueues its body
+            assert not queued.done()
+            began = time.monotonic()
+            acks = await client.push(digest_of(bodies[2]), bodies[2], [stalled.address], 1, 20.0)
+            assert acks == 0
+            assert time.monotonic() - began < 0.5
+            assert not in_flight.done() and not queued.done()
+            # close() answers the pushes still waiting instead of leaving them hanging.
+            await client.close()
+            assert await asyncio.wait_for(in_flight, 5.0) == 0
+            assert await asyncio.wait_for(queued, 5.0) == 0
+        finally:
+            await client.close()
+            await stalled.stop()
+
+    run(main)
+
+
+def test_batch_pack_round_trip_and_wire_limit() -> None:
+    bodies = [(digest_of(x), x) for x in (b"", NEWSLETTER, os.urandom(70_000))]
+    plain = pack_batch(bodies)
+    assert unpack_batch(plain) == bodies
+    crypto = PeerCrypto(SECRET, CLUSTER)
+    # A full batch of maximal items fits under the wire limit the server enforces.
+    full = [(digest_of(b"%d" % i), b"y" * 16) for i in range(8)]
+    assert len(crypto.seal(pack_batch(full))) <= batch_sealed_limit(0, 16 * 8, 8)
+    lone = [(digest_of(b"z"), b"z" * 70_000)]
+    assert len(crypto.seal(pack_batch(lone))) <= batch_sealed_limit(70_000, 4096, 8)
+    assert len(crypto.seal(pack_batch(lone))) > batch_sealed_limit(60_000, 4096, 8)
+
+
 # -- refusals ------------------------------------------------------------------------------
 
 
@@ -345,9 +574,12 @@ def test_server_with_other_secret_refuses(tmp_path: Path) -> None:
             assert foreign.auth_failures == ["127.0.0.1", "127.0.0.1"]
 
             url = f"http://{foreign.address}/peer/bodies/{digest}"
+            batch_url = f"http://{foreign.address}{BATCH_ROUTE}"
             async with aiohttp.ClientSession() as http:
-                async with http.put(url, data=ours.seal(NEWSLETTER)) as resp:
+                batch = sealed_batch(ours, [(digest_of(other), other)])
+                async with http.put(batch_url, data=batch) as resp:
                     assert resp.status == 403
+                assert not foreign.store.has(digest_of(other))
                 async with http.get(url) as resp:
                     assert resp.status == 403
                 auth = ours.seal(b"GET " + digest.encode()).decode()
@@ -389,11 +621,14 @@ def test_too_large_body_gets_413(tmp_path: Path) -> None:
         crypto = PeerCrypto(SECRET, CLUSTER)
         node = await PeerNode(tmp_path / "small", crypto, max_body_bytes=1024).start()
         big = os.urandom(4096)
-        url = f"http://{node.address}/peer/bodies/{digest_of(big)}"
+        fine = b"Subject: small\r\n\r\nfits\r\n"
+        url = f"http://{node.address}{BATCH_ROUTE}"
         client = PeerClient(crypto)
         try:
             async with aiohttp.ClientSession() as http:
-                async with http.put(url, data=crypto.seal(big)) as resp:
+                # One body over the limit refuses the whole batch, its batch-mate included.
+                batch = sealed_batch(crypto, [(digest_of(fine), fine), (digest_of(big), big)])
+                async with http.put(url, data=batch) as resp:
                     assert resp.status == 413
             assert await client.push(digest_of(big), big, [node.address], 1, 5.0) == 0
             assert node.store.stats() == (0, 0)
@@ -410,10 +645,15 @@ def test_too_large_body_gets_413(tmp_path: Path) -> None:
 def test_too_large_chunked_body_gets_413(tmp_path: Path) -> None:
     async def main() -> None:
         crypto = PeerCrypto(SECRET, CLUSTER)
-        node = await PeerNode(tmp_path / "small", crypto, max_body_bytes=1024).start()
-        big = os.urandom(4096)
-        url = f"http://{node.address}/peer/bodies/{digest_of(big)}"
-        token = crypto.seal(big)
+        # Small batch limits make the wire limit small, so the stream crosses it.
+        node = await PeerNode(
+            tmp_path / "small", crypto, max_body_bytes=1024, max_batch_bytes=2048,
+            max_batch_items=4,
+        ).start()
+        big = os.urandom(8192)
+        url = f"http://{node.address}{BATCH_ROUTE}"
+        token = sealed_batch(crypto, [(digest_of(big), big)])
+        assert len(token) > batch_sealed_limit(1024, 2048, 4)
 
         async def chunks():  # no Content-Length: the server has to count while reading
             for i in range(0, len(token), 512):
@@ -423,7 +663,11 @@ def test_too_large_chunked_body_gets_413(tmp_path: Path) -> None:
             async with aiohttp.ClientSession() as http:
                 async with http.put(url, data=chunks()) as resp:
                     assert resp.status == 413
+                # With a Content-Length the refusal comes before reading the payload.
+                async with http.put(url, data=token) as resp:
+                    assert resp.status == 413
             assert node.store.stats() == (0, 0)
+            assert node.auth_failures == []
         finally:
             await node.stop()
 
@@ -438,12 +682,21 @@ def test_body_not_matching_digest_gets_400(tmp_path: Path) -> None:
         client = PeerClient(crypto)
         try:
             async with aiohttp.ClientSession() as http:
-                url = f"http://{node.address}/peer/bodies/{claimed}"
-                async with http.put(url, data=crypto.seal(b"substituted body")) as resp:
+                url = f"http://{node.address}{BATCH_ROUTE}"
+                substituted = [(claimed, b"substituted body")]
+                async with http.put(url, data=sealed_batch(crypto, substituted)) as resp:
                     assert resp.status == 400
-                bad_url = f"http://{node.address}/peer/bodies/{'Z' * 64}"
-                async with http.put(bad_url, data=crypto.seal(NEWSLETTER)) as resp:
+                # One bad pair refuses the batch: the honest body in it is not stored either.
+                honest = b"Subject: honest\r\n\r\nhi\r\n"
+                mixed = [(digest_of(honest), honest), (claimed, b"substituted body")]
+                async with http.put(url, data=sealed_batch(crypto, mixed)) as resp:
                     assert resp.status == 400
+                malformed = [(digest_of(honest), honest), ("Z" * 64, NEWSLETTER)]
+                async with http.put(url, data=sealed_batch(crypto, malformed)) as resp:
+                    assert resp.status == 400
+                for junk in (b"\xc1not msgpack", b"\x91\x01", b"\x81\xa1a\x01"):
+                    async with http.put(url, data=crypto.seal(junk)) as resp:
+                        assert resp.status == 400
             assert await client.push(claimed, b"substituted body", [node.address], 1, 5.0) == 0
             assert node.store.stats() == (0, 0)
             assert node.auth_failures == []
