@@ -1092,3 +1092,15 @@ def test_valid_histories_never_strand_a_recipient(data: st.DataObject) -> None:
     state.apply_blob(encode_command({"op": "expire", "now": now + 365 * DAY}))
     assert state.queue_counts()["in_flight"] == 0
     assert_leases_consistent(state)
+
+
+def test_abandon_returns_a_restarted_holders_batch_and_counts_it() -> None:
+    state = queued_state(["a@x.test", "b@x.test", "c@x.test"])
+    run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s1", 2)], T0 + 1))
+    run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 250)]))
+    # Only the holder may give it back.
+    assert run(state, {"op": "abandon", "batch": "b1", "node": "mx-b", "now": T0 + 3}) == {"abandoned": 0}
+    assert run(state, {"op": "abandon", "batch": "b1", "node": "mx-a", "now": T0 + 3}) == {"abandoned": 2}
+    assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "pending", "pending"]
+    assert state.batches == {} and state.stats["reassigned_in_flight"] == 2
+    assert_counts_match(state)
