@@ -5,7 +5,6 @@ import asyncio
 import ipaddress
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess

@@ -90,7 +90,6 @@ class SnapshotFile:
         _, last, prev, cluster = data
         self._current_id = entry_id
         self._started = time.monotonic()
-        read_fd, write_fd = -1, -1
         pid = os.fork()
         if pid:
             self._pid = pid
@@ -109,7 +108,7 @@ class SnapshotFile:
                     os.fsync(f.fileno())
             os.replace(tmp, self.path)
             if self._fsync:
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
             code = 0
         except BaseException:
             code = 1
@@ -253,7 +252,7 @@ class _DurableMetaStorer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(path + ".tmp", path)
-        _fsync_dir(Path(path).parent)
+        fsync_dir(Path(path).parent)
 
 
 class DurableJournal:
@@ -311,7 +310,8 @@ def _close_inherited_fds(keep: int) -> None:
                 pass
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

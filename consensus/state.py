@@ -16,7 +16,6 @@ from typing import Any, Iterator
 import msgpack
 
 from .outcomes import (
-    BOUNCED,
     CANCELLED,
     DEFERRED,
     DELIVERED,

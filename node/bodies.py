@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from raftmail.consensus.raft import fsync_dir
+
 log = logging.getLogger(__name__)
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -50,14 +52,6 @@ def _verify(digest: str, data: bytes) -> None:
     actual = body_digest(data)
     if actual != digest:
         raise ValueError(f"body hash {actual} does not match claimed digest {digest}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_matches(path: Path, digest: str, size: int) -> bool:
@@ -121,13 +115,13 @@ class BodyStore:
         # is synced at once, not deferred with the body files: a concurrent writer that finds
         # the shard existing trusts it to be durable. Only the first body of a shard pays it.
         if self._fsync:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def _sync_dirs(self, touched: set[Path]) -> None:
         if not self._fsync:
             return
         for directory in sorted(touched):
-            _fsync_dir(directory)
+            fsync_dir(directory)
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
-from raftmail.consensus.outcomes import FINAL_STATES
 from raftmail.consensus.raft import RaftNode
 from raftmail.node.bodies import BodyStore, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from cluster import Cluster, Sink  # noqa: E402
+from cluster import Cluster, Sink, SlowSink  # noqa: E402
 
 
 @pytest.fixture
@@ -16,10 +16,12 @@ def make_cluster(tmp_path: Path):
     made: list[Cluster] = []
 
     def factory(n: int = 3, *, sink: bool = True, replies: list[str] | None = None, start: bool = True,
-                **kw) -> Cluster:
+                delay: float = 0.0, **kw) -> Cluster:
+        """`delay`: the sink waits that long per message, so batches stay in flight long enough
+        to be paused, cancelled or have their sender killed."""
         root = tmp_path / f"c{len(made)}"
         root.mkdir()
-        s = Sink(root, replies) if sink else None
+        s = (SlowSink(root, replies, delay) if delay else Sink(root, replies)) if sink else None
         c = Cluster(root, n, sink=s, **kw)
         made.append(c)
         if start:

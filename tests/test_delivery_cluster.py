@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from cluster import (SECRET, Cluster, SlowSink, deliveries_per_recipient, make_message, peak_connections,
+from cluster import (SECRET, Cluster, deliveries_per_recipient, make_message, peak_connections,
                      queued_as, run_cli, wait_for)
 from raftmail.node.message import recipient_message_id, verify_unsubscribe_token
 
@@ -28,25 +28,6 @@ _OUTCOME = re.compile(r"outcome campaign=(\S+) submission=(\S+) recipient=(\S+) 
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-@pytest.fixture
-def make_slow_cluster(tmp_path: Path):
-    """Like make_cluster, but the sink waits `delay` seconds per message, so batches stay in
-    flight long enough to be paused, cancelled or have their sender killed."""
-    made: list[Cluster] = []
-
-    def factory(delay: float, *, replies: list[str] | None = None, **kw) -> Cluster:
-        root = tmp_path / f"slow{len(made)}"
-        root.mkdir()
-        c = Cluster(root, 3, sink=SlowSink(root, replies, delay), **kw)
-        made.append(c)
-        c.start_all_and_wait()
-        return c
-
-    yield factory
-    for c in made:
-        c.close()
-
 
 def addresses(prefix: str, n: int, domain: str = "example.com") -> list[str]:
     return [f"{prefix}{i:04d}@{domain}" for i in range(n)]
@@ -226,8 +207,8 @@ def test_per_minute_and_connection_limits_hold(make_cluster) -> None:
     assert peak_connections(c.sink) == 1
 
 
-def test_connection_limit_caps_concurrency_across_nodes(make_slow_cluster) -> None:
-    c = make_slow_cluster(0.02, batch_size=10,
+def test_connection_limit_caps_concurrency_across_nodes(make_cluster) -> None:
+    c = make_cluster(delay=0.02, batch_size=10,
                           extra_toml="[delivery.domains.default]\nmax_connections = 2\n")
     rcpts = addresses("k", 80, "capped.example")
     submit_ok(c, c.leader(), rcpts, make_message(campaign="capped"))
@@ -240,9 +221,9 @@ def test_connection_limit_caps_concurrency_across_nodes(make_slow_cluster) -> No
 
 # ---------------------------------------------------------------- 5. sender killed mid-batch
 
-def test_killed_sender_batch_is_finished_by_another_node(make_slow_cluster) -> None:
+def test_killed_sender_batch_is_finished_by_another_node(make_cluster) -> None:
     n = 300
-    c = make_slow_cluster(0.02, batch_size=n)
+    c = make_cluster(delay=0.02, batch_size=n)
     rcpts = addresses("m", n, "bulk.example")
     sid = submit_ok(c, c.leader(), rcpts, make_message(campaign="bulk"))
 
@@ -281,8 +262,8 @@ def test_killed_sender_batch_is_finished_by_another_node(make_slow_cluster) -> N
 
 # ---------------------------------------------------------------- 6. pause, resume, cancel
 
-def test_pause_holds_the_campaign_and_resume_finishes_it_once(make_slow_cluster) -> None:
-    c = make_slow_cluster(0.05, batch_size=10, extra_toml="[delivery.domains.default]\nmax_connections = 2\n")
+def test_pause_holds_the_campaign_and_resume_finishes_it_once(make_cluster) -> None:
+    c = make_cluster(delay=0.05, batch_size=10, extra_toml="[delivery.domains.default]\nmax_connections = 2\n")
     nid = c.leader()
     rcpts = addresses("p", 100) + addresses("q", 100)
     submit_ok(c, nid, rcpts[:100], make_message(campaign="spring"))
@@ -306,8 +287,8 @@ def test_pause_holds_the_campaign_and_resume_finishes_it_once(make_slow_cluster)
     assert deliveries_per_recipient(c.sink) == {a: 1 for a in rcpts}  # none twice, none skipped
 
 
-def test_cancel_stops_the_rest_of_the_campaign(make_slow_cluster) -> None:
-    c = make_slow_cluster(0.05, batch_size=10, extra_toml="[delivery.domains.default]\nmax_connections = 2\n")
+def test_cancel_stops_the_rest_of_the_campaign(make_cluster) -> None:
+    c = make_cluster(delay=0.05, batch_size=10, extra_toml="[delivery.domains.default]\nmax_connections = 2\n")
     nid = c.leader()
     rcpts = addresses("a", 200)
     submit_ok(c, nid, rcpts, make_message(campaign="autumn"))

@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from cluster import PY, Cluster, SlowSink, make_message, queued_as, wait_for
+from cluster import PY, Cluster, make_message, queued_as, wait_for
 from raftmail.cli.render import WatchModel, render_watch
 from raftmail.node.metrics import OTHER_DOMAIN, domain_label, readiness
 from raftmail.consensus.state import EVENT_FIELDS
@@ -156,23 +156,6 @@ class Receiver:
         self.server.server_close()
 
 
-@pytest.fixture
-def slow_cluster(tmp_path: Path):
-    made: list[Cluster] = []
-
-    def factory(delay: float, **kw) -> Cluster:
-        root = tmp_path / f"slow{len(made)}"
-        root.mkdir()
-        c = Cluster(root, 3, sink=SlowSink(root, None, delay), **kw)
-        made.append(c)
-        c.start_all_and_wait()
-        return c
-
-    yield factory
-    for c in made:
-        c.close()
-
-
 # ---------------------------------------------------------------- metrics
 
 @pytest.mark.cluster
@@ -237,8 +220,8 @@ def test_metrics_parse_move_with_a_campaign_and_follow_a_leader_change(make_clus
 
 @pytest.mark.cluster
 @pytest.mark.faults
-def test_events_follow_shows_each_final_outcome_once_across_a_leader_kill(slow_cluster) -> None:
-    c = slow_cluster(0.2, batch_size=10)  # 2 s per batch: the kill lands mid-campaign
+def test_events_follow_shows_each_final_outcome_once_across_a_leader_kill(make_cluster) -> None:
+    c = make_cluster(delay=0.2, batch_size=10)  # 2 s per batch: the kill lands mid-campaign
     old = c.leader()
     first = next(n for n in c.ids if n != old)
     rcpts = [f"f{i:03d}@example.com" for i in range(60)]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cluster import make_message, queued_as, wait_for
+from cluster import make_message, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cluster import make_message, queued_as, wait_for
+from cluster import make_message, queued_as
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(240)]
 
