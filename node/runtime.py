@@ -25,6 +25,7 @@ log = logging.getLogger("raftmail.node")
 BODY_REPAIR_INTERVAL = 1.0  # seconds between scans for bodies this node lacks
 BODY_REPAIR_MAX = 1000  # bodies fetched per scan
 BODY_REPAIR_PARALLEL = 16  # fetches in flight at once
+ADMIN_SHUTDOWN_SECONDS = 2.0  # requests still running at stop get this long to finish
 PEER_PROBE_INTERVAL = 5.0  # seconds between checks that every peer shares our cluster secret
 ORPHAN_BODY_AGE = 3600.0  # a body never committed (its submission got 451) is kept this long
 
@@ -419,7 +420,7 @@ class MailNode:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-        runner = web.AppRunner(self.admin_app(), access_log=None)
+        runner = web.AppRunner(self.admin_app(), access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS)
         await runner.setup()
         site = web.TCPSite(runner, self.me.admin.host, self.me.admin.port, reuse_address=True)
         await site.start()

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("raftmail.sender")
 
 POLL_INTERVAL = 0.05  # seconds between looks at the log for new batches of ours
+STOP_REPORT_SECONDS = 2.0  # how long a stopping node keeps trying to report its last outcomes
 
 
 class BatchRun:
@@ -89,7 +90,10 @@ class BatchRun:
             cmd = {"op": "report", "batch": self.bid, "node": self.node.id, "now": time.time(),
                    "max_age": self.node.config.delivery.max_age, "results": results,
                    "release": release or []}
-            deadline = time.time() + max(self.node.config.delivery.lease_seconds, 5.0)
+            # While stopping, a cluster being shut down as a whole has no quorum to report to:
+            # try briefly, then leave the rest to the lease.
+            patience = STOP_REPORT_SECONDS if self.sender.stopping else max(self.node.config.delivery.lease_seconds, 5.0)
+            deadline = time.time() + patience
             while True:
                 try:
                     res = await self.node.proposer.propose(cmd, self.node.config.intake.commit_timeout)
