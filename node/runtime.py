@@ -439,6 +439,8 @@ class MailNode:
             tasks.append(asyncio.create_task(self.webhook.run()))
         await stop.wait()
         log.info("node %s stopping", self.id)
+        self.scheduler.stopping = True
+        await self._hand_over_leadership()
         smtp.close()  # stop taking new mail; transactions in progress finish below
         await asyncio.wait_for(smtp.wait_closed(), self.config.intake.commit_timeout + 1) \
             if hasattr(smtp, "wait_closed") else None
@@ -450,6 +452,18 @@ class MailNode:
         await runner.cleanup()
         await self.peers.close()
         self.raft.stop()
+
+    async def _hand_over_leadership(self, timeout: float = 2.0) -> None:
+        """A leader that stops asks a follower to take over first, so the outcomes this node still
+        reports, and everyone else's, do not wait out an election."""
+        if not self.raft.is_leader() or not self.raft.otherNodes:
+            return
+        self.raft.transferLeadership()
+        deadline = time.monotonic() + timeout
+        while self.raft.is_leader() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        log.info("leadership handed over before stopping" if not self.raft.is_leader()
+                 else "leadership not handed over in time; stopping anyway")
 
     async def _leave_when_removed(self, stop: asyncio.Event) -> None:
         """A node removed from the cluster (raftmail leave) stops serving by itself."""

@@ -29,11 +29,12 @@ class Scheduler:
         self.assigned_batches = 0
         self._rr = 0  # round-robin start, so idle nodes share batches evenly
         self._last_prune = 0.0
+        self.stopping = False  # a node shutting down hands out nothing more
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(SCHEDULE_INTERVAL)
-            if not self.node.raft.is_leader():
+            if self.stopping or not self.node.raft.is_leader():
                 continue
             try:
                 await self.round()

@@ -81,12 +81,13 @@ class BatchRun:
         if len(self.results) >= d.report_every:
             asyncio.create_task(self.flush())
 
-    async def flush(self, release: list[list] | None = None) -> None:
-        """Report buffered outcomes (and unattempted items to release) as one command."""
+    async def flush(self, release: list[list] | None = None) -> bool:
+        """Report buffered outcomes (and unattempted items to release) as one command. Outcomes
+        not known to be committed go back into the buffer, so a later flush reports them."""
         async with self.flushing:
             results, self.results = self.results, []
             if not results and not release:
-                return
+                return True
             cmd = {"op": "report", "batch": self.bid, "node": self.node.id, "now": time.time(),
                    "max_age": self.node.config.delivery.max_age, "results": results,
                    "release": release or []}
@@ -94,19 +95,24 @@ class BatchRun:
             # try briefly, then leave the rest to the lease.
             patience = STOP_REPORT_SECONDS if self.sender.stopping else max(self.node.config.delivery.lease_seconds, 5.0)
             deadline = time.time() + patience
-            while True:
-                try:
-                    res = await self.node.proposer.propose(cmd, self.node.config.intake.commit_timeout)
-                    if res.get("fenced"):
-                        log.warning("batch %s: %d outcomes arrived after the lease moved on (possible "
-                                    "duplicates)", self.bid, res["fenced"])
-                    return
-                except ProposalFailed as e:
-                    if time.time() > deadline:
-                        log.error("batch %s: %d outcomes could not be reported (%s); the lease will "
-                                  "return them to the queue", self.bid, len(results), e.reason)
-                        return
-                    await asyncio.sleep(0.2)
+            try:
+                while True:
+                    try:
+                        res = await self.node.proposer.propose(cmd, self.node.config.intake.commit_timeout)
+                        if res.get("fenced"):
+                            log.warning("batch %s: %d outcomes arrived after the lease moved on (possible "
+                                        "duplicates)", self.bid, res["fenced"])
+                        return True
+                    except ProposalFailed as e:
+                        if time.time() > deadline:
+                            log.error("batch %s: %d outcomes not reported yet (%s); if they never are, the "
+                                      "lease returns them to the queue", self.bid, len(results), e.reason)
+                            self.results = results + self.results
+                            return False
+                        await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
+                self.results = results + self.results  # e.g. the ticker stopped mid-election
+                raise
 
     async def _ticker(self) -> None:
         while True:
@@ -146,6 +152,7 @@ class BatchRun:
             log.exception("batch %s failed", self.bid)
         finally:
             ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)  # its outcomes are back in self.results
         release = [[sid, idx] for pos, (sid, idx) in enumerate(self.items) if pos not in self.attempted]
         if self.lease() is not None:
             await self.flush(release)

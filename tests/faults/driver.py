@@ -20,8 +20,6 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Callable
 
-import pytest
-
 from cluster import Cluster, SlowSink, make_message, queued_as, wait_converged_explained, wait_for
 
 # ---------------------------------------------------------------- parameters
@@ -52,6 +50,7 @@ MAX_PROBES = 80  # probe letters per failover measurement
 FAILOVER_TIMEOUT = 40.0
 CATCH_UP_TIMEOUT = 40.0
 DRAIN_TIMEOUT = 120.0  # seconds for every accepted recipient to reach a final state
+KILL_SLACK = 0.5  # seconds a killed node's last send may reach the sink after the signal
 FINAL_STATES = {"delivered", "bounced", "suppressed", "cancelled", "expired"}
 
 _RCPT_MESSAGE_ID = re.compile(r"^<(?P<sid>[^.<>]+)\.(?P<idx>\d+)\.rm@[^>]+>$")
@@ -63,15 +62,9 @@ _ASSIGN_LINE = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ IN
 
 _UP_LINE = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO raftmail\.node: node (?P<node>\S+) up:")
 _EXPIRED_LINE = re.compile(r"^\S+ \S+ \S+ WARNING raftmail\.scheduler: leases expired for batches (?P<batches>\S+):")
-
-# Known raftmail defect (see the report of issue 4): a node restarted while the log still leases
-# it a batch runs that batch again from its own, not yet caught-up state. It re-sends the
-# recipients it had sent but not reported ("resumed"), and releases to the queue recipients its
-# previous process had sent ("released"); neither path is counted by reassigned_in_flight or
-# fenced_reports. While True, a scenario whose duplicates exceed the counters' bound only by
-# such resends is reported as xfail (every other invariant still fails the test). Set it to False
-# once the defect is fixed.
-KNOWN_UNCOUNTED_RESENDS = True
+# A restarted node giving back a batch leased to its previous process (counted as in flight).
+_ABANDON_LINE = re.compile(r"^\S+ \S+ \S+ WARNING raftmail\.sender: batch (?P<batches>\S+) was leased to this node "
+                           r"before it restarted: given back")
 
 SUMMARIES: list[str] = []  # one line per scenario run in this session
 
@@ -139,8 +132,11 @@ class Traffic:
     """Client threads submitting a plan of letters (each client its own share, in order, `pace`
     seconds apart), plus probe letters for failover timing. Records every transaction."""
 
-    def __init__(self, c: Cluster, letters: list[Letter], clients: int = 3, pace: float = 0.2) -> None:
+    def __init__(self, c: Cluster, letters: list[Letter], seed: int, clients: int = 3, pace: float = 0.2) -> None:
         self.c = c
+        # Probes are drawn from their own generator: how many a failover needs depends on timing,
+        # and must not shift the scenario's own draws.
+        self.probe_rng = random.Random(f"probes-{seed}")
         self.letters = list(letters)
         self.extra: list[Letter] = []
         self.clients = clients
@@ -207,8 +203,7 @@ class Traffic:
                     if a.code == 250 and a.started >= since and a.node in nodes]
         return min(ends) if ends else None
 
-    def failover(self, since: float, survivors: list[str], rng: random.Random,
-                 timeout: float = FAILOVER_TIMEOUT) -> float:
+    def failover(self, since: float, survivors: list[str], timeout: float = FAILOVER_TIMEOUT) -> float:
         """Seconds from `since` (a leader kill) to the next 250 from a survivor. Probe letters
         of one recipient go to random survivors every PROBE_INTERVAL until one is acknowledged,
         so the measure does not depend on the campaign's pace."""
@@ -224,8 +219,8 @@ class Traffic:
                 probes += 1
                 tag = f"probe{int(since * 1000)}x{probes}"
                 letter = Letter(key=f"<{tag}@client.example>", campaign="probes",
-                                rcpts=[f"{tag}@{rng.choice(DOMAINS)}"],
-                                targets=[rng.choice(survivors) for _ in range(MAX_TRIES)])
+                                rcpts=[f"{tag}@{self.probe_rng.choice(DOMAINS)}"],
+                                targets=[self.probe_rng.choice(survivors) for _ in range(MAX_TRIES)])
                 self.send_extra(letter, background=True)
             time.sleep(PROBE_INTERVAL)  # probe pacing, not synchronisation (the loop polls)
 
@@ -360,6 +355,8 @@ class Verdict:
     nodes: int
     submissions: int = 0  # letters acknowledged 250
     refused: int = 0  # letters never acknowledged (every try 4xx or no answer)
+    retried: int = 0  # acknowledged letters that got a 4xx or no answer first (the client retried)
+    deduped: int = 0  # retries answered "Already queued": an earlier try had committed after all
     accepted: int = 0  # recipients of acknowledged letters
     delivered: int = 0
     final: Counter = field(default_factory=Counter)
@@ -380,7 +377,8 @@ class Verdict:
         f = f"{statistics.median(self.failovers):.2f}" if self.failovers else "-"
         return (f"scenario={self.scenario} seed={self.seed} accepted={self.accepted} delivered={self.delivered} "
                 f"lost={len(self.lost)} skipped={len(self.skipped)} duplicates={self.duplicates} failover_s={f} "
-                f"nodes={self.nodes} submissions={self.submissions} refused={self.refused} "
+                f"nodes={self.nodes} submissions={self.submissions} retried={self.retried} "
+                f"deduped={self.deduped} refused={self.refused} "
                 f"bound={self.bound} lease_expiries={self.stats.get('lease_expiries', 0)}"
                 + "".join(f" dup_{k}={n}" for k, n in sorted(self.causes.items()) if k != "counted"))
 
@@ -392,7 +390,8 @@ class Verdict:
                 out.append(f"{len(items)} {name}: {items[:8]}")
         if self.duplicates > self.bound:
             out.append(f"{self.duplicates} duplicates exceed the bound {self.bound} "
-                       f"(reassigned_in_flight + fenced_reports); duplicated: {self.duplicated[:8]}")
+                       f"(reassigned_in_flight + fenced_reports); by cause {dict(self.causes)}; "
+                       f"duplicated: {self.duplicated[:8]}")
         if not self.submissions:
             out.append("no letter was acknowledged")
         return out
@@ -416,13 +415,13 @@ def verify(c: Cluster, traffic: Traffic, scenario: str, seed: int, failovers: li
     def drained():
         q = c.queue(ld)
         return q["pending"] + q["deferred"] + q["in_flight"] == 0
+    v = Verdict(scenario, seed, len(c.ids), failovers=list(failovers))
     try:
         wait_for(drained, drain_timeout, "every accepted recipient to reach a final state", interval=0.2)
-    except AssertionError as e:
-        raise AssertionError(f"seed {seed}: {e}; queue {c.queue(ld)}") from None
+    except AssertionError as e:  # counted below as skipped recipients, with the rest of the verdict
+        v.notes.append(f"{e}; queue {c.queue(ld)}")
     wait_converged_explained(c, c.ids, 40)
 
-    v = Verdict(scenario, seed, len(c.ids), failovers=list(failovers))
     letters = traffic.all_letters()
     by_sid: dict[str, Letter] = {}
     for letter in letters:
@@ -432,6 +431,8 @@ def verify(c: Cluster, traffic: Traffic, scenario: str, seed: int, failovers: li
         assert letter.sid not in by_sid, f"two letters acknowledged as {letter.sid}"
         by_sid[letter.sid] = letter
     v.submissions = len(by_sid)
+    v.retried = sum(1 for letter in by_sid.values() if len(letter.attempts) > 1)
+    v.deduped = sum(1 for letter in by_sid.values() if "Already queued" in letter.attempts[-1].text)
 
     states: dict[tuple[str, int], str] = {}
     for sid, letter in by_sid.items():
@@ -471,7 +472,10 @@ def verify(c: Cluster, traffic: Traffic, scenario: str, seed: int, failovers: li
     # lease ran out and the expiry returned it to the queue (every item still leased at expiry is
     # counted in reassigned_in_flight, sent or not, so this over-counts), or the holder's report
     # came after the batch had moved on (counted in fenced_reports). Each extra copy needs one such
-    # event for that recipient; sends whose outcome committed are never repeated.
+    # event for that recipient; sends whose outcome committed are never repeated. (A node that
+    # restarts while its lease runs gives the batch back with an `abandon` command, which also
+    # counts every recipient still held in reassigned_in_flight.) classify_duplicates() names
+    # the cause of each extra copy from the logs, for the failure message.
     v.bound = v.stats["reassigned_in_flight"] + v.stats["fenced_reports"]
     if v.duplicated:
         v.causes = classify_duplicates(c, copies, by_sid)
@@ -511,11 +515,12 @@ def node_starts(c: Cluster) -> dict[str, list[float]]:
 
 
 def expired_batches(c: Cluster) -> set[str]:
-    """Batches whose lease some leader expired, from the scheduler's log lines."""
+    """Batches returned to the queue as possibly sent (counted in reassigned_in_flight): leases
+    some leader expired, and batches a restarted node gave back; from the log lines."""
     out: set[str] = set()
     for nid in c.ids:
         for line in c.log_text(nid).splitlines():
-            m = _EXPIRED_LINE.match(line)
+            m = _EXPIRED_LINE.match(line) or _ABANDON_LINE.match(line)
             if m:
                 out.update(m["batches"].split(","))
     return out
@@ -551,27 +556,35 @@ def attribute_copies(c: Cluster, by_sid: dict[str, Letter]) -> dict[tuple[str, i
 
 def classify_duplicates(c: Cluster, copies: Counter, by_sid: dict[str, Letter]) -> Counter:
     """Extra sink copies by cause, from the node logs:
-    - resumed: a node sent it in a batch leased to it before its own restart, after that restart;
+    - resumed: a node sent it in a batch leased to its previous process (before a kill or stop);
     - released: a node sent it, restarted, and it was sent again in another batch although that
       batch never expired (its new process released what the old one had sent);
     - unattributed: a copy whose sender died before logging it, and no other sign;
     - counted: anything else (a lease expiry or a fenced report, which the state counts)."""
     assigned = {a["batch"]: (a["node"], a["t"]) for a in assignments(c)}
     starts = node_starts(c)
+    stops = getattr(c, "stopped_at", None) or starts  # the kills and stops the driver made
     expired = expired_batches(c)
     attributed = attribute_copies(c, by_sid)
 
-    def restarted(node: str | None, after: float, before: float) -> bool:
-        return node is not None and any(after < t < before for t in starts.get(node, []))
+    def resent_by_next_process(node: str | None, assigned_at: float, sent: float) -> bool:
+        """Leased to the node before one of its processes was stopped, sent after the next came up."""
+        return node is not None and any(assigned_at < s and any(s < u < sent for u in starts.get(node, []))
+                                        for s in stops.get(node, []))
+
+    def stopped_after(node: str | None, sent: float) -> bool:
+        """The sending process was stopped after the send (a dying process's last copy reaches
+        the sink a moment after the signal: KILL_SLACK)."""
+        return node is not None and any(s > sent - KILL_SLACK for s in stops.get(node, []))
 
     causes: Counter = Counter()
     for key, n in copies.items():
         if n < 2 or key[0] not in by_sid:
             continue
         seen = sorted(attributed.get(key, []), key=lambda x: x[0])
-        resumed = any(b in assigned and assigned[b][0] == node and restarted(node, assigned[b][1], t)
+        resumed = any(b in assigned and assigned[b][0] == node and resent_by_next_process(node, assigned[b][1], t)
                       for t, node, b in seen)
-        released = any(b is not None and restarted(node, t, float("inf")) and b not in expired
+        released = any(b is not None and stopped_after(node, t) and b not in expired
                        and any(t2 > t and b2 != b for t2, _, b2 in seen) for t, node, b in seen)
         unattributed = any(node is None for _t, node, _b in seen)
         cause = "resumed" if resumed else "released" if released else "unattributed" if unattributed else "counted"
@@ -595,33 +608,10 @@ def write_report(path: str | None = None) -> None:
         Path(path).write_text("\n".join(SUMMARIES) + "\n")
 
 
-def quick_restarts(c: Cluster) -> list[tuple[str, float, float]]:
-    """Nodes that were up again within a lease of being stopped: (node, stopped, up). Only such
-    a node can find its old batches still leased to it."""
-    starts = node_starts(c)
-    out = []
-    for nid, stops in getattr(c, "stopped_at", {}).items():
-        for t in stops:
-            up = min((u for u in starts.get(nid, []) if u > t), default=None)
-            if up is not None and up - t < LEASE_SECONDS:
-                out.append((nid, t, up))
-    return out
-
-
 def check(v: Verdict, c: Cluster) -> None:
     """Fail the scenario with every broken invariant and the nodes' view; call it last."""
     problems = v.problems()
-    if not problems:
-        return
-    # Copies that only the known defect can explain: attributed resends by a restarted holder,
-    # and copies sent by a process that died before logging them (their batch may have been
-    # resumed or released by the node's next process instead of expiring).
-    uncounted = v.causes["resumed"] + v.causes["released"] + v.causes["unattributed"]
-    excess = v.duplicates - v.bound
-    if (KNOWN_UNCOUNTED_RESENDS and len(problems) == 1 and excess > 0 and uncounted >= excess
-            and quick_restarts(c)):
-        pytest.xfail(f"known raftmail defect: resends by restarted holders are not counted "
-                     f"(duplicates {v.duplicates} > bound {v.bound}); seed {v.seed}; {dict(v.causes)}")
-    from cluster import describe
-    raise AssertionError(f"seed {v.seed} scenario {v.scenario}: " + "; ".join(problems)
-                         + "\n" + "\n".join(v.notes) + "\n" + describe(c))
+    if problems:
+        from cluster import describe
+        raise AssertionError(f"seed {v.seed} scenario {v.scenario}: " + "; ".join(problems)
+                             + "\n" + "\n".join(v.notes) + "\n" + describe(c))

@@ -2,7 +2,11 @@
 campaign to nodes drawn at random while one kind of fault happens, then checks the invariants
 against the capture sink (see driver.verify) and prints one summary line.
 
-Seed: $RAFTMAIL_FAULT_SEED (default driver.DEFAULT_SEED); $RAFTMAIL_FAULT_SEEDS=N runs N seeds.
+Seed: $RAFTMAIL_FAULT_SEED (default driver.DEFAULT_SEED); $RAFTMAIL_FAULT_SEEDS=N runs N
+consecutive seeds (a longer soak, by hand); $RAFTMAIL_FAULT_REPORT=FILE collects the summary lines.
+
+    .venv/bin/pytest -q tests/faults -s
+    RAFTMAIL_FAULT_SEED=7 RAFTMAIL_FAULT_SEEDS=5 RAFTMAIL_FAULT_REPORT=/tmp/faults.txt .venv/bin/pytest -q tests/faults
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ def start_campaign(c: Cluster, seed: int, tag: str, letters: int, pace: float,
                    campaigns: tuple[str, ...] = ("main",)) -> tuple[random.Random, Traffic]:
     print(f"\nscenario {tag}: seed {seed} ({len(c.ids)} nodes)", flush=True)
     rng = random.Random(seed)
-    traffic = Traffic(c, make_letters(rng, f"{tag}{seed}", c.ids, letters, campaigns), pace=pace).start()
+    traffic = Traffic(c, make_letters(rng, f"{tag}{seed}", c.ids, letters, campaigns), seed, pace=pace).start()
     return rng, traffic
 
 
@@ -75,7 +79,7 @@ def kill_leader(c: Cluster, traffic: Traffic, rng: random.Random, extra: int = 0
     victims = [ld] + others[:extra]
     survivors = [n for n in c.ids if n not in victims]
     at = kill(c, victims)
-    failover = traffic.failover(at, survivors, rng)
+    failover = traffic.failover(at, survivors)
     print(f"  killed {victims} (leader {ld}; batches held {held}); failover {failover:.2f}s", flush=True)
     restart(c, victims)
     return failover
@@ -158,7 +162,7 @@ def test_frozen_node_wakes_and_does_not_send_what_was_reassigned(fault_cluster, 
     before = stats(c)["lease_expiries"]
     stopped_at = time.time()
     c.signal(victim, signal.SIGSTOP)
-    failovers = [traffic.failover(stopped_at, survivors, rng)] if was_leader else []
+    failovers = [traffic.failover(stopped_at, survivors)] if was_leader else []
     # Frozen for longer than the lease: the others expire its batches and deliver them.
     wait_for(lambda: stats(c, survivors)["lease_expiries"] > before
              and time.time() - stopped_at > LEASE_SECONDS + 1, LEASE_SECONDS * 5,
@@ -195,7 +199,7 @@ def test_every_node_sigkilled_and_restarted(fault_cluster, seed: int) -> None:
             resume_tail_and_wait_delivering(c, traffic)
         at = kill(c, c.ids)
         start_nodes(c, c.ids)
-        failovers.append(traffic.failover(at, c.ids, rng))
+        failovers.append(traffic.failover(at, c.ids))
         wait_back(c, c.ids)
         print(f"  killed every node during {phase}; next 250 after {failovers[-1]:.2f}s", flush=True)
     v = verify(c, traffic, "kill_all", seed, failovers)
@@ -224,7 +228,7 @@ def test_wiped_node_rejoins_from_snapshot_fetches_bodies_and_serves(fault_cluste
     survivors = [n for n in c.ids if n != victim]
     at = kill(c, [victim])
     wipe(c, victim)
-    failovers = [traffic.failover(at, survivors, rng)] if was_leader else []
+    failovers = [traffic.failover(at, survivors)] if was_leader else []
     ld = c.wait_leader(among=survivors)
     wait_for(lambda: (st := c.status(ld)) and st["log_len"] + COMPACTED_MARGIN < st["commit_index"], 60,
              f"leader {ld} to have compacted its log", interval=0.2)
@@ -283,7 +287,7 @@ def test_rolling_restart_during_a_campaign(fault_cluster, seed: int) -> None:
         survivors = [n for n in c.ids if n != nid]
         at, codes[nid] = stop(c, nid)
         if was_leader:
-            failovers.append(traffic.failover(at, survivors, rng))
+            failovers.append(traffic.failover(at, survivors))
         restart(c, [nid])
         print(f"  restarted {nid} ({'leader' if was_leader else 'follower'}), exit {codes[nid]} after "
               f"{time.time() - at:.1f}s", flush=True)
