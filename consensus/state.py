@@ -168,7 +168,8 @@ class MailState:
         # Members added or removed at run time (the cluster file lists the founding members):
         # id -> {"raft", "smtp", "admin", "status": "active" | "leaving" | "removed"}
         self.members: dict[str, dict] = {}
-        # Finished submissions past their retention: id -> [campaign, finished_at, zlib(msgpack([rcpts, states]))]
+        # Finished submissions past their retention:
+        # id -> [campaign, finished_at, zlib(msgpack([rcpts, states])), body digest]
         self.archived: dict[str, list] = {}
         self.applied = 0  # commands applied (a cheap progress counter for status and tests)
 
@@ -555,11 +556,11 @@ class MailState:
                     if sub.finished_at is not None and sub.finished_at < now - retention]:
             sub = self.submissions.pop(sid)
             blob = zlib.compress(msgpack.packb([sub.rcpts, bytes(sub.states)], use_bin_type=True), 1)
-            self.archived[sid] = [sub.campaign, sub.finished_at, blob]
+            self.archived[sid] = [sub.campaign, sub.finished_at, blob, sub.body]
             archived += 1
         dropped = [sid for sid, a in self.archived.items() if a[1] < now - keep]
         for sid in dropped:
-            campaign, _, blob = self.archived.pop(sid)
+            campaign, _, blob, _body = self.archived.pop(sid)
             _rcpts, states = msgpack.unpackb(zlib.decompress(blob), raw=False)
             camp = self.campaigns.get(campaign)
             for st in states:  # counts cover what the state still holds

@@ -390,6 +390,8 @@ class MailNode:
                             keep.add(s.body)
                         else:
                             done[s.body] = None
+                    for a in st.archived.values():
+                        done[a[3]] = None
                     return keep, done
                 keep, done = self.raft.read(read)
                 for digest in list(self.store.digests()):

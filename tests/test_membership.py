@@ -41,7 +41,8 @@ def test_join_while_a_campaign_is_sending_then_leave(make_cluster) -> None:
     r = run_cli(c.config_path, "join", "--node", "n4")
     assert r.returncode == 0, r.stderr
     c.start("n4")
-    wait_for(lambda: c.status("n4"), 20, "n4 to answer")
+    # Like a load balancer: send it mail once /readyz says it is caught up and in a quorum.
+    wait_for(lambda: c.get("n4", "/readyz").get("ready", True), 30, "n4 to be ready")
     for i in range(10, 30):
         rcpts = [f"a{i}-{j}@example.com" for j in range(30)]
         code, text = c.submit("n4" if i % 2 else leader, rcpts, make_message(message_id=f"<join-{i}@x>", campaign="grow"))

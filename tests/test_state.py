@@ -80,7 +80,7 @@ def all_recipients(state: MailState) -> Iterator[tuple[str, int]]:
     """(campaign, state) of every recipient: live ones, and the final states of archived ones."""
     for sid, _, _, rstate in state.iter_recipients():
         yield state.submissions[sid].campaign, rstate
-    for campaign, _, blob in state.archived.values():
+    for campaign, _, blob, *_ in state.archived.values():
         _, states = msgpack.unpackb(zlib.decompress(blob), raw=False)
         for rstate in states:
             yield campaign, rstate
