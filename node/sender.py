@@ -244,3 +244,15 @@ class Sender:
             for t in pending:
                 t.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+        # Batches the leader handed us after we stopped taking new ones were never started:
+        # nothing of them was sent, so they go straight back to the queue.
+        unstarted = self.node.raft.read(lambda st: [(b.id, list(b.items)) for b in st.batches_for(self.node.id)
+                                                    if b.id not in self.finished])
+        for bid, items in unstarted:
+            try:
+                await self.node.proposer.propose(
+                    {"op": "report", "batch": bid, "node": self.node.id, "now": time.time(),
+                     "max_age": self.node.config.delivery.max_age, "results": [],
+                     "release": [list(i) for i in items]}, STOP_REPORT_SECONDS)
+            except ProposalFailed:
+                break  # no quorum: their lease returns them
