@@ -424,3 +424,40 @@ def test_config_mistakes_are_refused_at_start_with_one_line(secure: Cluster, tmp
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and all(f in lines[0] for f in fragments), lines[0]
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(120)
+def test_state_changing_admin_calls_need_the_token(make_cluster) -> None:
+    import json
+    import urllib.error
+    import urllib.request
+    token = "admin-token-0123456789abcdef"
+    c = make_cluster(start=False)
+    set_config(c, "cluster", admin_token=token)
+    leader = c.start_all_and_wait()
+    code, text = c.submit(leader, ["a@example.com"], make_message(message_id="<tok@x>", campaign="tok"))
+    assert code == 250, text
+
+    def post(path: str, auth: str | None) -> int:
+        headers = {"Content-Type": "application/json"}
+        if auth:
+            headers["Authorization"] = f"Bearer {auth}"
+        req = urllib.request.Request(f"http://127.0.0.1:{c.admin[leader]}{path}", data=b"{}",
+                                     headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    for path in ("/campaigns/tok/pause", "/campaigns/tok/cancel", "/cluster/transfer", "/cluster/leave",
+                 "/cluster/join"):
+        assert post(path, None) == 401, path
+        assert post(path, "wrong-token-0123456789") == 401, path
+    assert not c.get(leader, "/campaigns")["campaigns"][0]["paused"]
+    # The CLI reads the token from the cluster file.
+    r = run_cli(c.config_path, "pause", "tok")
+    assert r.returncode == 0, r.stderr
+    assert c.get(leader, "/campaigns")["campaigns"][0]["paused"]
+    assert json.loads(run_cli(c.config_path, "status", "--json").stdout)["leader"] == leader
