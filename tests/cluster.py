@@ -415,3 +415,13 @@ def wait_converged_explained(c: Cluster, nodes: list[str] | None = None, timeout
         return c.wait_converged(nodes, timeout)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{describe(c)}") from None
+
+
+def read_until_closed(s: socket.socket) -> str:
+    """Every reply a server sends until it closes the connection (raw-socket SMTP tests)."""
+    chunks = []
+    while True:
+        data = s.recv(65536)
+        if not data:
+            return b"".join(chunks).decode("utf-8", "replace")
+        chunks.append(data)

@@ -20,7 +20,7 @@ import pytest
 from aiosmtpd.smtp import Session
 from cryptography import x509
 
-from cluster import (PY, Cluster, Sink, make_message, queued_as, run_cli, set_config, submission_count,
+from cluster import (read_until_closed, PY, Cluster, Sink, make_message, queued_as, run_cli, set_config, submission_count,
                      wait_for)
 from raftmail.node.auth import FailureThrottle, hash_password, parse_hash, verify_password
 from raftmail.node.config import load_config
@@ -322,15 +322,6 @@ def pipelined(c: Cluster, nid: str, lines: list[bytes], source: str = OUTSIDE) -
     with socket.create_connection(("127.0.0.1", c.smtp[nid]), source_address=(source, 0), timeout=10) as s:
         s.sendall(b"".join(line + b"\r\n" for line in lines))
         return read_until_closed(s)
-
-
-def read_until_closed(s: socket.socket) -> str:
-    chunks = []
-    while True:
-        data = s.recv(65536)
-        if not data:
-            return b"".join(chunks).decode("utf-8", "replace")
-        chunks.append(data)
 
 
 def timed_failed_auth(c: Cluster, nid: str, source: str) -> float:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import Cluster, Sink, make_message, queued_as, set_config, submission_count, wait_for
+from cluster import read_until_closed, Cluster, Sink, make_message, queued_as, set_config, submission_count, wait_for
 from raftmail.node.auth import hash_password
 from raftmail.node.intake import Intake
 
@@ -55,15 +55,6 @@ def converse(c: Cluster, nid: str, payload: bytes, source: str = "127.0.0.1", ti
     with socket.create_connection(("127.0.0.1", c.smtp[nid]), source_address=(source, 0), timeout=timeout) as s:
         s.sendall(payload)
         return read_until_closed(s)
-
-
-def read_until_closed(s: socket.socket) -> str:
-    chunks = []
-    while True:
-        data = s.recv(65536)
-        if not data:
-            return b"".join(chunks).decode("utf-8", "replace")
-        chunks.append(data)
 
 
 def crlf(*lines: bytes) -> bytes:
