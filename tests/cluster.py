@@ -112,7 +112,8 @@ class Cluster:
                  compaction_min_entries: int = 5000, commit_timeout: float = 3.0) -> None:
         self.root = root
         self.ids = [f"n{i + 1}" for i in range(n)]
-        ports = free_ports(3 * n)
+        # All at once (so they differ), and never the sink's port, which was picked earlier.
+        ports = [p for p in free_ports(3 * n + 2) if sink is None or p != sink.port]
         self.raft = {nid: ports[3 * i] for i, nid in enumerate(self.ids)}
         self.smtp = {nid: ports[3 * i + 1] for i, nid in enumerate(self.ids)}
         self.admin = {nid: ports[3 * i + 2] for i, nid in enumerate(self.ids)}
@@ -130,7 +131,7 @@ class Cluster:
                   "command_timeout = 10"]
         # Always a local relay: without one the sender would look up MX records on the internet.
         # With no sink, the relay is a port nobody listens on (deliveries defer).
-        relay_port = sink.port if sink is not None else free_ports(1)[0]
+        relay_port = sink.port if sink is not None else ports[3 * n]
         lines += [f'relay = "127.0.0.1:{relay_port}"']
         lines += ["", extra_toml]
         self.config_path.write_text("\n".join(lines))
