@@ -272,15 +272,30 @@ class MailNode:
             await asyncio.sleep(0.2)
         if self.node_of_addr(self.raft.raft_status()["leader_addr"]) == nid:
             await self._move_leadership_off(nid, member["admin"])
-        # Committed while it is still a member, so it applies it and stops itself.
+        # Committed while it is still a member, so it applies it and stops itself. It must have
+        # applied it before it leaves the Raft membership: after that nobody tells it anything.
         resp = await self._propose_json({"op": "member_remove", "id": nid})
         if resp.status != 200:
             return resp
+        await self._wait_applied(member["admin"], self.raft.raftLastApplied)
         ok, reason = await self._membership_change(self.raft.removeNodeFromCluster, member["raft"])
         if not ok:
             return web.json_response({"error": f"raft membership change refused: {reason}"}, status=503)
         log.warning("member %s (%s) removed from the cluster", nid, member["raft"])
         return web.json_response({"ok": True, "members": len(self.raft.otherNodes) + 1})
+
+    async def _wait_applied(self, admin: str, index: int, timeout: float = 5.0) -> None:
+        """Until the node at `admin` has applied `index` (or stopped answering, or timeout)."""
+        from raftmail.node.client import get_json
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                st = await asyncio.to_thread(get_json, admin, "/status", 1.0)
+            except (OSError, ValueError):
+                return  # gone already: nothing left to tell it
+            if (st.get("applied_index") or 0) >= index:
+                return
+            await asyncio.sleep(0.1)
 
     async def _move_leadership_off(self, nid: str, admin: str) -> None:
         from raftmail.node.client import post_json
