@@ -346,6 +346,13 @@ def command_line_refusal(line: bytes) -> str | None:
     return None
 
 
+# The paths nearly every client sends: <dot-atom@dot-atom> (RFC 5322 atext, ASCII) or <>, then
+# anything. Everything else goes to aiosmtpd's full parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_SIMPLE_PATH = re.compile(rf"<(?:({_DOT_ATOM}@{_DOT_ATOM}))?>(.*)", re.DOTALL)
+
+
 # aiosmtpd's own refusals carry no RFC 3463 code: one is added by reply code, the text is kept.
 _HAS_ENHANCED = re.compile(r"^\d\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
 _ENHANCED_BY_CODE = {421: "4.3.0", 450: "4.2.0", 451: "4.3.0", 452: "4.3.1", 454: "4.7.0",
@@ -516,6 +523,23 @@ class IntakeSMTP(SMTP):
             await self.push(R_TLS_ACTIVE)
             return
         await super().smtp_STARTTLS(arg)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """aiosmtpd's answer for MAIL and RCPT paths, without its email-header parser (and the
+        class it defines per call) for the simple forms; the same answer for every input."""
+        m = _SIMPLE_PATH.fullmatch(arg) if arg and not self.local_part_limit else None
+        if m is None:
+            return super()._getaddr(arg)
+        address, rest = m.groups()
+        if address is None:
+            return "<>", rest  # aiosmtpd keeps the null path as "<>" and its rest untouched
+        if "=?" in address:  # the parser would decode an RFC 2047 encoded word
+            return super()._getaddr(arg)
+        if rest[:1] in (" ", "\t"):  # the parser drops whitespace (any, str.lstrip) after the '>'
+            rest = rest.lstrip()
+        if rest[:1] == "(":  # ... and comments
+            return super()._getaddr(arg)
+        return address, rest
 
     async def check_auth_needed(self, caller_method: str) -> bool:
         """aiosmtpd asks this before MAIL, RCPT, DATA, VRFY and HELP; Intake decides."""

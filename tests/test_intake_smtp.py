@@ -1,0 +1,112 @@
+"""IntakeSMTP's shortcuts around aiosmtpd must not change what aiosmtpd decides: MAIL/RCPT path
+parsing (_getaddr) and the per-connection hook tables. No cluster: server objects only."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Iterator
+
+import pytest
+from aiosmtpd.smtp import SMTP
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raftmail.node.intake import IntakeHandler, IntakeSMTP
+
+SERVER_KW: dict[str, Any] = dict(data_size_limit=10_000, enable_SMTPUTF8=True, decode_data=False,
+                                 hostname="intake.test", timeout=30, require_starttls=False,
+                                 auth_require_tls=False)
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def server(loop: asyncio.AbstractEventLoop) -> IntakeSMTP:
+    return intake_server(loop)
+
+
+def intake_server(loop: asyncio.AbstractEventLoop, handler: Any = None, **kw: Any) -> IntakeSMTP:
+    return IntakeSMTP(handler or IntakeHandler(None), intake=None, connections={"open": 0, "refused": 0},  # type: ignore[arg-type]
+                      max_connections=1, loop=loop, **{**SERVER_KW, **kw})
+
+
+def outcome(getaddr: Callable[[str], Any], arg: str) -> tuple[str, Any]:
+    try:
+        return "returned", getaddr(arg)
+    except Exception as e:  # aiosmtpd's parser raises IndexError on "<", for one
+        return "raised", type(e)
+
+
+# --------------------------------------------------------------------------------------------
+# _getaddr: the fast path answers exactly as aiosmtpd's parser
+# --------------------------------------------------------------------------------------------
+
+ODD_PATHS = [
+    "", "<>", "<> ", "<> SIZE=10", "<>SIZE=10", "<>>", "< >", "<", ">", "<<a@b.c>>", "<a@b.c>", "<a@b.c",
+    "a@b.c", " <a@b.c>", "<a@b.c> SIZE=10 BODY=8BITMIME", "<a@b.c>SIZE=10", "<a@b.c>\tX", "<a@b.c> \t X",
+    "<a@b.c>  \x0bX", "<a@b.c>\x0bX", "<a@b.c> (comment) X", "<a@b.c>(comment)", "<a@b.c> X (c)", "<a@b.c> >",
+    "<a@b.c>>", "<a@b.c.>", "<.a@b.c>", "<a.@b.c>", "<a..b@c.d>", "<a@b..c>", "<a@@b.c>", "<a@b@c.d>",
+    "<@b.c>", "<a@>", "<a>", "<a.b>", "<@x:a@b.c>", "<@x,@y:a@b.c>", '<"a b"@c.d>', '<"a"@c.d>', "<a\\b@c.d>",
+    "<a b@c.d>", "<a@b c.d>", "<a(c)@b.d>", "<a@b(c).d>", "<a@[127.0.0.1]>", "<a@[IPv6:::1]>",
+    "<=?utf-8?q?a?=@b.c>", "<a@=?utf-8?q?b?=>", "<a=?x@b.c>", "<a?=@b.c>", "<nëws@example.com>",
+    "<a@exämple.com>", "<a@b\x0bc.d>", "<a\x00@b.c>", "<a@b.c\udcff>", "<a@b.c> \udcff", "<a@b.c>\r\nX",
+    "<A.B-C+tag@Mail.Example.COM> SMTPUTF8", "<!#$%&'*+/=?^_`{|}~-@x.y>", "<a@b.c> SIZE=10\x85",
+    "<a@b.c>\xa0SIZE", "<a@b.c>\u2003 SIZE", "<a@b.c>\t\t(x)(y) Z", "<a@b.c> \\", "<a@b.c> )",
+]
+
+
+@pytest.mark.parametrize("arg", ODD_PATHS)
+def test_getaddr_matches_aiosmtpd_on_odd_paths(server: IntakeSMTP, arg: str) -> None:
+    assert outcome(server._getaddr, arg) == outcome(lambda a: SMTP._getaddr(server, a), arg)
+
+
+def test_getaddr_matches_aiosmtpd_with_a_local_part_limit(loop: asyncio.AbstractEventLoop) -> None:
+    ours = intake_server(loop)
+    ours.local_part_limit = 3
+    for arg in ("<abc@d.e>", "<abcd@d.e>", "<> X", "<a@b.c> SIZE=1"):
+        assert outcome(ours._getaddr, arg) == outcome(lambda a: SMTP._getaddr(ours, a), arg), arg
+
+
+def test_getaddr_takes_the_fast_path_for_common_paths(loop: asyncio.AbstractEventLoop,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ours = intake_server(loop)
+    expected = {arg: SMTP._getaddr(ours, arg) for arg in
+                ("<news@example.com>", "<news@example.com> SIZE=2048 BODY=8BITMIME", "<>", "<> SIZE=10")}
+
+    def parser(self: SMTP, arg: str) -> Any:
+        raise AssertionError(f"parsed {arg!r} with aiosmtpd's parser")
+    monkeypatch.setattr(SMTP, "_getaddr", parser)
+    assert {arg: ours._getaddr(arg) for arg in expected} == expected
+
+
+_ATEXT = "abcXYZ019!#$%&'*+/=?^_`{|}~-"
+_ODD_WORDS = ["", "=?utf-8?q?x?=", "=?", "?=", '"q q"', "a b", "a\\b", "(c)", "[1.2.3.4]", "é", "\x0b", "\udcff",
+              "@", "<", ">", ":", ","]
+_REST = ["", " ", "  ", "\t", "\x0b", "\x85", "\xa0", "(c)", "(", ")", "SIZE=10", "BODY=8BITMIME", "X", ">", "<",
+         "\\", "é", "\r\n"]
+_words = st.one_of(st.text(alphabet=_ATEXT, min_size=1, max_size=6), st.sampled_from(_ODD_WORDS))
+_dot_atoms = st.lists(_words, min_size=1, max_size=3).map(".".join)
+_noise = st.lists(st.sampled_from([*_ATEXT, *_ODD_WORDS, *_REST]), max_size=8).map("".join)
+
+
+@st.composite
+def paths(draw: st.DrawFn) -> str:
+    """Mostly near the simple form <local@domain>rest: odd words in the address, whitespace,
+    comments and parameters after it, and sometimes noise spliced in anywhere."""
+    address = draw(st.sampled_from(["", "x"])) and f"{draw(_dot_atoms)}@{draw(_dot_atoms)}"
+    arg = (draw(st.sampled_from(["<", "<", "", " <"])) + address + draw(st.sampled_from([">", ">", ""]))
+           + "".join(draw(st.lists(st.sampled_from(_REST), max_size=5))))
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
+        at = draw(st.integers(0, len(arg)))
+        arg = arg[:at] + draw(_noise) + arg[at:]
+    return arg
+
+
+@settings(derandomize=True, max_examples=3000, deadline=None, database=None)
+@given(arg=paths())
+def test_getaddr_matches_aiosmtpd_property(server: IntakeSMTP, arg: str) -> None:
+    assert outcome(server._getaddr, arg) == outcome(lambda a: SMTP._getaddr(server, a), arg)
