@@ -152,18 +152,80 @@ def test_crypto_rejects_other_secret_other_cluster_and_garbage() -> None:
         PeerCrypto(SECRET, "another-cluster").open(token)
     with pytest.raises(PeerAuthError):
         PeerCrypto(SECRET, CLUSTER).open(b"not a token")
-    tampered = bytearray(token)
-    tampered[40] = ord("A") if tampered[40] != ord("A") else ord("B")
+    # Any flipped bit fails: version, timestamp, salt, nonce (the header is associated data),
+    # ciphertext, tag.
+    for i in (0, 5, 20, 40, len(token) // 2, len(token) - 1):
+        tampered = bytearray(token)
+        tampered[i] ^= 0x01
+        with pytest.raises(PeerAuthError):
+            PeerCrypto(SECRET, CLUSTER).open(bytes(tampered))
     with pytest.raises(PeerAuthError):
-        PeerCrypto(SECRET, CLUSTER).open(bytes(tampered))
+        PeerCrypto(SECRET, CLUSTER).open(token[:-1])
+    with pytest.raises(PeerAuthError):
+        PeerCrypto(SECRET, CLUSTER).open("not base64 at all!")
 
 
 def test_crypto_expired_token() -> None:
     crypto = PeerCrypto(SECRET, CLUSTER)
     token = crypto.seal(b"GET x")
-    # Fernet timestamps have one-second resolution; a negative ttl is already expired.
+    # Timestamps have one-second resolution; a negative ttl is already expired.
     with pytest.raises(PeerAuthError):
         crypto.open(token, ttl=-2)
+
+
+def test_crypto_refuses_tokens_from_the_past_or_future(monkeypatch: pytest.MonkeyPatch) -> None:
+    crypto = PeerCrypto(SECRET, CLUSTER)
+    now = time.time()
+    monkeypatch.setattr(time, "time", lambda: now - 301)
+    old = crypto.seal(b"GET x")
+    monkeypatch.setattr(time, "time", lambda: now + 120)
+    future = crypto.seal(b"GET x")
+    monkeypatch.setattr(time, "time", lambda: now)
+    for token in (old, future):
+        with pytest.raises(PeerAuthError):
+            crypto.open(token)
+    assert crypto.open(old, ttl=400) == b"GET x"
+
+
+def test_crypto_nonces_never_repeat_and_senders_have_their_own_subkeys() -> None:
+    a, b = PeerCrypto(SECRET, CLUSTER), PeerCrypto(SECRET, CLUSTER)
+    headers = [t[: 1 + 8 + 16 + 12] for t in (a.seal(b"x") for _ in range(1000))]
+    assert len({h[-12:] for h in headers}) == 1000  # counter nonces under one salt
+    assert len({h[9:25] for h in headers}) == 1
+    other = b.seal(b"x")
+    assert other[9:25] != headers[0][9:25]  # another process: another salt, so another subkey
+    assert a.open(other) == b"x"
+    assert b.open(a.seal(b"x")) == b"x"
+
+
+def test_crypto_takes_a_new_subkey_in_a_forked_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    crypto = PeerCrypto(SECRET, CLUSTER)
+    parent = crypto.seal(b"x")
+    pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: pid + 1)
+    child = crypto.seal(b"x")
+    assert child[9:25] != parent[9:25]
+    assert crypto.open(parent) == crypto.open(child) == b"x"
+
+
+def test_crypto_caches_only_a_bounded_number_of_authenticated_senders() -> None:
+    crypto = PeerCrypto(SECRET, CLUSTER)
+    senders = [PeerCrypto(SECRET, CLUSTER) for _ in range(PeerCrypto.MAX_PEER_KEYS + 10)]
+    for sender in senders:
+        assert crypto.open(sender.seal(b"hi")) == b"hi"
+    assert len(crypto._peer_keys) <= PeerCrypto.MAX_PEER_KEYS
+    forged = bytearray(senders[0].seal(b"hi"))
+    forged[9:25] = os.urandom(16)  # an unknown salt that fails authentication
+    with pytest.raises(PeerAuthError):
+        crypto.open(bytes(forged))
+    assert bytes(forged[9:25]) not in crypto._peer_keys
+
+
+def test_crypto_text_form_for_headers() -> None:
+    crypto = PeerCrypto(SECRET, CLUSTER)
+    text = crypto.seal_text(b"GET abc")
+    assert text.isascii() and "\n" not in text
+    assert crypto.open(text) == b"GET abc"
 
 
 def test_crypto_requires_secret() -> None:
@@ -172,7 +234,7 @@ def test_crypto_requires_secret() -> None:
 
 
 @pytest.mark.parametrize("size", [0, 1, 15, 16, 17, 1000, 65536])
-def test_sealed_size_matches_fernet(size: int) -> None:
+def test_sealed_size_matches_tokens(size: int) -> None:
     assert len(PeerCrypto(SECRET, CLUSTER).seal(b"x" * size)) == sealed_size(size)
 
 
@@ -582,7 +644,7 @@ def test_server_with_other_secret_refuses(tmp_path: Path) -> None:
                 assert not foreign.store.has(digest_of(other))
                 async with http.get(url) as resp:
                     assert resp.status == 403
-                auth = ours.seal(b"GET " + digest.encode()).decode()
+                auth = ours.seal_text(b"GET " + digest.encode())
                 async with http.get(url, headers={AUTH_HEADER: auth}) as resp:
                     assert resp.status == 403
                 assert len(foreign.auth_failures) == 5
@@ -602,10 +664,10 @@ def test_get_auth_token_is_bound_to_the_digest(tmp_path: Path) -> None:
         url = f"http://{node.address}/peer/bodies/{digest}"
         try:
             async with aiohttp.ClientSession() as http:
-                wrong = crypto.seal(b"GET " + other.encode()).decode()
+                wrong = crypto.seal_text(b"GET " + other.encode())
                 async with http.get(url, headers={AUTH_HEADER: wrong}) as resp:
                     assert resp.status == 403
-                right = crypto.seal(b"GET " + digest.encode()).decode()
+                right = crypto.seal_text(b"GET " + digest.encode())
                 async with http.get(url, headers={AUTH_HEADER: right}) as resp:
                     assert resp.status == 200
                     assert crypto.open(await resp.read()) == NEWSLETTER
