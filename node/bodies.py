@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import itertools
 import re
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -54,10 +54,10 @@ def _verify(digest: str, data: bytes) -> None:
         raise ValueError(f"body hash {actual} does not match claimed digest {digest}")
 
 
-def _file_matches(path: Path, digest: str, size: int) -> bool:
+def _file_matches(path: str, digest: str, size: int) -> bool:
     """Whether the file at *path* holds exactly the body with *digest* (of *size* bytes)."""
     try:
-        if path.stat().st_size != size:
+        if os.stat(path).st_size != size:
             return False
         h = hashlib.sha256()
         with open(path, "rb") as f:
@@ -73,7 +73,13 @@ class BodyStore:
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = Path(root)
+        self._root = str(self.root)  # os calls on str paths: pathlib costs more than the write
         self._fsync = fsync
+        # Shard directories known to be durable (created, or found, and the root fsynced since).
+        self._durable_shards: set[str] = set()
+        # Temp names: a random tag per store and a counter, cheaper than tempfile.mkstemp.
+        self._temp_tag = os.urandom(6).hex()
+        self._temp_names = itertools.count()
         # Serialises "replace file" against "remove corrupt file" so a reader that saw a rotten
         # copy cannot delete the good copy a concurrent put just renamed into place.
         self._swap_lock = threading.Lock()
@@ -82,9 +88,9 @@ class BodyStore:
 
     # -- paths -------------------------------------------------------------------------------
 
-    def _path(self, digest: str) -> Path:
+    def _path(self, digest: str) -> str:
         _require_digest(digest)
-        return self.root / digest[:2] / digest
+        return f"{self._root}/{digest[:2]}/{digest}"
 
     def _shard_dirs(self) -> Iterator[Path]:
         try:
@@ -96,7 +102,7 @@ class BodyStore:
                 yield Path(entry.path)
 
     def _remove_leftover_temps(self) -> None:
-        # A crash between mkstemp and os.replace leaves a temp file behind; nothing refers to it.
+        # A crash between creating a temp file and os.replace leaves a temp file behind; nothing refers to it.
         for shard in self._shard_dirs():
             for entry in os.scandir(shard):
                 if entry.name.startswith(_TEMP_PREFIX):
@@ -106,18 +112,22 @@ class BodyStore:
                     except FileNotFoundError:
                         pass
 
-    def _ensure_shard(self, shard: Path) -> None:
-        try:
-            shard.mkdir()
-        except FileExistsError:
+    def _ensure_shard(self, shard: str) -> None:
+        if shard in self._durable_shards:
             return
-        # The new directory entry must be durable too, or the body file is lost with it. This
-        # is synced at once, not deferred with the body files: a concurrent writer that finds
-        # the shard existing trusts it to be durable. Only the first body of a shard pays it.
+        try:
+            os.mkdir(shard)
+        except FileExistsError:
+            pass
+        # The directory entry must be durable too, or the body file is lost with it. Synced at
+        # once, not deferred with the body files, and also when the shard was found existing:
+        # another writer (or a crashed run) may have made it and not synced the root yet. Only
+        # the first body of a shard per process pays it.
         if self._fsync:
             fsync_dir(self.root)
+        self._durable_shards.add(shard)
 
-    def _sync_dirs(self, touched: set[Path]) -> None:
+    def _sync_dirs(self, touched: set[str]) -> None:
         if not self._fsync:
             return
         for directory in sorted(touched):
@@ -147,7 +157,7 @@ class BodyStore:
         for digest, data in items:
             _verify(digest, data)
             bodies[digest] = data
-        touched: set[Path] = set()
+        touched: set[str] = set()
         try:
             for digest, data in bodies.items():
                 self._write(digest, data, touched)
@@ -155,16 +165,17 @@ class BodyStore:
             self._sync_dirs(touched)
 
     def _store(self, digest: str, data: bytes) -> None:
-        touched: set[Path] = set()
+        touched: set[str] = set()
         try:
             self._write(digest, data, touched)
         finally:
             self._sync_dirs(touched)
 
-    def _write(self, digest: str, data: bytes, touched: set[Path]) -> None:
+    def _write(self, digest: str, data: bytes, touched: set[str]) -> None:
         """Put one body file in place (file fsynced); directories needing an fsync go to
         *touched*."""
         path = self._path(digest)
+        shard = os.path.dirname(path)
         if _file_matches(path, digest, len(data)):
             # Refresh the mtime: age_seconds() is what orphan collection looks at, and a body
             # that was just submitted again must not look old.
@@ -172,21 +183,23 @@ class BodyStore:
                 os.utime(path)
                 # Another writer may have renamed it in and not yet synced the directory
                 # (a batch syncs its directories at the end): sync it before we answer too.
-                touched.add(path.parent)
+                touched.add(shard)
                 return
             except FileNotFoundError:
                 pass  # deleted between the check and the touch; write it again below
-        shard = path.parent
         self._ensure_shard(shard)
         # A unique temp name per writer makes concurrent puts of the same body safe: each
         # renames a complete file over the same name, and the rename is atomic.
-        fd, tmp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=shard)
+        tmp_name, fd = self._create_temp(shard)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
                 if self._fsync:
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             with self._swap_lock:
                 os.replace(tmp_name, path)
         except BaseException:
@@ -196,6 +209,22 @@ class BodyStore:
                 pass
             raise
         touched.add(shard)
+
+    def _create_temp(self, shard: str) -> tuple[str, int]:
+        """A new, empty temp file in *shard*: (its path, an fd open for writing)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for _ in range(100):
+            name = f"{shard}/{_TEMP_PREFIX}{self._temp_tag}-{next(self._temp_names)}"
+            try:
+                # 0600 like mkstemp's: bodies are people's mail.
+                return name, os.open(name, flags, 0o600)
+            except FileExistsError:
+                continue  # a leftover with this name: take the next one
+            except FileNotFoundError:
+                # The shard was removed behind our back: make it (durably) again.
+                self._durable_shards.discard(shard)
+                self._ensure_shard(shard)
+        raise FileExistsError(f"no free temp file name in {shard}")
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -214,7 +243,7 @@ class BodyStore:
         self._remove_corrupt(path, st, actual)
         return None
 
-    def _remove_corrupt(self, path: Path, seen: os.stat_result, actual: str) -> None:
+    def _remove_corrupt(self, path: str, seen: os.stat_result, actual: str) -> None:
         with self._swap_lock:
             try:
                 now = os.stat(path)
@@ -227,7 +256,7 @@ class BodyStore:
 
     def has(self, digest: str) -> bool:
         """Whether a file for *digest* exists. Cheap: the content is verified only by get()."""
-        return self._path(digest).is_file()
+        return os.path.isfile(self._path(digest))
 
     def delete(self, digest: str) -> bool:
         """Remove the body; True if it was there."""
@@ -251,7 +280,7 @@ class BodyStore:
         count = total = 0
         for digest in self.digests():
             try:
-                total += self._path(digest).stat().st_size
+                total += os.stat(self._path(digest)).st_size
             except FileNotFoundError:
                 continue  # deleted while we were counting
             count += 1
@@ -260,7 +289,7 @@ class BodyStore:
     def age_seconds(self, digest: str) -> float | None:
         """Seconds since the body was last stored, from the file's mtime; None if absent."""
         try:
-            mtime = self._path(digest).stat().st_mtime
+            mtime = os.stat(self._path(digest)).st_mtime
         except FileNotFoundError:
             return None
         return max(0.0, time.time() - mtime)

@@ -260,6 +260,19 @@ def test_put_many_verified_keeps_existing_files_and_refreshes_age(tmp_path: Path
     assert store.stats() == (3, sum(len(d) for _, d in batch))
 
 
+def recorded_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Paths fsynced from now on (the disk is really synced)."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced
+
+
 def test_put_many_verified_fsyncs_each_file_and_each_directory_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -267,14 +280,7 @@ def test_put_many_verified_fsyncs_each_file_and_each_directory_once(
     batch = campaign_bodies(60)  # 60 bodies over 256 shards: some shards get several
     shards = {digest[:2] for digest, _ in batch}
     assert len(shards) < len(batch)
-    synced: list[str] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:  # passes through: the disk is really synced
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = recorded_fsyncs(monkeypatch)
     store.put_many_verified(batch)
     root = str(tmp_path / "bodies")
     dirs = [p for p in synced if os.path.isdir(p)]
@@ -283,3 +289,38 @@ def test_put_many_verified_fsyncs_each_file_and_each_directory_once(
     # Each shard once, and the root once per shard that had to be created.
     assert sorted(p for p in dirs if p != root) == sorted(f"{root}/{s}" for s in shards)
     assert dirs.count(root) == len(shards)
+
+
+def test_a_shard_found_existing_is_made_durable_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A crashed run (or another writer) may have made the shard without syncing the root: the
+    # first body this store puts there syncs the root before it is acknowledged, later ones not.
+    store = BodyStore(tmp_path, fsync=True)
+    digest = hashlib.sha256(NEWSLETTER).hexdigest()
+    (tmp_path / digest[:2]).mkdir()
+    synced = recorded_fsyncs(monkeypatch)
+    store.put(NEWSLETTER)
+    assert synced.count(str(tmp_path)) == 1
+    same_shard = next(
+        b for b in (b"%d" % i for i in range(10_000))
+        if hashlib.sha256(b).hexdigest()[:2] == digest[:2]
+    )
+    store.put(same_shard)
+    assert synced.count(str(tmp_path)) == 1
+    assert synced.count(str(tmp_path / digest[:2])) == 2  # each rename made durable
+
+
+def test_body_files_are_private(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=False)
+    digest = store.put(NEWSLETTER)
+    assert body_path(tmp_path, digest).stat().st_mode & 0o077 == 0
+
+
+def test_a_shard_removed_behind_the_stores_back_is_made_again(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, fsync=True)
+    digest = store.put(NEWSLETTER)
+    store.delete(digest)
+    (tmp_path / digest[:2]).rmdir()
+    assert store.put(NEWSLETTER) == digest
+    assert store.get(digest) == NEWSLETTER
