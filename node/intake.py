@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import hashlib
+import inspect
 import ipaddress
 import logging
 import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
@@ -370,6 +372,17 @@ def with_enhanced_code(status: str) -> str:
     return f"{status[:4]}{enhanced} {status[4:].removeprefix('Error: ')}"
 
 
+# aiosmtpd keeps, from dir(), only the names with these prefixes in its per-connection tables.
+_HOOK_PREFIXES = ("auth_", "smtp_", "handle_")
+
+
+@functools.cache
+def _hook_names(cls: type) -> list[str]:
+    """The names of cls that aiosmtpd's tables keep. dir(cls) is the class part of dir() of an
+    instance. Cached per class: classes are not changed at run time."""
+    return [name for name in dir(cls) if name.startswith(_HOOK_PREFIXES)]
+
+
 class IntakeHandler:
     """aiosmtpd hooks: small, each delegating to Intake."""
 
@@ -429,11 +442,16 @@ class IntakeHandler:
         return R_INTERNAL
 
 
+# aiosmtpd reads the signature of handle_EHLO for every connection; inspect uses a __signature__.
+IntakeHandler.handle_EHLO.__signature__ = inspect.signature(IntakeHandler.handle_EHLO)  # type: ignore[attr-defined]
+
+
 class IntakeSMTP(SMTP):
     """aiosmtpd's server with a connection limit, the submission policy of Intake, strict line
     ends, an idle timeout that answers 421, and enhanced status codes on its own refusals."""
 
     command_size_limit = MAX_COMMAND_LINE_BYTES - 2  # aiosmtpd measures the line without CRLF
+    _listing_hooks_only = False  # see __dir__
 
     _REWRITE = {
         "552 Error: Too much mail data": "552 5.3.4 Message exceeds the size limit of {limit} bytes",
@@ -447,13 +465,26 @@ class IntakeSMTP(SMTP):
                  **kw: Any) -> None:
         # Per connection: aiosmtpd's class-level table is shared by every connection.
         self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
-        super().__init__(handler, **kw)
+        self._listing_hooks_only = True
+        try:
+            super().__init__(handler, **kw)
+        finally:
+            del self._listing_hooks_only
         self.intake = intake
         self._connections = connections
         self._max_connections = max_connections
         self._counted = False
         self.committing = False
         self.auth_failures = 0
+
+    def __dir__(self) -> Iterable[str]:
+        """While aiosmtpd's __init__ builds its tables (from dir(self) and inspect.getmembers(self),
+        a getattr of every attribute, per connection), only the names those tables keep: dir()
+        and getmembers() sort by name, so the tables come out the same, much cheaper."""
+        if not self._listing_hooks_only:
+            return super().__dir__()
+        own = [name for name in vars(self) if name.startswith(_HOOK_PREFIXES)]
+        return set(_hook_names(type(self))).union(own) if own else _hook_names(type(self))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._counted:  # after STARTTLS: the same connection, now over TLS

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any, Callable, Iterator
 
 import pytest
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, auth_mechanism
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -110,3 +110,66 @@ def paths(draw: st.DrawFn) -> str:
 @given(arg=paths())
 def test_getaddr_matches_aiosmtpd_property(server: IntakeSMTP, arg: str) -> None:
     assert outcome(server._getaddr, arg) == outcome(lambda a: SMTP._getaddr(server, a), arg)
+
+
+# --------------------------------------------------------------------------------------------
+# Hook tables: the same as aiosmtpd's full scan builds
+# --------------------------------------------------------------------------------------------
+
+class OtherHandler:
+    """More kinds of hooks than IntakeHandler has: a renamed AUTH mechanism, a '__' in a name."""
+
+    async def handle_NOOP(self, server: SMTP, session: Any, envelope: Any, arg: str) -> str:
+        return "250 OK"
+
+    @auth_mechanism("X-TEST")
+    async def auth_anything(self, server: SMTP, args: list[str]) -> Any:
+        return None
+
+    async def auth_CRAM__MD5(self, server: SMTP, args: list[str]) -> Any:
+        return None
+
+
+class InstanceHook(IntakeSMTP):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self.smtp_XYZZY = self.smtp_NOOP  # an instance attribute is listed by dir() too
+        super().__init__(*args, **kw)
+
+
+def tables(server: SMTP) -> dict[str, Any]:
+    """aiosmtpd's tables, with methods bound to the server itself as (name, function) in order."""
+    def unbound(method: Any) -> Any:
+        return method.__func__ if getattr(method, "__self__", None) is server else method
+    return {"auth": [(name, unbound(impl.method), impl.is_builtin) for name, impl in server._auth_methods.items()],
+            "smtp": [(name, unbound(method)) for name, method in server._smtp_methods.items()],
+            "handle": list(server._handle_hooks.items()), "ehlo": server._ehlo_hook_ver}
+
+
+HANDLERS = {"intake": lambda: IntakeHandler(None), "other": OtherHandler, "none": object}
+
+
+@pytest.mark.parametrize("cls", [IntakeSMTP, InstanceHook])
+@pytest.mark.parametrize("exclude", [None, ["LOGIN"]])
+@pytest.mark.parametrize("handler_name", list(HANDLERS))
+def test_hook_tables_are_aiosmtpds(loop: asyncio.AbstractEventLoop, monkeypatch: pytest.MonkeyPatch,
+                                   cls: type[IntakeSMTP], exclude: list[str] | None, handler_name: str) -> None:
+    handler = HANDLERS[handler_name]()
+    kw = dict(intake=None, connections={"open": 0, "refused": 0}, max_connections=1, loop=loop,
+              auth_exclude_mechanism=exclude, **SERVER_KW)
+    ours = cls(handler, **kw)
+    assert not ours._listing_hooks_only and dir(ours) == sorted(object.__dir__(ours))
+    with monkeypatch.context() as m:  # the reference: aiosmtpd scans every attribute
+        m.setattr(IntakeSMTP, "__dir__", object.__dir__)
+        reference = cls(handler, **kw)
+    assert tables(ours) == tables(reference)
+    if handler_name == "intake":
+        assert tables(ours)["ehlo"] == "new"
+        assert [name for name, *_ in tables(ours)["auth"]] == (["PLAIN"] if exclude else ["LOGIN", "PLAIN"])
+    # A plain aiosmtpd server with the same handler: the same handler hooks, AUTH and commands.
+    plain = SMTP(handler, loop=loop, auth_exclude_mechanism=exclude, **SERVER_KW)
+    for key in ("handle", "ehlo"):
+        assert tables(ours)[key] == tables(plain)[key]
+    assert [(name, builtin) for name, _, builtin in tables(ours)["auth"]] == \
+        [(name, builtin) for name, _, builtin in tables(plain)["auth"]]
+    assert [name for name, _ in tables(ours)["smtp"]] == \
+        sorted([name for name, _ in tables(plain)["smtp"]] + ["XYZZY"] * (cls is InstanceHook))
