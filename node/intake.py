@@ -452,6 +452,9 @@ class IntakeSMTP(SMTP):
 
     command_size_limit = MAX_COMMAND_LINE_BYTES - 2  # aiosmtpd measures the line without CRLF
     _listing_hooks_only = False  # see __dir__
+    _idle_deadline = 0.0  # see _reset_timeout
+    _timer_due = float("inf")  # when the pending idle timer fires; inf: none pending
+    _held: list[str] | None = None  # see smtp_EHLO
 
     _REWRITE = {
         "552 Error: Too much mail data": "552 5.3.4 Message exceeds the size limit of {limit} bytes",
@@ -532,6 +535,26 @@ class IntakeSMTP(SMTP):
             return line
         reader.readuntil = readuntil  # type: ignore[method-assign]
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Per command and per message line: moving the deadline is cheaper than a new timer each
+        # time. A timer that comes due before the deadline sets itself again for the deadline.
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timer_due > self._idle_deadline:
+            if self._timeout_handle is not None:
+                self._timeout_handle.cancel()
+            self._set_idle_timer()
+
+    def _set_idle_timer(self) -> None:
+        self._timer_due = self._idle_deadline
+        self._timeout_handle = self.loop.call_at(self._timer_due, self._idle_timer_due)
+
+    def _idle_timer_due(self) -> None:
+        if self._idle_deadline > self._timer_due:  # active since the timer was set
+            self._set_idle_timer()
+            return
+        self._timer_due = float("inf")
+        self._timeout_cb()
+
     def _timeout_cb(self) -> None:
         if self.committing:  # the client waits for our reply; the commit has its own deadline
             self._reset_timeout()
@@ -545,7 +568,13 @@ class IntakeSMTP(SMTP):
     async def smtp_EHLO(self, hostname: str) -> None:
         # aiosmtpd widens the MAIL line limit on every EHLO; start from the base each time.
         self.command_size_limits.clear()
-        await super().smtp_EHLO(hostname)
+        self._held = []  # the reply's lines go out in one write (one send), not one each
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            held, self._held = self._held, None
+        if held:
+            await super().push("\r\n".join(held))
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -586,6 +615,9 @@ class IntakeSMTP(SMTP):
         if isinstance(status, str):
             template = self._REWRITE.get(status)
             status = template.format(limit=self.data_size_limit) if template else with_enhanced_code(status)
+            if self._held is not None:
+                self._held.append(status)
+                return
         await super().push(status)
 
 

@@ -3,6 +3,7 @@ parsing (_getaddr) and the per-connection hook tables. No cluster: server object
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -10,7 +11,8 @@ from aiosmtpd.smtp import SMTP, auth_mechanism
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raftmail.node.intake import IntakeHandler, IntakeSMTP
+from raftmail.node.config import load_config
+from raftmail.node.intake import Intake, IntakeHandler, IntakeSMTP, start_smtp_server
 
 SERVER_KW: dict[str, Any] = dict(data_size_limit=10_000, enable_SMTPUTF8=True, decode_data=False,
                                  hostname="intake.test", timeout=30, require_starttls=False,
@@ -173,3 +175,78 @@ def test_hook_tables_are_aiosmtpds(loop: asyncio.AbstractEventLoop, monkeypatch:
         [(name, builtin) for name, _, builtin in tables(plain)["auth"]]
     assert [name for name, _ in tables(ours)["smtp"]] == \
         sorted([name for name, _ in tables(plain)["smtp"]] + ["XYZZY"] * (cls is InstanceHook))
+
+
+# --------------------------------------------------------------------------------------------
+# A real server: the idle timer and the EHLO reply
+# --------------------------------------------------------------------------------------------
+
+def decisions_only_intake(tmp_path: Path, intake_toml: str) -> Intake:
+    """An Intake for its SMTP decisions only: these sessions never reach the final dot."""
+    path = tmp_path / "cluster.toml"
+    path.write_text(f'[cluster]\nname = "t"\nsecret = "{"s" * 32}"\ndata_dir = "data"\n'
+                    '[[node]]\nid = "n1"\nraft = "127.0.0.1:7101"\nsmtp = "127.0.0.1:2501"\nadmin = "127.0.0.1:8101"\n'
+                    f'[intake]\nallow_networks = ["127.0.0.1/32"]\n{intake_toml}\n')
+    return Intake(load_config(path), "n1", None, None, None, lambda: 1)  # type: ignore[arg-type]
+
+
+async def reply(reader: asyncio.StreamReader) -> list[bytes]:
+    lines = [await asyncio.wait_for(reader.readline(), 5)]
+    while lines[-1][3:4] == b"-":
+        lines.append(await asyncio.wait_for(reader.readline(), 5))
+    return lines
+
+
+def test_slow_message_text_is_not_idle_and_silence_gets_421_after_the_timeout(tmp_path: Path) -> None:
+    idle = 0.6
+    intake = decisions_only_intake(tmp_path, f"idle_timeout = {idle}")
+
+    async def session() -> float:
+        server = await start_smtp_server(intake, "127.0.0.1", 0, hostname="intake.test")
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        loop = asyncio.get_running_loop()
+        try:
+            assert (await reply(reader))[0].startswith(b"220")
+            for command, code in ((b"EHLO c.test", b"250"), (b"MAIL FROM:<a@example.com>", b"250"),
+                                  (b"RCPT TO:<b@example.com>", b"250"), (b"DATA", b"354")):
+                writer.write(command + b"\r\n")
+                assert (await reply(reader))[-1].startswith(code)
+            for _ in range(6):  # 1.8 s of message text, never idle for 0.6 s
+                writer.write(b"slow\r\n")
+                last = loop.time()
+                await asyncio.sleep(idle / 2)
+            assert (await reply(reader))[0].startswith(b"421 4.4.2")
+            return loop.time() - last
+        finally:
+            writer.close()
+            server.close()
+
+    silent_for = asyncio.run(session())
+    assert idle - 0.05 <= silent_for <= idle + 1.0, silent_for
+
+
+def test_the_ehlo_reply_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    intake = decisions_only_intake(tmp_path, "")
+    pushed: list[Any] = []
+    push = SMTP.push
+
+    async def recording_push(self: SMTP, status: Any) -> None:
+        pushed.append(status)
+        await push(self, status)
+    monkeypatch.setattr(SMTP, "push", recording_push)
+
+    async def session() -> list[bytes]:
+        server = await start_smtp_server(intake, "127.0.0.1", 0, hostname="intake.test")
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        try:
+            await reply(reader)
+            pushed.clear()
+            writer.write(b"EHLO client.test\r\n")
+            return await reply(reader)
+        finally:
+            writer.close()
+            server.close()
+
+    lines = asyncio.run(session())
+    assert lines[0] == b"250-intake.test\r\n" and lines[-1] == b"250 HELP\r\n" and len(lines) > 3, lines
+    assert pushed == [b"".join(lines)[:-2].decode()]
