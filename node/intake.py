@@ -187,6 +187,8 @@ class Intake:
         if self.limits.users:
             throttle = FailureThrottle(self.limits.auth_fail_delay, cap=self.limits.auth_fail_delay_max)
             self.auth = SMTPAuth(UserDirectory(self.limits.users), throttle, counters=self.counters)
+        # Asked at every MAIL, RCPT and DATA; the networks are fixed, so remember per address.
+        self.in_allowed_network = functools.lru_cache(maxsize=4096)(self.in_allowed_network)  # type: ignore[method-assign]
 
     # ------------------------------------------------------------ who may submit
 
@@ -383,7 +385,22 @@ def _hook_names(cls: type) -> list[str]:
     return [name for name in dir(cls) if name.startswith(_HOOK_PREFIXES)]
 
 
-class IntakeHandler:
+class _HookListing:
+    """While `_listing_hooks_only` is set (only while aiosmtpd's SMTP.__init__ runs, see
+    IntakeSMTP.__init__), dir() lists only the names aiosmtpd keeps in its hook tables. aiosmtpd
+    builds them per connection from dir() and inspect.getmembers(), a getattr of every attribute;
+    both sort by name, so the tables come out the same, much cheaper."""
+
+    _listing_hooks_only = False
+
+    def __dir__(self) -> Iterable[str]:
+        if not self._listing_hooks_only:
+            return super().__dir__()
+        own = [name for name in vars(self) if name.startswith(_HOOK_PREFIXES)]
+        return set(_hook_names(type(self))).union(own) if own else _hook_names(type(self))
+
+
+class IntakeHandler(_HookListing):
     """aiosmtpd hooks: small, each delegating to Intake."""
 
     def __init__(self, intake: Intake) -> None:
@@ -446,12 +463,11 @@ class IntakeHandler:
 IntakeHandler.handle_EHLO.__signature__ = inspect.signature(IntakeHandler.handle_EHLO)  # type: ignore[attr-defined]
 
 
-class IntakeSMTP(SMTP):
+class IntakeSMTP(_HookListing, SMTP):
     """aiosmtpd's server with a connection limit, the submission policy of Intake, strict line
     ends, an idle timeout that answers 421, and enhanced status codes on its own refusals."""
 
     command_size_limit = MAX_COMMAND_LINE_BYTES - 2  # aiosmtpd measures the line without CRLF
-    _listing_hooks_only = False  # see __dir__
     _idle_deadline = 0.0  # see _reset_timeout
     _timer_due = float("inf")  # when the pending idle timer fires; inf: none pending
     _held: list[str] | None = None  # see smtp_EHLO
@@ -468,26 +484,20 @@ class IntakeSMTP(SMTP):
                  **kw: Any) -> None:
         # Per connection: aiosmtpd's class-level table is shared by every connection.
         self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
-        self._listing_hooks_only = True
+        listed = [self, handler] if isinstance(handler, _HookListing) else [self]
+        for obj in listed:  # the handler too: __init__ does not await, no other server sees it
+            obj._listing_hooks_only = True
         try:
             super().__init__(handler, **kw)
         finally:
-            del self._listing_hooks_only
+            for obj in listed:
+                del obj._listing_hooks_only
         self.intake = intake
         self._connections = connections
         self._max_connections = max_connections
         self._counted = False
         self.committing = False
         self.auth_failures = 0
-
-    def __dir__(self) -> Iterable[str]:
-        """While aiosmtpd's __init__ builds its tables (from dir(self) and inspect.getmembers(self),
-        a getattr of every attribute, per connection), only the names those tables keep: dir()
-        and getmembers() sort by name, so the tables come out the same, much cheaper."""
-        if not self._listing_hooks_only:
-            return super().__dir__()
-        own = [name for name in vars(self) if name.startswith(_HOOK_PREFIXES)]
-        return set(_hook_names(type(self))).union(own) if own else _hook_names(type(self))
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._counted:  # after STARTTLS: the same connection, now over TLS
