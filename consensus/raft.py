@@ -11,8 +11,9 @@ lives here, in our own code, with a test that reproduces the defect:
 * Snapshots are pickle, gzip level 9, and written in the tick thread when customised (§4.1, §4.2):
   `SnapshotFile` writes msgpack (zlib level 1) in a forked child that closes every inherited socket
   (so an orphaned child cannot hold the node's ports, §3.3 point 5), fsyncs, then renames.
-* The Raft port trusts whoever connects (§7): a password (Fernet) is mandatory and the port binds
-  the configured address only, never 0.0.0.0.
+* The Raft port trusts whoever connects (§7): a secret is mandatory and the port binds the
+  configured address only, never 0.0.0.0. Frames are sealed by `FrameSealer` (AES-GCM, per-process
+  subkeys) instead of pysyncobj's Fernet, which cost a quarter of the tick thread's CPU.
 * Positional method ids (§9.6): exactly one replicated method takes a msgpack command.
 * Tick thread dies with its creator thread (§9.11): we run our own tick thread.
 * Followers re-truncating entries they already hold (§4.5): pysyncobj deletes everything after
@@ -22,8 +23,8 @@ lives here, in our own code, with a test that reproduces the defect:
   §5.3 truncates only on a conflict) and, when the rest of our log is provably the leader's (its
   last term is the leader's current term: the Log Matching property), acknowledges it whole.
   (tests/test_raft_wrapper.py::test_stale_resend_does_not_truncate_the_follower_log)
-* Silent authentication failures (§7, upstream #175): `_AuditedEncryptor` counts and logs frames
-  that fail the cluster secret's check, so a node started with the wrong secret is visible.
+* Silent authentication failures (§7, upstream #175): `FrameSealer` counts and logs frames that
+  fail the cluster secret's check, so a node started with the wrong secret is visible.
 * Unbounded read buffer (§7, upstream #174): an incoming connection whose frame claims more than
   `max_frame_bytes`, or whose unparsed buffer grows past it, is dropped and logged.
   (tests/test_raft_security.py)
@@ -36,6 +37,7 @@ lives here, in our own code, with a test that reproduces the defect:
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import struct
@@ -50,6 +52,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
 
+from .seal import SealError, Sealer
 from .state import MailState
 
 log = logging.getLogger("raftmail.raft")
@@ -57,6 +60,8 @@ log = logging.getLogger("raftmail.raft")
 SNAPSHOT_MAGIC = b"RMSNAP1\n"
 
 ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+# PBKDF2 rounds from the cluster secret to the Raft frame key: once per process start.
+FRAME_KEY_ITERATIONS = 100_000
 
 
 class SnapshotFile:
@@ -319,29 +324,44 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _AuditedEncryptor:
-    """pysyncobj's Fernet, with failures counted and logged instead of silently dropped."""
+class FrameSealer:
+    """pysyncobj's encryptor interface (encrypt_at_time, extract_timestamp, decrypt) over our
+    AES-GCM `Sealer`, in place of its Fernet: about 25x less CPU per frame (no base64, one pass,
+    the tag checked once instead of twice). Failures are counted and logged through `on_failure`
+    instead of silently dropped. The timestamp pysyncobj orders frames by is authenticated."""
 
-    def __init__(self, inner: Any, on_failure: Callable[[str], None]) -> None:
-        self._inner = inner
+    VERSION = 0x52
+
+    def __init__(self, password: str, on_failure: Callable[[str], None]) -> None:
+        master = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), b"raftmail raft frames v1",
+                                     FRAME_KEY_ITERATIONS)
+        self._sealer = Sealer(master, version=self.VERSION, purpose=b"raftmail raft frames v1")
         self._on_failure = on_failure
+        self._opened: tuple[bytes, int, bytes] | None = None  # (frame, stamp, plaintext) last checked
 
-    def extract_timestamp(self, token: bytes) -> int:
+    def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
+        return self._sealer.seal(data, int(current_time))
+
+    def _open(self, frame: bytes) -> tuple[int, bytes]:
+        if self._opened is not None and self._opened[0] is frame:
+            return self._opened[1], self._opened[2]
         try:
-            return self._inner.extract_timestamp(token)
-        except Exception:
-            self._on_failure("frame is not a token of this cluster's secret")
+            stamp, plain = self._sealer.open(frame)
+        except SealError as e:
+            self._on_failure(f"frame refused ({e}) under this cluster's secret")
             raise
+        self._opened = (frame, stamp, plain)
+        return stamp, plain
 
-    def decrypt(self, token: bytes, *a: Any, **kw: Any) -> bytes:
+    def extract_timestamp(self, frame: bytes) -> int:
+        """pysyncobj checks the timestamp before it decrypts: we authenticate here, once."""
+        return self._open(frame)[0]
+
+    def decrypt(self, frame: bytes, *_: Any, **__: Any) -> bytes:
         try:
-            return self._inner.decrypt(token, *a, **kw)
-        except Exception:
-            self._on_failure("frame failed authentication with this cluster's secret")
-            raise
-
-    def __getattr__(self, name: str) -> Any:  # encrypt_at_time, ...
-        return getattr(self._inner, name)
+            return self._open(frame)[1]
+        finally:
+            self._opened = None
 
 
 class RaftNode(SyncObj):
@@ -370,6 +390,8 @@ class RaftNode(SyncObj):
         self.auth_failures = 0
         self.oversized_frames = 0
         self.resends_trimmed = 0
+        self.append_entry_rounds = 0
+        self._append_entries_due = False
         self._last_auth_log = 0.0
         self._max_frame_bytes = max_frame_bytes
         self.snapshot_path = data_dir / "snapshot.bin"
@@ -401,7 +423,10 @@ class RaftNode(SyncObj):
         self.snapshots = SnapshotFile(self.snapshot_path, snapshot_chunk_bytes,
                                       self._snapshot_state, self._load_state, fsync=fsync_snapshots)
         self._SyncObj__serializer = self.snapshots
-        self._SyncObj__encryptor = _AuditedEncryptor(self._SyncObj__encryptor, self._auth_failed)
+        sealer = FrameSealer(password, self._auth_failed)
+        self._SyncObj__encryptor = sealer
+        for conn in self._SyncObj__transport._connections.values():  # made in __init__, not yet dialled
+            conn.encryptor = sealer
         server = self._SyncObj__transport._server
         accept = server._TcpServer__onNewConnectionCallback
         server._TcpServer__onNewConnectionCallback = lambda conn: accept(self._bound_reads(conn))
@@ -416,6 +441,7 @@ class RaftNode(SyncObj):
                 self.journal.sync()  # nothing leaves this node before what it says is on disk
                 return plain_send(node, message)
             transport.send = send_after_sync
+        self.addOnTickCallback(self._flush_append_entries)
         self._tick_thread = threading.Thread(target=self._tick_loop, name="raft-tick", daemon=True)
         self._tick_thread.start()
 
@@ -529,6 +555,32 @@ class RaftNode(SyncObj):
             log.warning("snapshot at %d is newer than the journal head %d: trimming the journal to it, "
                         "keeping %d newer entries", last[1], journal[0][1], len(journal) - p - 2)
             journal.deleteEntriesTo(p)
+
+    # -- one append_entries round per tick
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        """With appendEntriesUseBatch=False pysyncobj sends a round of append_entries to every
+        follower for each command it takes from the queue and again after applying, each frame
+        answered by the follower: most of a busy leader's frames said nothing new. Within a tick
+        we defer those rounds and send one (before the tick waits for the network), carrying
+        every new entry and the latest commit index."""
+        self._append_entries_due = False
+        self.__dict__["_SyncObj__sendAppendEntries"] = self._defer_append_entries
+        try:
+            SyncObj._onTick(self, timeToWait)
+        finally:
+            self._flush_append_entries()
+
+    def _defer_append_entries(self) -> None:
+        self._append_entries_due = True
+
+    def _flush_append_entries(self) -> None:
+        """Runs as pysyncobj's last step before it polls the network, and after every tick."""
+        self.__dict__.pop("_SyncObj__sendAppendEntries", None)
+        if self._append_entries_due:
+            self._append_entries_due = False
+            self.append_entry_rounds += 1
+            SyncObj._SyncObj__sendAppendEntries(self)  # type: ignore[attr-defined]
 
     # -- the tick thread
 

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from raftmail.consensus.seal import MAX_PEER_KEYS
 from raftmail.node.bodies import BodyStore
 from raftmail.node.peers import (
     AUTH_HEADER,
@@ -210,15 +211,15 @@ def test_crypto_takes_a_new_subkey_in_a_forked_child(monkeypatch: pytest.MonkeyP
 
 def test_crypto_caches_only_a_bounded_number_of_authenticated_senders() -> None:
     crypto = PeerCrypto(SECRET, CLUSTER)
-    senders = [PeerCrypto(SECRET, CLUSTER) for _ in range(PeerCrypto.MAX_PEER_KEYS + 10)]
+    senders = [PeerCrypto(SECRET, CLUSTER) for _ in range(MAX_PEER_KEYS + 10)]
     for sender in senders:
         assert crypto.open(sender.seal(b"hi")) == b"hi"
-    assert len(crypto._peer_keys) <= PeerCrypto.MAX_PEER_KEYS
+    assert len(crypto._sealer._peer_keys) <= MAX_PEER_KEYS
     forged = bytearray(senders[0].seal(b"hi"))
     forged[9:25] = os.urandom(16)  # an unknown salt that fails authentication
     with pytest.raises(PeerAuthError):
         crypto.open(bytes(forged))
-    assert bytes(forged[9:25]) not in crypto._peer_keys
+    assert bytes(forged[9:25]) not in crypto._sealer._peer_keys
 
 
 def test_crypto_text_form_for_headers() -> None:

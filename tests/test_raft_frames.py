@@ -1,0 +1,121 @@
+"""The Raft port's frames: FrameSealer (our AES-GCM in place of pysyncobj's Fernet) and one
+append_entries round per tick. In-process pysyncobj nodes on real sockets."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+from pysyncobj import FAIL_REASON, SyncObj
+
+from raftmail.consensus.raft import FrameSealer, RaftNode
+from raftmail.consensus.seal import SealError
+from raftmail.consensus.state import encode_command
+
+from test_raft_wrapper import SECRET, free_port, submit_cmd, wait_for
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def sealers(secret_a: str = SECRET, secret_b: str = SECRET) -> tuple[FrameSealer, FrameSealer, list[str]]:
+    failures: list[str] = []
+    return FrameSealer(secret_a, failures.append), FrameSealer(secret_b, failures.append), failures
+
+
+def test_sealed_frames_open_on_another_node_with_the_same_secret() -> None:
+    a, b, failures = sealers()
+    frame = a.encrypt_at_time(b"append_entries", 1234)
+    assert b"append_entries" not in frame  # sealed, not just signed
+    assert b.extract_timestamp(frame) == 1234
+    assert b.decrypt(frame) == b"append_entries"
+    assert a.encrypt_at_time(b"x", 1) != a.encrypt_at_time(b"x", 1)  # a fresh nonce each time
+    assert failures == []
+
+
+def test_a_wrong_secret_a_tampered_frame_and_a_fernet_token_are_refused_and_counted() -> None:
+    a, stranger, failures = sealers(SECRET, "another-secret")
+    frame = a.encrypt_at_time(b"vote for me", 7)
+    with pytest.raises(SealError):
+        stranger.extract_timestamp(frame)
+    b = FrameSealer(SECRET, failures.append)
+    tampered = bytearray(frame)
+    tampered[-1] ^= 1
+    with pytest.raises(SealError):
+        b.decrypt(bytes(tampered))
+    later = bytearray(frame)
+    later[1:9] = (10**6).to_bytes(8, "big")  # the timestamp pysyncobj orders frames by is authenticated
+    with pytest.raises(SealError):
+        b.extract_timestamp(bytes(later))
+    with pytest.raises(SealError):  # pysyncobj's own Fernet: an old node, or not ours at all
+        b.decrypt(Fernet(Fernet.generate_key()).encrypt_at_time(b"x", 7))
+    assert len(failures) == 4 and "failed authentication" in failures[0] and "not a token" in failures[3]
+    assert b.decrypt(frame) == b"vote for me"  # the failures did not poison the sender's key
+
+
+class EagerRaftNode(RaftNode):
+    """pysyncobj as shipped: a round of append_entries for every command and after every apply."""
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        SyncObj._onTick(self, timeToWait)
+
+
+def start_cluster(root: Path, cls: type[RaftNode]) -> list[RaftNode]:
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    nodes = [cls(a, addrs, root / a.replace(":", "_"), password=SECRET, compaction_min_entries=10**6,
+                 compaction_min_seconds=10**6) for a in addrs]
+    wait_for(lambda: sum(n.is_leader() for n in nodes) == 1, 30, "a leader")
+    return nodes
+
+
+def burst_of_commands(leader: RaftNode, count: int) -> int:
+    """Queue `count` commands on the leader's tick thread (so one tick takes them all) and return
+    the append_entries frames the leader sent until all were committed."""
+    transport = leader._SyncObj__transport
+    plain_send = transport.send
+    frames = [0]
+
+    def counting_send(node, message):
+        if isinstance(message, dict) and message.get("type") == "append_entries":
+            frames[0] += 1
+        return plain_send(node, message)
+    transport.send = counting_send
+    committed = threading.Semaphore(0)
+    results: list[int] = []
+
+    def done(result, err):
+        results.append(err)
+        committed.release()
+    queued = threading.Event()
+
+    def queue_all() -> None:
+        if not queued.is_set():
+            queued.set()
+            for i in range(count):
+                leader.submit(encode_command(submit_cmd(i)), done)
+    leader.addOnTickCallback(queue_all)
+    for _ in range(count):
+        assert committed.acquire(timeout=30), "a command was not committed"
+    leader.removeOnTickCallback(queue_all)
+    transport.send = plain_send
+    assert results == [FAIL_REASON.SUCCESS] * count
+    return frames[0]
+
+
+@pytest.mark.parametrize("cls,coalesced", [(RaftNode, True), (EagerRaftNode, False)])
+def test_one_append_entries_round_per_tick(tmp_path: Path, cls: type[RaftNode], coalesced: bool) -> None:
+    nodes = start_cluster(tmp_path, cls)
+    try:
+        leader = next(n for n in nodes if n.is_leader())
+        frames = burst_of_commands(leader, 100)
+        if coalesced:
+            assert frames <= 20, f"{frames} append_entries frames for 100 commands taken in one tick"
+        else:
+            assert frames >= 100, "expected pysyncobj as shipped to send about a frame per command"
+        digest = leader.read(lambda st: sorted(st.submissions))
+        wait_for(lambda: all(n.read(lambda st: sorted(st.submissions)) == digest for n in nodes), 20,
+                 "every node to apply the burst")
+        assert len(digest) == 100
+    finally:
+        for n in nodes:
+            n.stop()
