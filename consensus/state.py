@@ -576,6 +576,15 @@ class MailState:
             del self.delivered_minutes[minute]
         return {"archived": archived, "dropped": len(dropped)}
 
+    def _op_group(self, c: dict) -> list:
+        """Commands one node proposed together in one Raft entry (the bridge's group commit):
+        each applied in order exactly as it would be alone, with a result each."""
+        cmds = c.get("cmds")
+        if not isinstance(cmds, list) or not cmds:
+            raise CommandRefused("cmds must be a non-empty list")
+        return [{"error": "a group may not hold a group"} if isinstance(x, dict) and x.get("op") == "group"
+                else self.apply(x) for x in cmds]
+
     def _op_noop(self, c: dict) -> dict:
         """A write whose only purpose is to learn that this node can commit (the drill, readiness)."""
         return {"ok": True}
@@ -741,8 +750,20 @@ _HANDLERS = {
     "member_leave": MailState._op_member_leave,
     "member_remove": MailState._op_member_remove,
     "prune": MailState._op_prune,
+    "group": MailState._op_group,
 }
 
 
 def encode_command(command: dict) -> bytes:
     return msgpack.packb(command, use_bin_type=True)
+
+
+_GROUP_HEAD = msgpack.packb("op") + msgpack.packb("group") + msgpack.packb("cmds")
+
+
+def encode_group(blobs: list[bytes]) -> bytes:
+    """{"op": "group", "cmds": [...]} around commands already encoded: no second encoding."""
+    n = len(blobs)
+    array = bytes([0x90 | n]) if n < 16 else (b"\xdc" + n.to_bytes(2, "big") if n < 2**16
+                                              else b"\xdd" + n.to_bytes(4, "big"))
+    return b"\x82" + _GROUP_HEAD + array + b"".join(blobs)

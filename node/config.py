@@ -141,6 +141,10 @@ class RaftSection:
     heartbeat_interval: float = 0.1
     connection_timeout: float = 3.5
     max_commands_in_flight: int = 200
+    # Group commit of every command a node proposes: entries in flight, and bytes per entry
+    # (under pysyncobj's 64 KiB append_entries batch, so a group never takes its chunked path).
+    max_entries_in_flight: int = 2
+    max_entry_bytes: int = 60000
     compaction_min_entries: int = 5000
     compaction_min_seconds: float = 300.0
     snapshot_chunk_bytes: int = 262144

@@ -426,7 +426,9 @@ class MailNode:
 
         loop = asyncio.get_running_loop()
         self.bodies_fetched = 0
-        self.proposer = Proposer(self.raft, loop, self.config.raft.max_commands_in_flight)
+        r = self.config.raft
+        self.proposer = Proposer(self.raft, loop, r.max_commands_in_flight,
+                                 max_entries_in_flight=r.max_entries_in_flight, max_entry_bytes=r.max_entry_bytes)
         self.committer = GroupCommitter(self.proposer, max_entry_bytes=self.config.intake.group_commit_bytes,
                                         max_waiting=self.config.intake.max_connections * 2)
         self.committer.start(self._submit_command, self.config.intake.commit_timeout)

@@ -115,8 +115,12 @@ class BatchRun:
                 raise
 
     async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.node.config.delivery.report_interval
         while True:
-            await asyncio.sleep(self.node.config.delivery.report_interval)
+            # One report clock for every batch on this node: their reports fall due in the same
+            # loop turn and share one Raft entry (the proposer's group commit).
+            await asyncio.sleep(interval - loop.time() % interval)
             if self.results:
                 await self.flush()
 

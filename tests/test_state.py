@@ -1104,3 +1104,19 @@ def test_abandon_returns_a_restarted_holders_batch_and_counts_it() -> None:
     assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "pending", "pending"]
     assert state.batches == {} and state.stats["reassigned_in_flight"] == 2
     assert_counts_match(state)
+
+
+def test_a_group_applies_its_commands_in_order_exactly_as_alone() -> None:
+    """The bridge's group commit: one entry holding several commands ends in the same state,
+    with the same results, as one entry per command."""
+    def commands() -> list[dict]:
+        return [{"op": "submit", "now": T0, "window": DAY, "max_queued": 10**6,
+                 "subs": [submission(f"s{i}", [f"r{i}@example.com"])]} for i in range(3)] + [{"op": "nope"}]
+    alone, grouped = MailState(), MailState()
+    one_by_one = [alone.apply_blob(encode_command(c)) for c in commands()]
+    together = grouped.apply_blob(encode_command({"op": "group", "cmds": commands()}))
+    assert together == one_by_one and together[-1] == {"error": "unknown command 'nope'"}
+    assert sorted(grouped.submissions) == sorted(alone.submissions) == ["s0", "s1", "s2"]
+    nested = grouped.apply_blob(encode_command({"op": "group", "cmds": [{"op": "group", "cmds": []}]}))
+    assert nested == [{"error": "a group may not hold a group"}]
+    assert grouped.apply_blob(encode_command({"op": "group", "cmds": []})) == {"error": "cmds must be a non-empty list"}
