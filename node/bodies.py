@@ -9,10 +9,11 @@ file is never handed to the delivery path.
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import logging
 import os
-import itertools
 import re
 import threading
 import time
@@ -71,8 +72,14 @@ def _file_matches(path: str, digest: str, size: int) -> bool:
 class BodyStore:
     """Write-once, hash-verified body files under one directory."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, cache_bytes: int = 0) -> None:
         self.root = Path(root)
+        # Bodies just written or read, newest last, at most cache_bytes: the sender reads a body
+        # seconds after intake wrote it, and a cache hit needs no thread hand-off or disk read.
+        self._cache: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = cache_bytes
+        self._cache_lock = threading.Lock()
         self._root = str(self.root)  # os calls on str paths: pathlib costs more than the write
         self._fsync = fsync
         # Shard directories known to be durable (created, or found, and the root fsynced since).
@@ -163,6 +170,8 @@ class BodyStore:
                 self._write(digest, data, touched)
         finally:
             self._sync_dirs(touched)
+        for digest, data in bodies.items():
+            self._remember(digest, data)
 
     def _store(self, digest: str, data: bytes) -> None:
         touched: set[str] = set()
@@ -170,6 +179,7 @@ class BodyStore:
             self._write(digest, data, touched)
         finally:
             self._sync_dirs(touched)
+        self._remember(digest, data)
 
     def _write(self, digest: str, data: bytes, touched: set[str]) -> None:
         """Put one body file in place (file fsynced); directories needing an fsync go to
@@ -228,8 +238,34 @@ class BodyStore:
 
     # -- reading -----------------------------------------------------------------------------
 
+    def _remember(self, digest: str, data: bytes) -> None:
+        if len(data) > self._cache_limit // 4:  # a few huge bodies must not flush the rest
+            return
+        with self._cache_lock:
+            if digest in self._cache:
+                self._cache.move_to_end(digest)
+                return
+            self._cache[digest] = data
+            self._cache_bytes += len(data)
+            while self._cache_bytes > self._cache_limit:
+                self._cache_bytes -= len(self._cache.popitem(last=False)[1])
+
+    def _forget(self, digest: str) -> None:
+        with self._cache_lock:
+            data = self._cache.pop(digest, None)
+            if data is not None:
+                self._cache_bytes -= len(data)
+
+    def recent(self, digest: str) -> bytes | None:
+        """The body if it is in the in-memory cache of recent bodies: cheap enough for the loop."""
+        with self._cache_lock:
+            return self._cache.get(digest)
+
     def get(self, digest: str) -> bytes | None:
         """The body with *digest*, or None if absent or found corrupt (and then removed)."""
+        cached = self.recent(digest)
+        if cached is not None:
+            return cached
         path = self._path(digest)
         try:
             with open(path, "rb") as f:
@@ -239,6 +275,7 @@ class BodyStore:
             return None
         actual = body_digest(data)
         if actual == digest:
+            self._remember(digest, data)
             return data
         self._remove_corrupt(path, st, actual)
         return None
@@ -261,6 +298,7 @@ class BodyStore:
     def delete(self, digest: str) -> bool:
         """Remove the body; True if it was there."""
         path = self._path(digest)
+        self._forget(digest)
         try:
             with self._swap_lock:
                 os.unlink(path)

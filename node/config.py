@@ -245,6 +245,9 @@ class StorageSection:
     archive_retention_seconds: float = 2592000.0
     # How often the leader applies the retention and each node deletes expired bodies.
     maintenance_interval_seconds: float = 60.0
+    # Recently written or read bodies kept in memory for the sender (0: none; no body over a
+    # quarter of it is kept).
+    body_cache_bytes: int = 64 * 2**20
 
 
 # At most this many outcome events per webhook POST (the /events endpoint's own page limit).
@@ -852,7 +855,7 @@ def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Del
 def _storage_section(src: str, table: Mapping[str, Any]) -> StorageSection:
     sec = _Section(src, "[storage]", table)
     sec.check_keys(_field_names(StorageSection))
-    return StorageSection(**_numbers(sec, StorageSection))
+    return StorageSection(**_numbers(sec, StorageSection, {"body_cache_bytes": NON_NEGATIVE}))
 
 
 NON_NEGATIVE = _Rule("a non-negative {kind}", lambda v: v >= 0)

@@ -38,7 +38,7 @@ class MailNode:
         self.data_dir = config.node_data_dir(node_id)
         _check_writable(config, self.data_dir)
         self.started = time.time()
-        self.store = BodyStore(self.data_dir / "bodies")
+        self.store = BodyStore(self.data_dir / "bodies", cache_bytes=config.storage.body_cache_bytes)
         self.crypto = PeerCrypto(config.cluster.secret, config.cluster.name)
         self.peers = PeerClient(self.crypto, max_body_bytes=config.intake.max_message_bytes)
         self.auth_failures = 0
@@ -95,7 +95,7 @@ class MailNode:
 
     async def body(self, digest: str) -> bytes | None:
         """A body by hash: from our store, else fetched from a peer (and kept)."""
-        data = await asyncio.to_thread(self.store.get, digest)
+        data = self.store.recent(digest) or await asyncio.to_thread(self.store.get, digest)
         if data is not None:
             return data
         data = await self.peers.fetch(digest, self.peer_admins())

@@ -324,3 +324,19 @@ def test_a_shard_removed_behind_the_stores_back_is_made_again(tmp_path: Path) ->
     (tmp_path / digest[:2]).rmdir()
     assert store.put(NEWSLETTER) == digest
     assert store.get(digest) == NEWSLETTER
+
+
+def test_recent_bodies_are_served_from_a_bounded_cache(tmp_path: Path) -> None:
+    store = BodyStore(tmp_path, cache_bytes=40_000)
+    bodies = [bytes([i]) * 4000 for i in range(20)]
+    digests = [store.put(b) for b in bodies]
+    cached = [d for d in digests if store.recent(d) is not None]
+    assert cached == digests[-10:]  # the newest, within 40 000 bytes
+    assert store._cache_bytes <= 40_000
+    assert store.get(digests[0]) == bodies[0]  # from disk, and now cached again
+    assert store.recent(digests[0]) == bodies[0]
+    store.delete(digests[-1])
+    assert store.recent(digests[-1]) is None and store.get(digests[-1]) is None
+    big = b"x" * 20_000  # more than a quarter of the cache: never cached
+    assert store.recent(store.put(big)) is None
+    assert BodyStore(tmp_path / "off").recent(BodyStore(tmp_path / "off").put(b"hi")) is None
