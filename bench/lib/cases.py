@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 from . import peers
 from .cluster import CLUSTER_STOP_GRACE, FAILED_STATES, Cluster, ClusterSpec, queue_final, queue_total
 from .cpu import IdlePolicy
+from .loadgen import recipients_for
 from .peers import Load, LoadResult, PlainSmtpd, SmtpSink
 from .postfix import PostfixRelay
 from .procs import LOOPBACK, BenchError, spawn, wait_until
@@ -32,6 +33,7 @@ MIN_DRAIN_RATE = 20.0             # msg/s: a slower drain is reported as a failu
 MIN_DRAIN_TIMEOUT = 120.0
 COMMIT_CHECK_TIMEOUT = 30.0       # after the last 250, every node must show the recipients queued
 ELECTION_TIMEOUT = 30.0
+ORPHAN_GRACE = 60.0  # past the lease, how long the dead node's recipients may take to be delivered
 ELECTION_POLL_INTERVAL = 0.02
 CATCHUP_TIMEOUT = 600.0
 CATCHUP_POLL_INTERVAL = 0.02
@@ -494,6 +496,7 @@ def measure_failover(ctx: Ctx) -> Measurement:
                 raise BenchError("load generator ended before the kill: "
                                  f"{generator.proc.stderr.read()[-300:]!r}")
             killed_at = cluster.kill(leader, signal.SIGKILL)
+            killed_wall = time.time() - (time.monotonic() - killed_at)
             new_leader = wait_until(lambda: cluster.leader(among=survivors), ELECTION_TIMEOUT,
                                     "a new leader among the survivors", interval=ELECTION_POLL_INTERVAL)
             elected_at = time.monotonic()
@@ -501,8 +504,18 @@ def measure_failover(ctx: Ctx) -> Measurement:
                 timeout=sizes.failover_seconds + peers.MIN_LOAD_DEADLINE)
         finally:
             generator.stop(grace=3.0)
-    summary = peers.parse_loadgen_output(0, stdout, stderr)
+        # The dead node's batches come back when their lease ends; wait until nothing is left.
+        spec_lease = ClusterSpec.lease_seconds
+        cluster.wait_queue(new_leader, lambda q: not any(q.get(k, 0) for k in ("pending", "in_flight", "deferred")),
+                           spec_lease + ORPHAN_GRACE, "every recipient accepted to be delivered")
+        delivered_at = cluster.delivered_at(new_leader)
     records = _read_records(records_path)
+    before_kill = [recipients_for(r[6], 1)[0] for r in records if r[4] == 250 and r[3] < killed_at]
+    missing = [rcpt for rcpt in before_kill if rcpt not in delivered_at]
+    if missing:
+        raise BenchError(f"{len(missing)} recipients accepted before the kill were never delivered, e.g. {missing[0]}")
+    orphans_done = max(delivered_at[rcpt] for rcpt in before_kill) - killed_wall
+    summary = peers.parse_loadgen_output(0, stdout, stderr)
     survivor_index = {node_ids.index(n) for n in survivors}
     on_survivors = [r for r in records if r[0] in survivor_index]
     fresh_250s = [r[3] - killed_at for r in on_survivors if r[4] == 250 and r[2] and r[2] >= killed_at]
@@ -514,9 +527,12 @@ def measure_failover(ctx: Ctx) -> Measurement:
     notes = [f"killed leader {leader}; new leader {new_leader}; steady load {sizes.failover_rate:.0f} msg/s "
              f"over {sizes.failover_sessions} sessions on all 3 nodes",
              f"first 250 on a survivor after the kill, any message: {min(any_250s):.3f} s; "
-             f"{failed_after} submissions to survivors refused or failed after the kill"]
+             f"{failed_after} submissions to survivors refused or failed after the kill",
+             f"all {len(before_kill)} recipients accepted before the kill delivered (lease "
+             f"{spec_lease:g} s; target: lease + 2 s)"]
     return Measurement({"failover-next-250": min(fresh_250s),
-                        "failover-election": max(0.0, elected_at - killed_at)}, notes)
+                        "failover-election": max(0.0, elected_at - killed_at),
+                        "failover-orphans-delivered": orphans_done}, notes)
 
 
 def wait_node_reaches(cluster: Cluster, node_id: str, target: int, started: float) -> tuple[float, float]:
@@ -676,6 +692,9 @@ def _registry() -> list[Case]:
              (RowSpec("failover-next-250", "failover: SIGKILL leader under load → next 250 from a survivor",
                       sec, lower_is_better=True, timed_load=True),
               RowSpec("failover-election", "failover: SIGKILL leader → survivor leads with quorum", sec,
+                      lower_is_better=True, timed_load=True),
+              RowSpec("failover-orphans-delivered", "failover: SIGKILL leader → every recipient accepted "
+                      "before the kill delivered (the dead node's batches after their lease)", sec,
                       lower_is_better=True, timed_load=True)),
              measure_failover),
         Case("catchup-raftmail", "raftmail", ("raftmail",),

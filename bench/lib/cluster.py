@@ -230,6 +230,21 @@ class Cluster:
     def smtp_ports(self, among: list[str] | None = None) -> list[int]:
         return [self.by_id[node_id].smtp for node_id in (among or [n.id for n in self.nodes])]
 
+    def delivered_at(self, node_id: str) -> dict[str, float]:
+        """recipient -> wall time of its first `delivered` outcome, from the node's event ring."""
+        first: dict[str, float] = {}
+        after = 0
+        while True:
+            url = f"http://{LOOPBACK}:{self.by_id[node_id].admin}/events?after={after}&limit=10000"
+            with urllib.request.urlopen(url, timeout=10.0) as response:
+                events = json.loads(response.read())["events"]
+            if not events:
+                return first
+            for event in events:
+                if event["outcome"] == "delivered":
+                    first.setdefault(event["recipient"], event["t"])
+            after = events[-1]["seq"]
+
     def queue(self, node_id: str) -> dict[str, int] | None:
         status = self.status(node_id)
         return status.get("queue") if status else None

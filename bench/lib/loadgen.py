@@ -12,7 +12,7 @@ on a fixed schedule instead of as fast as the sessions allow.
 Prints one JSON object: counts, elapsed seconds, the monotonic clock at the start (comparable with
 other processes' time.monotonic() on Linux), and latency from the final "." to the reply.
 `--records FILE` also writes one JSON line per message: [target, t_start, t_dot, t_reply, code,
-error]. Only ever connects to 127.0.0.1.
+error, index]. Only ever connects to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -49,9 +49,10 @@ class Record:
     code: int | None = None
     error: str | None = None
     due: float | None = None      # paced runs: when the schedule wanted this message to start
+    index: int = 0                # the message number: its recipients are recipients_for(index, n)
 
     def as_list(self) -> list:
-        return [self.target, self.t_start, self.t_dot, self.t_reply, self.code, self.error]
+        return [self.target, self.t_start, self.t_dot, self.t_reply, self.code, self.error, self.index]
 
 
 @dataclass
@@ -163,7 +164,7 @@ async def _one_message(state: RunState, session_box: list[Session | None], targe
                        index: int, due: float | None) -> None:
     plan = state.plan
     host, port = plan.targets[target]
-    record = Record(target, time.monotonic(), due=due)
+    record = Record(target, time.monotonic(), due=due, index=index)
     state.records.append(record)
     recipients = recipients_for(index, plan.recipients)
     try:
