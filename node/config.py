@@ -170,7 +170,6 @@ class IntakeSection:
     dedupe_window_seconds: float = 86400.0
     max_connections: int = 200
     idle_timeout: float = 300.0
-    group_commit_bytes: int = 131072
     max_queued_recipients: int = 5000000
     # Who may submit: clients in these networks without AUTH, everyone else only after AUTH.
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(

@@ -14,13 +14,12 @@ import logging
 import re
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
 from raftmail.node.auth import FailureThrottle, SMTPAuth, UserDirectory, peer_address
-from raftmail.node.bridge import ProposalFailed, Proposer
+from raftmail.node.bridge import ProposalFailed
 from raftmail.node.bodies import BodyStore, body_digest
 from raftmail.node.config import Config, ConfigError
 from raftmail.node.tls import TLSConfigError, server_context
@@ -94,88 +93,17 @@ def dedupe_key(sender: str, message_id: str | None) -> str | None:
     return hashlib.sha256(f"{sender.lower()}\0{message_id}".encode()).hexdigest()[:32]
 
 
-@dataclass
-class Pending:
-    """A submission waiting for its group commit."""
-    entry: dict
-    size: int
-    future: asyncio.Future
-
-
-class GroupCommitter:
-    """Many SMTP transactions per Raft entry: whatever arrives while a commit is in flight rides
-    in the next one. No added latency when idle; bounded entry size and queue length."""
-
-    def __init__(self, proposer: Proposer, *, max_entry_bytes: int, max_waiting: int,
-                 max_commits_in_flight: int = 4) -> None:
-        self._proposer = proposer
-        self._max_entry_bytes = max_entry_bytes
-        self._queue: asyncio.Queue[Pending] = asyncio.Queue(max_waiting)
-        self._workers: list[asyncio.Task] = []
-        self._n_workers = max_commits_in_flight
-        self.commits = 0
-        self.submissions = 0
-
-    def start(self, make_command: Callable[[list[dict]], dict], timeout: float) -> None:
-        self._make_command = make_command
-        self._timeout = timeout
-        self._workers = [asyncio.create_task(self._run()) for _ in range(self._n_workers)]
-
-    async def stop(self) -> None:
-        for w in self._workers:
-            w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
-
-    async def commit(self, entry: dict, size: int) -> list:
-        fut = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(Pending(entry, size, fut))
-        except asyncio.QueueFull:
-            raise ProposalFailed("intake queue is full", unknown=False) from None
-        return await fut
-
-    async def _run(self) -> None:
-        while True:
-            first = await self._queue.get()
-            group, size = [first], first.size
-            while not self._queue.empty() and size < self._max_entry_bytes:
-                nxt = self._queue.get_nowait()
-                group.append(nxt)
-                size += nxt.size
-            live = [p for p in group if not p.future.done()]
-            if not live:
-                continue
-            try:
-                results = await self._proposer.propose(self._make_command([p.entry for p in live]),
-                                                       self._timeout)
-                if not isinstance(results, list) or len(results) != len(live):
-                    raise ProposalFailed(f"unexpected result {results!r}", unknown=True)
-                self.commits += 1
-                self.submissions += len(live)
-                for p, r in zip(live, results):
-                    if not p.future.done():
-                        p.future.set_result(r)
-            except ProposalFailed as e:
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(ProposalFailed(e.reason, e.unknown))
-            except Exception as e:  # never lose a waiter
-                log.exception("group commit failed")
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(ProposalFailed(str(e), unknown=True))
-
-
 class Intake:
     """Owns the decision for each SMTP transaction: the handler hooks only call it."""
 
-    def __init__(self, config: Config, node_id: str, store: BodyStore, committer: GroupCommitter,
+    def __init__(self, config: Config, node_id: str, store: BodyStore,
+                 commit_submission: Callable[[dict, float], Awaitable[list]],
                  replicate_body: Callable[[str, bytes, float], Awaitable[int]],
                  majority: Callable[[], int]) -> None:
         self.config = config
         self.node_id = node_id
         self.store = store
-        self.committer = committer
+        self.commit_submission = commit_submission
         self.replicate_body = replicate_body
         self.majority = majority
         self.limits = config.intake
@@ -301,12 +229,10 @@ class Intake:
                  "size": len(message), "rcpts": list(recipients),
                  "key": dedupe_key(sender, message_id_of(message))}
         try:
-            status, detail = await asyncio.wait_for(
-                self.committer.commit(entry, len(message) // 64 + 64 * len(recipients)),
-                max(0.05, deadline - time.monotonic()))
-        except (ProposalFailed, asyncio.TimeoutError) as e:
+            status, detail = await self.commit_submission(entry, max(0.05, deadline - time.monotonic()))
+        except ProposalFailed as e:
             self.counters["refused_451"] += 1
-            log.warning("submission %s not committed (%s): 451", sid, getattr(e, "reason", "timeout"))
+            log.warning("submission %s not committed (%s): 451", sid, e.reason)
             return R_NO_QUORUM
         if status == "ok":
             self.counters["accepted"] += 1

@@ -15,7 +15,7 @@ from raftmail.consensus.raft import RaftNode
 from raftmail.node.bodies import BodyStore, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer
 from raftmail.node.config import Config, ConfigError
-from raftmail.node.intake import GroupCommitter, Intake, start_smtp_server
+from raftmail.node.intake import Intake, start_smtp_server
 from raftmail.node.metrics import NodeMetrics, add_monitoring_routes
 from raftmail.node.peers import PeerClient, PeerCrypto, add_peer_routes
 from raftmail.node.webhook import event_dict, poster_for
@@ -427,12 +427,10 @@ class MailNode:
         loop = asyncio.get_running_loop()
         self.bodies_fetched = 0
         r = self.config.raft
-        self.proposer = Proposer(self.raft, loop, r.max_commands_in_flight,
+        # Each SMTP connection has at most one submission waiting, on top of the other commands.
+        self.proposer = Proposer(self.raft, loop, r.max_commands_in_flight + self.config.intake.max_connections,
                                  max_entries_in_flight=r.max_entries_in_flight, max_entry_bytes=r.max_entry_bytes)
-        self.committer = GroupCommitter(self.proposer, max_entry_bytes=self.config.intake.group_commit_bytes,
-                                        max_waiting=self.config.intake.max_connections * 2)
-        self.committer.start(self._submit_command, self.config.intake.commit_timeout)
-        self.intake = Intake(self.config, self.id, self.store, self.committer, self.replicate_body,
+        self.intake = Intake(self.config, self.id, self.store, self.commit_submission, self.replicate_body,
                              self.majority)
         self.metrics.watch_intake(self.intake)
         stop = asyncio.Event()
@@ -467,7 +465,6 @@ class MailNode:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.committer.stop()
         await runner.cleanup()
         await self.peers.close()
         self.raft.stop()
@@ -493,10 +490,16 @@ class MailNode:
                 stop.set()
                 return
 
-    def _submit_command(self, entries: list[dict]) -> dict:
-        return {"op": "submit", "subs": entries, "now": time.time(),
-                "window": self.config.intake.dedupe_window_seconds,
-                "max_queued": self.config.intake.max_queued_recipients}
+    async def commit_submission(self, entry: dict, timeout: float) -> list:
+        """Commit one submission; [status, detail]. The proposer's group commit packs it with
+        whatever else this node proposes meanwhile."""
+        result = await self.proposer.propose(
+            {"op": "submit", "subs": [entry], "now": time.time(),
+             "window": self.config.intake.dedupe_window_seconds,
+             "max_queued": self.config.intake.max_queued_recipients}, timeout)
+        if not isinstance(result, list) or len(result) != 1:
+            raise ProposalFailed(f"unexpected result {result!r}", unknown=True)
+        return result[0]
 
 
 def _check_writable(config: Config, path: Path) -> None:
