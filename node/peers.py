@@ -6,9 +6,14 @@ admin address, with every payload sealed (AES-GCM) under a key derived from the 
 so only cluster members can store, read, or even ask for bodies.
 
 Pushes are grouped like a group commit: a body pushed while earlier batches are still on their
-way waits for the next batch, and each batch is sealed once and sent as one PUT per peer. Under
-load the HTTP, crypto and thread-hop cost is paid per batch instead of per body; when the
-channel is idle a body goes out at once, alone, with no added latency.
+way waits for the next batch, and each batch is sealed once and sent to every peer. Under
+load the crypto and thread-hop cost is paid per batch instead of per body; when the channel is
+idle a body goes out at once, alone, with no added latency.
+
+Batches travel over one persistent WebSocket per peer (GET /peer/stream): a message costs a
+fraction of an HTTP request's parsing and bookkeeping on both ends. Each message is an 8-byte
+request id and a sealed batch; the answer is the id and one status byte. The older
+PUT /peer/bodies route is still served, for nodes that predate the stream.
 """
 
 from __future__ import annotations
@@ -17,14 +22,16 @@ import asyncio
 import base64
 import collections
 import hashlib
+import itertools
 import logging
+import struct
 import time
 from functools import partial
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import aiohttp
 import msgpack
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -38,6 +45,8 @@ PURPOSE = b"raftmail peer channel v1"
 AUTH_HEADER = "X-Raftmail-Auth"
 BODY_ROUTE = "/peer/bodies/{digest}"  # GET: fetch one body by hash
 BATCH_ROUTE = "/peer/bodies"  # PUT: store a sealed batch of bodies
+STREAM_ROUTE = "/peer/stream"  # GET + WebSocket upgrade: a stream of sealed batches
+STREAM_CLAIM = b"STREAM " + STREAM_ROUTE.encode("ascii")  # what the stream's auth header seals
 DEFAULT_TOKEN_TTL = 300.0
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_MAX_BACKGROUND_PUSHES = 256
@@ -53,6 +62,22 @@ _MAX_CLOCK_SKEW = 60.0  # a token stamped further ahead than this is refused
 # Sealing, opening and hashing this much is tens of microseconds: cheaper on the event loop
 # than a thread hand-off. Bigger payloads go to a thread so the loop never stalls on them.
 _INLINE_CRYPTO_BYTES = 64 * 1024
+# Stream framing: request id, then the sealed batch; the answer is the id and a status byte.
+_REQUEST_ID = struct.Struct(">Q")
+STREAM_STORED = 1
+STREAM_REFUSED = 0
+_ANSWER_SIZE = _REQUEST_ID.size + 1
+# Batches of one stream stored at once; when all are busy the server stops reading, so a
+# fast client is slowed by TCP flow control instead of piling up tasks.
+STREAM_MAX_IN_PROGRESS = 8
+# Pings on an idle stream, so a peer that vanished without a FIN is noticed and dropped.
+_STREAM_HEARTBEAT = 20.0
+# A dead peer is dialled at most this often; pushes in between are answered "no" at once.
+_STREAM_RECONNECT_INTERVAL = 0.5
+# How long a close handshake may take before the connection is simply dropped.
+_STREAM_CLOSE_TIMEOUT = 1.0
+# Peer addresses change with membership; streams beyond this many are closed, oldest use first.
+_MAX_PEER_STREAMS = 64
 
 
 class PeerAuthError(Exception):
@@ -138,10 +163,6 @@ def _body_url(peer: str, digest: str) -> str:
     return f"http://{peer}/peer/bodies/{digest}"
 
 
-def _batch_url(peer: str) -> str:
-    return f"http://{peer}{BATCH_ROUTE}"
-
-
 async def _read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
     """The whole stream, or None as soon as it exceeds *limit* bytes."""
     buf = bytearray()
@@ -172,23 +193,40 @@ def add_peer_routes(
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
 ) -> None:
-    """Serve PUT /peer/bodies (a sealed batch) and GET /peer/bodies/{digest} on *app*.
+    """Serve GET /peer/stream (a WebSocket of sealed batches), PUT /peer/bodies (one sealed
+    batch) and GET /peer/bodies/{digest} on *app*.
 
-    The request body is streamed with its own limit, so the app's client_max_size does not
+    The PUT body is streamed with its own limit, so the app's client_max_size does not
     need to be raised for large bodies. *max_batch_bytes* and *max_batch_items* must be at
     least the pushing PeerClient's, or its full batches are refused as too large.
     """
     max_sealed = batch_sealed_limit(max_body_bytes, max_batch_bytes, max_batch_items)
+    streams: set[web.WebSocketResponse] = set()
 
-    def refuse(request: web.Request, why: str) -> web.Response:
-        peer_ip = request.remote or "unknown"
+    def note_refusal(peer_ip: str, why: str) -> None:
         log.warning("peer request from %s refused: %s", peer_ip, why)
         if on_auth_failure is not None:
             try:
                 on_auth_failure(peer_ip)
             except Exception:
                 log.exception("on_auth_failure callback failed")
+
+    def refuse(request: web.Request, why: str) -> web.Response:
+        note_refusal(request.remote or "unknown", why)
         return web.Response(status=403, text="forbidden\n")
+
+    def authorized(request: web.Request, claim: bytes, what: str) -> web.Response | None:
+        """None if the request carries a fresh auth header sealing *claim*, else a 403."""
+        header = request.headers.get(AUTH_HEADER)
+        if header is None:
+            return refuse(request, f"{what} without {AUTH_HEADER}")
+        try:
+            sealed_claim = crypto.open(header)
+        except PeerAuthError:
+            return refuse(request, f"bad {AUTH_HEADER} for {what}")
+        if sealed_claim != claim:
+            return refuse(request, f"{AUTH_HEADER} does not match {what}")
+        return None
 
     def receive(token: bytes) -> tuple[int, str]:
         """Open, check and store one batch: (HTTP status, reason). One thread hop in all."""
@@ -206,32 +244,98 @@ def add_peer_routes(
             return 500, "storage error"
         return 204, ""
 
+    async def store_batch(token: bytes, peer_ip: str) -> tuple[int, str]:
+        """The one path from a sealed batch (PUT or stream) to the store: (HTTP status, reason);
+        204 means every body in it is stored durably."""
+        try:
+            return await asyncio.to_thread(receive, token)
+        except PeerAuthError:
+            note_refusal(peer_ip, "bad sealed batch")
+            return 403, "forbidden"
+
     async def put_batch(request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > max_sealed:
             return web.Response(status=413, text="batch too large\n")
         token = await _read_limited(request.content, max_sealed)
         if token is None:
             return web.Response(status=413, text="batch too large\n")
-        try:
-            status, why = await asyncio.to_thread(receive, token)
-        except PeerAuthError:
-            return refuse(request, "bad sealed batch")
+        status, why = await store_batch(token, request.remote or "unknown")
         if status == 204:
             return web.Response(status=204)
         return web.Response(status=status, text=why + "\n")
 
+    async def answer(ws: web.WebSocketResponse, message: bytes, peer_ip: str) -> None:
+        status, why = await store_batch(message[_REQUEST_ID.size :], peer_ip)
+        if status != 204:
+            log.debug("streamed batch from %s refused: %d %s", peer_ip, status, why)
+        reply = message[: _REQUEST_ID.size] + bytes(
+            (STREAM_STORED if status == 204 else STREAM_REFUSED,)
+        )
+        try:
+            await ws.send_bytes(reply)
+        except Exception as exc:  # the client went away: it counts the batch as unacked
+            log.debug("answer to %s on a closed stream: %r", peer_ip, exc)
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        refused = authorized(request, STREAM_CLAIM, "stream")
+        if refused is not None:
+            return refused
+        peer_ip = request.remote or "unknown"
+        ws = web.WebSocketResponse(
+            max_msg_size=max_sealed + _REQUEST_ID.size + 1,  # aiohttp's limit is exclusive
+            autoping=True,
+            heartbeat=_STREAM_HEARTBEAT,
+            compress=False,  # sealed batches do not compress
+        )
+        await ws.prepare(request)
+        streams.add(ws)
+        slots = asyncio.Semaphore(STREAM_MAX_IN_PROGRESS)
+        working: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            working.discard(task)
+            slots.release()
+
+        try:
+            while True:
+                await slots.acquire()  # no reading while every slot is busy
+                msg = await ws.receive()
+                if msg.type is WSMsgType.BINARY and len(msg.data) > _REQUEST_ID.size:
+                    task = asyncio.create_task(answer(ws, msg.data, peer_ip))
+                    working.add(task)
+                    task.add_done_callback(done)
+                    continue
+                slots.release()
+                if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
+                if msg.type is WSMsgType.ERROR:
+                    log.debug("stream from %s failed: %r", peer_ip, msg.data)
+                    break
+                log.warning("stream from %s sent a %s message: closing it", peer_ip,
+                            msg.type.name)
+                await ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"binary batches only")
+                break
+        finally:
+            streams.discard(ws)
+            # Batches already handed to a thread finish storing; only their answers are lost.
+            for task in list(working):
+                task.cancel()
+            if working:
+                await asyncio.gather(*working, return_exceptions=True)
+        return ws
+
+    async def close_streams(_app: web.Application) -> None:
+        # Open streams would otherwise hold graceful shutdown for its whole timeout.
+        for ws in list(streams):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down")
+
     async def get_body(request: web.Request) -> web.Response:
         digest = request.match_info["digest"]
-        header = request.headers.get(AUTH_HEADER)
-        if header is None:
-            return refuse(request, f"GET {digest[:80]!r} without {AUTH_HEADER}")
-        try:
-            claim = crypto.open(header)
-        except PeerAuthError:
-            return refuse(request, f"bad {AUTH_HEADER} for GET {digest[:80]!r}")
         # The token names the digest, so a captured header cannot be replayed for another body.
-        if claim != b"GET " + digest.encode("utf-8", "replace"):
-            return refuse(request, f"{AUTH_HEADER} does not match GET {digest[:80]!r}")
+        refused = authorized(request, b"GET " + digest.encode("utf-8", "replace"),
+                             f"GET {digest[:80]!r}")
+        if refused is not None:
+            return refused
         if not is_digest(digest):
             return web.Response(status=400, text="malformed digest\n")
         data = await asyncio.to_thread(store.get, digest)
@@ -240,8 +344,10 @@ def add_peer_routes(
         sealed = await _off_loop_if_large(len(data), crypto.seal, data)
         return web.Response(status=200, body=sealed, content_type="application/octet-stream")
 
+    app.router.add_get(STREAM_ROUTE, stream)
     app.router.add_put(BATCH_ROUTE, put_batch)
     app.router.add_get(BODY_ROUTE, get_body)
+    app.on_shutdown.append(close_streams)
 
 
 # -- client side ---------------------------------------------------------------------------
@@ -272,7 +378,7 @@ class _Push:
 
 
 class _Batch:
-    """Bodies sealed together and PUT to every peer; each peer's 204 acks them all."""
+    """Bodies sealed together and sent to every peer; each peer's "stored" acks them all."""
 
     def __init__(self, pushes: list[_Push], peers: int) -> None:
         self.pushes = pushes
@@ -386,11 +492,8 @@ class _Batcher:
             if sealed is None:
                 batch.wake_all()
         if sealed is not None:
-            session = client._http()
             for peer in self.peers:
-                task = asyncio.create_task(
-                    client._put_batch(session, peer, sealed, len(batch.pushes))
-                )
+                task = asyncio.create_task(client._put_batch(peer, sealed, len(batch.pushes)))
                 task.add_done_callback(partial(_answered, batch))
                 batch.requests.add(task)
         batch.started = True
@@ -433,6 +536,147 @@ def _answered(batch: _Batch, task: asyncio.Task[bool]) -> None:
     batch.answered_by(not task.cancelled() and task.result())
 
 
+class _PeerStream:
+    """The one WebSocket to a peer that carries our batches, dialled on first use and again
+    after it drops; answers are matched to requests by id, so many batches share it."""
+
+    def __init__(self, client: "PeerClient", peer: str, max_pending: int) -> None:
+        self._client = client
+        self.peer = peer
+        self._max_pending = max_pending
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Task[aiohttp.ClientWebSocketResponse | None] | None = None
+        self._pending: dict[int, asyncio.Future[bool]] = {}
+        self._ids = itertools.count()
+        self._last_dial = float("-inf")
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def put(self, sealed: bytes, timeout: float) -> bool:
+        """Send one sealed batch; True once the peer says it stored it durably. False on any
+        trouble, on refusal, or after *timeout* seconds; never raises except on cancellation."""
+        try:
+            async with asyncio.timeout(timeout):
+                ws = await self._connected()
+                if ws is None:
+                    return False
+                if len(self._pending) >= self._max_pending:
+                    log.info("stream to %s has %d requests pending: not sending", self.peer,
+                             len(self._pending))
+                    return False
+                request_id = next(self._ids)
+                answer = asyncio.get_running_loop().create_future()
+                self._pending[request_id] = answer
+                try:
+                    await ws.send_bytes(_REQUEST_ID.pack(request_id) + sealed)
+                    return await answer
+                finally:
+                    self._pending.pop(request_id, None)
+        except TimeoutError:
+            log.debug("push to %s timed out after %.1fs", self.peer, timeout)
+            return False
+        except Exception as exc:  # network trouble of any kind is just a missing ack
+            log.debug("push to %s failed: %r", self.peer, exc)
+            return False
+
+    async def _connected(self) -> aiohttp.ClientWebSocketResponse | None:
+        ws = self._ws
+        if ws is not None and not ws.closed:
+            return ws
+        if self._closed:
+            return None
+        if self._connecting is None:
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._last_dial < _STREAM_RECONNECT_INTERVAL:
+                return None
+            self._last_dial = loop.time()
+            self._connecting = asyncio.create_task(self._dial())
+        # Shielded: one waiter giving up must not cancel the dial the others are waiting on.
+        ws = await asyncio.shield(self._connecting)
+        if ws is None or ws.closed or ws is not self._ws:
+            return None
+        return ws
+
+    async def _dial(self) -> aiohttp.ClientWebSocketResponse | None:
+        client = self._client
+        try:
+            ws = await asyncio.wait_for(
+                client._http().ws_connect(
+                    f"http://{self.peer}{STREAM_ROUTE}",
+                    headers={AUTH_HEADER: client._crypto.seal_text(STREAM_CLAIM)},
+                    autoping=True,
+                    heartbeat=_STREAM_HEARTBEAT,
+                    max_msg_size=_ANSWER_SIZE + 1,  # aiohttp's limit is exclusive
+                    timeout=aiohttp.ClientWSTimeout(ws_close=_STREAM_CLOSE_TIMEOUT),
+                ),
+                client._push_timeout,
+            )
+        except Exception as exc:
+            log.debug("stream to %s failed to open: %r", self.peer, exc)
+            self._last_dial = asyncio.get_running_loop().time()  # the interval runs from here
+            return None
+        finally:
+            self._connecting = None
+        self._ws = ws
+        self._reader = asyncio.create_task(self._read(ws))
+        return ws
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        code = WSCloseCode.OK
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg.type is not WSMsgType.BINARY:
+                    if msg.type is WSMsgType.ERROR:
+                        log.debug("stream to %s failed: %r", self.peer, msg.data)
+                    elif msg.type not in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                        log.warning("stream to %s sent a %s message", self.peer, msg.type.name)
+                        code = WSCloseCode.POLICY_VIOLATION
+                    break
+                data = msg.data
+                if len(data) != _ANSWER_SIZE:
+                    log.warning("stream to %s sent a malformed answer", self.peer)
+                    code = WSCloseCode.POLICY_VIOLATION
+                    break
+                (request_id,) = _REQUEST_ID.unpack_from(data)
+                answer = self._pending.get(request_id)
+                if answer is not None and not answer.done():
+                    answer.set_result(data[-1] == STREAM_STORED)
+        finally:
+            self._drop(ws)  # also on cancellation: close() then closes the socket
+        if not ws.closed:
+            await ws.close(code=code)
+
+    def _drop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """*ws* is gone: every request on it is answered "no"; the next put dials again."""
+        if self._ws is not ws:
+            return
+        self._ws = None
+        self._reader = None
+        pending, self._pending = self._pending, {}
+        for answer in pending.values():
+            if not answer.done():
+                answer.set_result(False)
+
+    async def close(self) -> None:
+        """Answer every pending request "no", stop dialling and reading, close the socket."""
+        self._closed = True
+        ws = self._ws
+        tasks = [t for t in (self._connecting, self._reader) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        ws = ws or self._ws  # a dial may have finished while we waited
+        if ws is not None:
+            self._drop(ws)
+            await ws.close(code=WSCloseCode.GOING_AWAY)
+
+
 class PeerClient:
     """Pushes bodies to peers and fetches missing ones; network failures are never raised."""
 
@@ -452,8 +696,9 @@ class PeerClient:
         if min(max_batch_items, max_batches_in_flight, max_queued_pushes) < 1:
             raise ValueError("batch, in-flight and queue limits must be at least 1")
         self._crypto = crypto
-        # Per request: a batch PUT to a dead or frozen peer gives up after this long.
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # Per batch and peer: dialling plus the answer; a dead or frozen peer is given up on
+        # after this long.
+        self._push_timeout = timeout
         self._fetch_timeout = aiohttp.ClientTimeout(total=fetch_timeout)
         self._max_body_bytes = max_body_bytes
         self._max_background = max_background_pushes
@@ -464,6 +709,9 @@ class PeerClient:
         self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[bool]] = set()
         self._batchers: dict[tuple[str, ...], _Batcher] = {}
+        # One stream per peer address, least recently used first.
+        self._streams: collections.OrderedDict[str, _PeerStream] = collections.OrderedDict()
+        self._closing_streams: set[asyncio.Task[None]] = set()
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -476,7 +724,8 @@ class PeerClient:
         return len(self._background)
 
     async def close(self) -> None:
-        """Answer waiting pushes, cancel leftover requests and close the HTTP session."""
+        """Answer waiting pushes, cancel leftover requests, close the peer streams and the
+        HTTP session."""
         batchers = list(self._batchers.values())
         self._batchers.clear()
         tasks: list[asyncio.Task] = []
@@ -489,6 +738,13 @@ class PeerClient:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._background.clear()
+        streams = list(self._streams.values())
+        self._streams.clear()
+        closing = [asyncio.create_task(stream.close()) for stream in streams]
+        closing.extend(self._closing_streams)
+        if closing:
+            await asyncio.gather(*closing, return_exceptions=True)
+        self._closing_streams.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -567,23 +823,28 @@ class PeerClient:
             log.info("dropped %d background batch pushes (limit %d)", dropped,
                      self._max_background)
 
-    async def _put_batch(
-        self, session: aiohttp.ClientSession, peer: str, sealed: bytes, count: int
-    ) -> bool:
-        try:
-            async with session.put(
-                _batch_url(peer),
-                data=sealed,
-                headers={"Content-Type": "application/octet-stream"},
-                timeout=self._timeout,
-            ) as resp:
-                if resp.status == 204:
-                    return True
-                log.debug("push of %d bodies to %s answered %d", count, peer, resp.status)
-                return False
-        except Exception as exc:  # network trouble of any kind is just a missing ack
-            log.debug("push of %d bodies to %s failed: %r", count, peer, exc)
-            return False
+    async def _put_batch(self, peer: str, sealed: bytes, count: int) -> bool:
+        acked = await self._stream(peer).put(sealed, self._push_timeout)
+        if not acked:
+            log.debug("push of %d bodies to %s not acked", count, peer)
+        return acked
+
+    def _stream(self, peer: str) -> _PeerStream:
+        stream = self._streams.get(peer)
+        if stream is not None:
+            self._streams.move_to_end(peer)
+            return stream
+        # A request is pending only while its batch is in flight or adopted in the background,
+        # so a stream fed by one batcher never reaches this; past it a put is answered "no".
+        max_pending = self.max_batches_in_flight + self._max_background
+        stream = self._streams[peer] = _PeerStream(self, peer, max_pending)
+        if len(self._streams) > _MAX_PEER_STREAMS:
+            # A departed member's stream; its pushes, if any, are answered "no".
+            _, oldest = self._streams.popitem(last=False)
+            task = asyncio.create_task(oldest.close())
+            self._closing_streams.add(task)
+            task.add_done_callback(self._closing_streams.discard)
+        return stream
 
     # -- probe -----------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 import aiohttp
 import pytest
@@ -22,6 +22,7 @@ from raftmail.node.peers import (
     PeerAuthError,
     PeerClient,
     PeerCrypto,
+    STREAM_ROUTE,
     add_peer_routes,
     batch_sealed_limit,
     pack_batch,
@@ -48,15 +49,28 @@ def campaign_body(i: int) -> bytes:
     return b"Subject: Offer %d\r\n\r\n" % i + os.urandom(512 + 37 * i)
 
 
+class CountingStore(BodyStore):
+    """A real body store that also counts the batches written into it."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, fsync=False)
+        self.batches = 0
+
+    def put_many_verified(self, items: Iterable[tuple[str, bytes]]) -> None:
+        self.batches += 1
+        super().put_many_verified(items)
+
+
 class PeerNode:
     """One node's peer endpoint: a body store served on an ephemeral 127.0.0.1 port."""
 
     def __init__(
         self, root: Path, crypto: PeerCrypto, max_body_bytes: int = 1 << 20, **batch_limits: int
     ) -> None:
-        self.store = BodyStore(root, fsync=False)
+        self.store = CountingStore(root)
         self.auth_failures: list[str] = []
         self.batch_puts = 0  # PUT requests that reached this node
+        self.stream_opens = 0  # stream upgrade requests that reached this node
         self.app = web.Application(middlewares=[self._count])
         add_peer_routes(
             self.app,
@@ -77,6 +91,11 @@ class PeerNode:
         self.address = f"127.0.0.1:{port}"
         return self
 
+    @property
+    def batches(self) -> int:
+        """Batches that reached the store, over the stream or a PUT."""
+        return self.store.batches
+
     async def stop(self) -> None:
         await self.runner.cleanup()
 
@@ -84,6 +103,8 @@ class PeerNode:
     async def _count(self, request: web.Request, handler: Callable) -> web.StreamResponse:
         if request.method == "PUT":
             self.batch_puts += 1
+        elif request.path == STREAM_ROUTE:
+            self.stream_opens += 1
         return await handler(request)
 
 
@@ -426,7 +447,8 @@ def test_concurrent_pushes_share_requests(tmp_path: Path) -> None:
             )
             assert acks == [2] * 50
             for node in (a, b):
-                assert 1 <= node.batch_puts <= 5, node.batch_puts
+                assert 1 <= node.batches <= 5, node.batches
+                assert node.stream_opens == 1 and node.batch_puts == 0
                 for x in bodies:
                     path = node.store.root / digest_of(x)[:2] / digest_of(x)
                     assert path.read_bytes() == x
@@ -462,7 +484,7 @@ def test_sustained_pushes_group_while_batches_are_in_flight(tmp_path: Path) -> N
             await wait_for(lambda: a.store.stats()[0] == b.store.stats()[0] == total)
             await wait_for(lambda: client.background_pushes == 0)
             for node in (a, b):
-                assert node.batch_puts <= total // 3, node.batch_puts
+                assert node.batches <= total // 3, node.batches
         finally:
             await client.close()
             await a.stop()
@@ -483,8 +505,8 @@ def test_idle_push_is_not_delayed(tmp_path: Path) -> None:
                 began = time.monotonic()
                 assert await client.push(digest_of(x), x, [a.address, b.address], 2, 5.0) == 2
                 assert time.monotonic() - began < 0.5
-                # Alone on an idle channel: one request per push, nothing held back.
-                assert a.batch_puts == b.batch_puts == i + 1
+                # Alone on an idle channel: one batch per push, nothing held back.
+                assert a.batches == b.batches == i + 1
         finally:
             await client.close()
             await a.stop()
@@ -508,12 +530,12 @@ def test_batch_limits_split_batches_and_big_body_goes_alone(tmp_path: Path) -> N
             )
             assert acks == [1] * len(first)
             # [big], [s0 s1 s2], [s3 s4 s5], [s6]: all four in flight at once.
-            assert node.batch_puts == 4
+            assert node.batches == 4
             acks = await asyncio.gather(
                 *(client.push(digest_of(x), x, [node.address], 1, 5.0) for x in mid)
             )
             assert acks == [1] * len(mid)
-            assert node.batch_puts == 4 + 2
+            assert node.batches == 4 + 2
             for x in first + mid:
                 assert node.store.get(digest_of(x)) == x
         finally:
@@ -537,7 +559,7 @@ def test_refused_body_does_not_cost_its_batch_mates(tmp_path: Path) -> None:
                 client.push(digest_of(oversize), oversize, [node.address], 1, 5.0),
             )
             assert acks == [1, 0, 0]
-            assert node.batch_puts == 1
+            assert node.batches == 1
             assert node.store.stats() == (1, len(good))
         finally:
             await client.close()
