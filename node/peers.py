@@ -285,6 +285,7 @@ def add_peer_routes(
             max_msg_size=max_sealed + _REQUEST_ID.size + 1,  # aiohttp's limit is exclusive
             autoping=True,
             heartbeat=_STREAM_HEARTBEAT,
+            timeout=_STREAM_CLOSE_TIMEOUT,
             compress=False,  # sealed batches do not compress
         )
         await ws.prepare(request)
@@ -326,8 +327,11 @@ def add_peer_routes(
 
     async def close_streams(_app: web.Application) -> None:
         # Open streams would otherwise hold graceful shutdown for its whole timeout.
-        for ws in list(streams):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down")
+        await asyncio.gather(
+            *(ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down")
+              for ws in list(streams)),
+            return_exceptions=True,
+        )
 
     async def get_body(request: web.Request) -> web.Response:
         digest = request.match_info["digest"]
@@ -552,10 +556,6 @@ class _PeerStream:
         self._last_dial = float("-inf")
         self._closed = False
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
     async def put(self, sealed: bytes, timeout: float) -> bool:
         """Send one sealed batch; True once the peer says it stored it durably. False on any
         trouble, on refusal, or after *timeout* seconds; never raises except on cancellation."""
@@ -621,6 +621,9 @@ class _PeerStream:
             return None
         finally:
             self._connecting = None
+        if self._closed:  # close() ran while the handshake finished
+            await ws.close(code=WSCloseCode.GOING_AWAY)
+            return None
         self._ws = ws
         self._reader = asyncio.create_task(self._read(ws))
         return ws

@@ -65,9 +65,10 @@ class PeerNode:
     """One node's peer endpoint: a body store served on an ephemeral 127.0.0.1 port."""
 
     def __init__(
-        self, root: Path, crypto: PeerCrypto, max_body_bytes: int = 1 << 20, **batch_limits: int
+        self, root: Path, crypto: PeerCrypto, max_body_bytes: int = 1 << 20,
+        store: CountingStore | None = None, **batch_limits: int,
     ) -> None:
-        self.store = CountingStore(root)
+        self.store = store if store is not None else CountingStore(root)
         self.auth_failures: list[str] = []
         self.batch_puts = 0  # PUT requests that reached this node
         self.stream_opens = 0  # stream upgrade requests that reached this node
