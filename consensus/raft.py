@@ -50,6 +50,7 @@ from typing import Any, Callable
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.config import SERIALIZER_STATE
+from pysyncobj.monotonic import monotonic as pysyncobj_clock
 from pysyncobj.node import TCPNode
 
 from .seal import SealError, Sealer
@@ -368,8 +369,8 @@ class RaftNode(SyncObj):
     """One member of the cluster: pysyncobj plus MailState, with our fixes."""
 
     def __init__(self, self_addr: str, peer_addrs: list[str], data_dir: Path, *, password: str,
-                 election_timeout_min: float = 0.4, election_timeout_max: float = 1.4,
-                 heartbeat_interval: float = 0.1, connection_timeout: float = 3.5,
+                 election_timeout_min: float = 0.3, election_timeout_max: float = 0.7,
+                 heartbeat_interval: float = 0.08, connection_timeout: float = 3.5,
                  compaction_min_entries: int = 5000, compaction_min_seconds: float = 300.0,
                  snapshot_chunk_bytes: int = 262144, commands_queue_size: int = 1000,
                  fsync_snapshots: bool = True, fsync_journal: bool = False,
@@ -564,12 +565,22 @@ class RaftNode(SyncObj):
         answered by the follower: most of a busy leader's frames said nothing new. Within a tick
         we defer those rounds and send one (before the tick waits for the network), carrying
         every new entry and the latest commit index."""
+        self._read_before_election()
         self._append_entries_due = False
         self.__dict__["_SyncObj__sendAppendEntries"] = self._defer_append_entries
         try:
             SyncObj._onTick(self, timeToWait)
         finally:
             self._flush_append_entries()
+
+    def _read_before_election(self) -> None:
+        """pysyncobj checks a follower's election deadline at the start of a tick, before it reads
+        the network: a tick thread that was stalled past the timeout (descheduled on a busy
+        machine, or waiting for the GIL) started an election although the leader's heartbeats
+        sat unread in its socket. Read them first; a live leader then keeps its term."""
+        if self._SyncObj__raftState != 2 and self._SyncObj__raftElectionDeadline < pysyncobj_clock() \
+                and self._SyncObj__transport.ready:
+            self._poller.poll(0)
 
     def _defer_append_entries(self) -> None:
         self._append_entries_due = True

@@ -136,9 +136,9 @@ class ClusterSection:
 
 @dataclass(frozen=True)
 class RaftSection:
-    election_timeout_min: float = 0.4
-    election_timeout_max: float = 1.4
-    heartbeat_interval: float = 0.1
+    election_timeout_min: float = 0.3
+    election_timeout_max: float = 0.7
+    heartbeat_interval: float = 0.08
     connection_timeout: float = 3.5
     max_commands_in_flight: int = 200
     # Group commit of every command a node proposes: entries in flight, and bytes per entry

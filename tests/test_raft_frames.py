@@ -3,6 +3,7 @@ append_entries round per tick. In-process pysyncobj nodes on real sockets."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,55 @@ def test_one_append_entries_round_per_tick(tmp_path: Path, cls: type[RaftNode], 
         wait_for(lambda: all(n.read(lambda st: sorted(st.submissions)) == digest for n in nodes), 20,
                  "every node to apply the burst")
         assert len(digest) == 100
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+class StalledRaftNode(RaftNode):
+    """Its tick thread stalls once, before a tick, as a descheduled process's would."""
+    stall = 0.0
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        if self.stall:
+            stall, self.stall = self.stall, 0.0
+            time.sleep(stall)
+        super()._onTick(timeToWait)
+
+
+class UnreadStalledRaftNode(StalledRaftNode):
+    """pysyncobj as shipped: the election deadline is checked before the network is read."""
+
+    def _read_before_election(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("cls,keeps_term", [(StalledRaftNode, True), (UnreadStalledRaftNode, False)])
+def test_a_stalled_follower_reads_the_heartbeats_before_it_starts_an_election(
+        tmp_path: Path, cls: type[StalledRaftNode], keeps_term: bool) -> None:
+    nodes = start_cluster(tmp_path, cls)
+    try:
+        def settled() -> RaftNode | None:
+            leaders = [n for n in nodes if n.is_leader()]
+            if len(leaders) == 1 and all(n._getLeader() == leaders[0].selfNode and n.raftCurrentTerm ==
+                                         leaders[0].raftCurrentTerm for n in nodes if n is not leaders[0]):
+                return leaders[0]
+            return None
+        found: list[RaftNode] = []
+        wait_for(lambda: found.append(settled()) or found[-1] is not None, 20, "every follower to follow one leader")
+        leader = found[-1]
+        follower = next(n for n in nodes if n is not leader)
+        term = leader.raftCurrentTerm
+        ticked = threading.Event()
+        follower.stall = 2.0  # well past the 0.7 s election timeout; heartbeats keep arriving
+        follower.addOnTickCallback(lambda: ticked.set() if not follower.stall else None)
+        assert ticked.wait(10)
+        ticked.clear()
+        assert ticked.wait(10)  # a whole tick after the stall
+        if keeps_term:
+            assert follower.raftCurrentTerm == term and leader.is_leader()
+        else:
+            wait_for(lambda: follower.raftCurrentTerm > term, 10, "the stalled follower to start an election")
     finally:
         for n in nodes:
             n.stop()
