@@ -135,7 +135,7 @@ def header_lines(args: argparse.Namespace, ctx: cases.Ctx, started: float, quick
             if ctx.idle.enabled else "off")
     return [
         f"mode: {'quick' if quick else 'full'}; runs per case: {ctx.runs}"
-        + ("" if quick else f" (catch-up and memory: at most {cases.HEAVY_CASE_RUNS})")
+        + ("" if quick else f" (catch-up and memory: at most {cases.HEAVY_CASE_RUNS}; failover: 10)")
         + f"; idle check: {idle}",
         f"load generator: {generator}; latency and failover always use {loadgen.GENERATOR_NAME} "
         "(they time every reply)",

@@ -427,10 +427,10 @@ def test_queue_smaller_than_one_submission(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("raft", "key", "fragment"),
     [
-        ("heartbeat_interval = 0.2", "[raft] heartbeat_interval", "3 * heartbeat_interval (0.6) must be less than election_timeout_min (0.4)"),
-        ("election_timeout_min = 0.3", "[raft] election_timeout_min", "less than election_timeout_min"),
-        ("election_timeout_max = 0.4", "[raft] election_timeout_max", "election_timeout_min (0.4) must be less than election_timeout_max (0.4)"),
-        ("connection_timeout = 1.0", "[raft] connection_timeout", "election_timeout_max (1.4) must be at most connection_timeout (1)"),
+        ("heartbeat_interval = 0.2", "[raft] heartbeat_interval", "3 * heartbeat_interval (0.6) must be less than election_timeout_min (0.3)"),
+        ("election_timeout_min = 0.2", "[raft] election_timeout_min", "less than election_timeout_min"),
+        ("election_timeout_max = 0.3", "[raft] election_timeout_max", "election_timeout_min (0.3) must be less than election_timeout_max (0.3)"),
+        ("connection_timeout = 0.5", "[raft] connection_timeout", "election_timeout_max (0.7) must be at most connection_timeout (0.5)"),
         ("election_timeout_max = 5.0", "[raft] election_timeout_max", "at most connection_timeout"),
     ],
 )
@@ -822,7 +822,7 @@ def test_user_with_a_bad_hash_is_refused_without_echoing_it(tmp_path: Path, valu
     _tls_pair(tmp_path)
     text = BASE + f'[intake]\ntls_cert = "tls/cert.pem"\ntls_key = "tls/key.pem"\n[intake.users]\nalice = {value}\n'
     message = refused(write(tmp_path, text), "[intake.users] alice")
-    assert value.strip('"') not in message
+    assert value.strip('"') not in message.replace(str(tmp_path), "")  # the path may hold "42"
 
 
 def test_user_login_with_spaces_is_refused(tmp_path: Path) -> None:

@@ -127,6 +127,7 @@ class Case:
     rows: tuple[RowSpec, ...]
     measure: Callable[[Ctx], Measurement]
     heavy: bool = False           # long runs: full mode caps them at HEAVY_CASE_RUNS
+    full_runs: int | None = None  # full mode: exactly this many runs (issue 6: failover, median of 10)
 
 
 HEAVY_CASE_RUNS = 3
@@ -696,7 +697,7 @@ def _registry() -> list[Case]:
               RowSpec("failover-orphans-delivered", "failover: SIGKILL leader → every recipient accepted "
                       "before the kill delivered (the dead node's batches after their lease)", sec,
                       lower_is_better=True, timed_load=True)),
-             measure_failover),
+             measure_failover, full_runs=10),
         Case("catchup-raftmail", "raftmail", ("raftmail",),
              (RowSpec("catchup-commit", "catch-up: restarted node reaches leader's commit index", sec,
                       ("catchup-restart-idle",), lower_is_better=True),

@@ -62,6 +62,8 @@ def run_case(case: Case, ctx: Ctx, capabilities: dict[str, str | None]) -> list[
             ctx.progress(f"[{case.id}] skipped: {why}")
             return rows
     wanted = min(ctx.runs, HEAVY_CASE_RUNS) if case.heavy and not ctx.quick else ctx.runs
+    if case.full_runs is not None and not ctx.quick:
+        wanted = case.full_runs
     discards_left = wanted * MAX_DISCARDS_PER_RUN
     clean = 0
     disturbed_kept = 0
