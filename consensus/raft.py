@@ -29,6 +29,13 @@ lives here, in our own code, with a test that reproduces the defect:
   `max_frame_bytes`, or whose unparsed buffer grows past it, is dropped and logged.
   (tests/test_raft_security.py)
 * Unbounded waits (§2.6): commandsWaitLeader=False; callers bound their own waits.
+* A round of frames per command (appendEntriesUseBatch=False): `_onTick` defers pysyncobj's
+  `append_entries` rounds within a tick and sends one.
+  (tests/test_raft_frames.py::test_one_append_entries_round_per_tick)
+* A stalled follower's needless election: pysyncobj checks the election deadline before it reads
+  the network, so a tick thread that was descheduled past the timeout started an election although
+  the leader's heartbeats sat in its socket. `_read_before_election` reads them first.
+  (tests/test_raft_frames.py::test_a_stalled_follower_reads_the_heartbeats_before_it_starts_an_election)
 * No fsync anywhere (§3.1, upstream #84): with `fsync_journal`, `DurableJournal` msyncs the journal
   (and fsyncs the term/vote file) before this node sends any Raft message and before the next tick
   can commit, so an entry is on disk on a majority before any client hears `250`. One sync covers

@@ -11,8 +11,9 @@ from aiosmtpd.smtp import SMTP, auth_mechanism
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raftmail.node.config import load_config
 from raftmail.node.intake import Intake, IntakeHandler, IntakeSMTP, _HookListing, start_smtp_server
+
+from test_security import intake_for
 
 SERVER_KW: dict[str, Any] = dict(data_size_limit=10_000, enable_SMTPUTF8=True, decode_data=False,
                                  hostname="intake.test", timeout=30, require_starttls=False,
@@ -184,11 +185,7 @@ def test_hook_tables_are_aiosmtpds(loop: asyncio.AbstractEventLoop, monkeypatch:
 
 def decisions_only_intake(tmp_path: Path, intake_toml: str) -> Intake:
     """An Intake for its SMTP decisions only: these sessions never reach the final dot."""
-    path = tmp_path / "cluster.toml"
-    path.write_text(f'[cluster]\nname = "t"\nsecret = "{"s" * 32}"\ndata_dir = "data"\n'
-                    '[[node]]\nid = "n1"\nraft = "127.0.0.1:7101"\nsmtp = "127.0.0.1:2501"\nadmin = "127.0.0.1:8101"\n'
-                    f'[intake]\nallow_networks = ["127.0.0.1/32"]\n{intake_toml}\n')
-    return Intake(load_config(path), "n1", None, None, None, lambda: 1)  # type: ignore[arg-type]
+    return intake_for(tmp_path, f'allow_networks = ["127.0.0.1/32"]\n{intake_toml}')
 
 
 async def reply(reader: asyncio.StreamReader) -> list[bytes]:
