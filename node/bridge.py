@@ -41,6 +41,7 @@ class _Waiting:
 class _Entry:
     group: list[_Waiting]
     open: bool = True  # until answered, or given up once every waiter's deadline passed
+    give_up: asyncio.TimerHandle | None = None
 
 
 class Proposer:
@@ -51,7 +52,7 @@ class Proposer:
     `max_entry_bytes` per entry (a larger single command still goes alone)."""
 
     def __init__(self, raft: RaftNode, loop: asyncio.AbstractEventLoop, max_waiting: int,
-                 max_entries_in_flight: int = 2, max_entry_bytes: int = 131072) -> None:
+                 max_entries_in_flight: int = 2, max_entry_bytes: int = 60000) -> None:
         self.raft = raft
         self.loop = loop
         self.max_waiting = max_waiting
@@ -113,7 +114,7 @@ class Proposer:
             entry = _Entry(group)
             # pysyncobj may never answer (a request lost with its leader): the slot is freed once
             # every waiter has given up.
-            self.loop.call_at(max(w.deadline for w in group), self._give_up, entry)
+            entry.give_up = self.loop.call_at(max(w.deadline for w in group), self._give_up, entry)
 
             def on_commit(result: Any, err: int, entry: _Entry = entry) -> None:
                 # Tick thread, or inline for QUEUE_FULL.
@@ -133,6 +134,8 @@ class Proposer:
         if not entry.open:
             return
         entry.open = False
+        if entry.give_up is not None:
+            entry.give_up.cancel()  # no timer left behind per answered entry
         self.entries_in_flight -= 1
         group = entry.group
         if len(group) > 1 and err == FAIL_REASON.SUCCESS:
