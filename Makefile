@@ -2,8 +2,11 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Debian packages the fault tests use (network namespaces, packet filters, skewed clocks). Installed
+# only when missing and when running as root with apt; elsewhere those tests skip with a reason.
+FAULT_PACKAGES := faketime nftables iptables iproute2
 
-.PHONY: run test venv
+.PHONY: run test venv fault-tools
 
 $(BIN)/raftmail: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -13,9 +16,15 @@ $(BIN)/raftmail: pyproject.toml
 
 venv: $(BIN)/raftmail
 
+fault-tools:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	   ! (command -v faketime && command -v nft && command -v iptables && command -v ip) >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(FAULT_PACKAGES) >/dev/null; \
+	fi
+
 # A local 3-node cluster from cluster.example.toml; deliveries go to a local capture sink.
 run: venv
 	$(BIN)/raftmail up --config cluster.example.toml --with-sink
 
-test: venv
+test: venv fault-tools
 	$(BIN)/python -m pytest -q -p no:cacheprovider
