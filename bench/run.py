@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""raftmail benchmark harness (issue 6).
+"""raftmail benchmark harness.
 
     python bench/run.py                 # full: every case, 5 runs each, idle-machine checks
     python bench/run.py --quick         # tiny: a few hundred messages, 1 run each

@@ -739,7 +739,7 @@ def test_monitoring_is_an_allowed_section(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# [intake] security keys: allow_networks, users, TLS (issue 5)
+# [intake] security keys: allow_networks, users, TLS
 # --------------------------------------------------------------------------------------------
 
 

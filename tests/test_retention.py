@@ -1,4 +1,4 @@
-"""Bounded state (issue 4): finished submissions shed their bodies and per-recipient detail after
+"""Bounded state: finished submissions shed their bodies and per-recipient detail after
 the retention, keeping the counts and a compact record of each recipient's final state."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Heavy load (issue 4, report §4.5): sustained intake through followers while the log compacts.
+"""Heavy load: sustained intake through followers while the log compacts.
 Every node must end healthy and identical, with nothing acknowledged missing and no follower
 truncating entries it had applied. RAFTMAIL_SOAK_SECONDS makes it longer by hand."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The benchmark cases of issue 6 and the peers they are compared with.
+"""The benchmark cases and the peers they are compared with.
 
 Each case measures one run and returns a value per row; bench/run.py repeats it, keeps the clean
 runs and renders the table. Every run starts its servers afresh in its own scratch folder and stops
@@ -46,7 +46,7 @@ LATE_WARNING_MS = 50.0            # paced load this far behind schedule did not 
 
 @dataclass(frozen=True)
 class Sizes:
-    """How much work each case does; FULL is issue 6's, QUICK only exercises the machinery."""
+    """How much work each case does; FULL is the target size, QUICK only exercises the machinery."""
 
     messages: int                 # 2 KB messages, 1 recipient (cases 1, 2, 7)
     bulk_messages: int            # messages with BULK_RECIPIENTS recipients
@@ -127,7 +127,7 @@ class Case:
     rows: tuple[RowSpec, ...]
     measure: Callable[[Ctx], Measurement]
     heavy: bool = False           # long runs: full mode caps them at HEAVY_CASE_RUNS
-    full_runs: int | None = None  # full mode: exactly this many runs (issue 6: failover, median of 10)
+    full_runs: int | None = None  # full mode: exactly this many runs (failover: the median of 10)
 
 
 HEAVY_CASE_RUNS = 3
