@@ -1,5 +1,6 @@
-"""A node that was down while many recipient outcomes were committed rejoins from a snapshot. CI runs 10,000 outcomes; RAFTMAIL_CATCHUP_OUTCOMES=100000 runs the full size by hand
-(bench/run.py measures it too)."""
+"""A node that was down while many recipient outcomes were committed rejoins from a snapshot.
+CI runs 10,000 outcomes; RAFTMAIL_CATCHUP_OUTCOMES=100000 runs the full size by hand (bench/run.py
+measures it too)."""
 from __future__ import annotations
 
 import os
