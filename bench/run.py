@@ -34,6 +34,7 @@ from lib.cluster import DEFAULT_NODE_COMMAND  # noqa: E402
 from lib.cpu import DEFAULT_MAX_WAIT, IdlePolicy  # noqa: E402
 
 DEFAULT_OUT = BENCH_DIR / "results" / "latest.md"
+UNCOMMITTED = " + uncommitted changes"
 FULL_RUNS = 5
 QUICK_RUNS = 1
 EXIT_USAGE = 2
@@ -122,7 +123,7 @@ def describe_tree() -> str:
         return done.stdout.strip() if done.returncode == 0 else ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + (" + uncommitted changes" if git("status", "--porcelain") else "")
+    return commit + (UNCOMMITTED if git("status", "--porcelain") else "")
 
 
 def header_lines(args: argparse.Namespace, ctx: cases.Ctx, started: float, quick: bool) -> list[str]:
@@ -174,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if message:
         print(f"warning: {message}", file=sys.stderr)
+    if args.out.resolve() == DEFAULT_OUT.resolve() and describe_tree().endswith(UNCOMMITTED):
+        # The recorded results must name the tree they measured: commit first, or write elsewhere.
+        print(f"error: the work tree has uncommitted changes; commit them before writing {DEFAULT_OUT.name}, "
+              "or pass --out to write the table somewhere else", file=sys.stderr)
+        return EXIT_USAGE
     problem = python_has_peers(args.python)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
