@@ -169,7 +169,14 @@ class IntakeSection:
     commit_timeout: float = 5.0
     dedupe_window_seconds: float = 86400.0
     max_connections: int = 200
+    # Clients outside allow_networks: connections at once per IPv4 address or IPv6 /64, so one
+    # stranger cannot take every slot.
+    max_connections_per_client: int = 10
     idle_timeout: float = 300.0
+    # Seconds a client outside allow_networks may stay connected without authenticating.
+    unauthenticated_timeout: float = 60.0
+    # Seconds from the 354 to the final dot, however steadily the text arrives.
+    data_timeout: float = 300.0
     max_queued_recipients: int = 5000000
     # Who may submit: clients in these networks without AUTH, everyone else only after AUTH.
     allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
@@ -227,6 +234,11 @@ class DeliverySection:
     max_age: float = 259200.0
     unsubscribe_url: str | None = None
     dkim: DkimSection | None = None
+    # Verify the receiver's certificate (and host name) whenever relay credentials are sent or the
+    # domain has require_tls; plain opportunistic STARTTLS stays unverified, as MX certificates
+    # often are. tls_ca_file: a PEM bundle to trust instead of the system's CAs.
+    tls_verify: bool = True
+    tls_ca_file: Path | None = None
 
     def limits_for(self, domain: str) -> DomainLimits:
         """Limits for a recipient domain: its own [delivery.domains."x"] table, else the default."""
@@ -812,6 +824,17 @@ def _relay_login(sec: _Section, relay: Address | None) -> tuple[str | None, str 
     return username, password
 
 
+def _ca_file(sec: _Section, base_dir: Path) -> Path:
+    path = _resolve_path(base_dir, sec.text("tls_ca_file"))
+    from raftmail.node.tls import TLSConfigError, client_context
+
+    try:  # loaded now so a typo stops the node at start, not every delivery later
+        client_context(verify=True, ca_file=path)
+    except TLSConfigError as exc:
+        sec.fail("tls_ca_file", f"{path}: {exc}")
+    return path
+
+
 def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> DeliverySection:
     sec = _Section(src, "[delivery]", table)
     sec.check_keys(_field_names(DeliverySection))
@@ -831,6 +854,8 @@ def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Del
     domains_table = sec.subtable("domains", 'write [delivery.domains.default] and [delivery.domains."gmail.com"]')
     dkim = _dkim_section(src, base_dir, sec.subtable("dkim")) if sec.has("dkim") else None
     delivery = DeliverySection(
+        tls_verify=sec.boolean("tls_verify") if sec.has("tls_verify") else True,
+        tls_ca_file=_ca_file(sec, base_dir) if sec.has("tls_ca_file") else None,
         relay=relay,
         relay_username=username,
         relay_password=password,
@@ -868,10 +893,20 @@ def _webhook_url(sec: _Section) -> str:
     except ValueError:
         sec.fail("webhook_url", "is not a valid URL")
     if parts.scheme not in ("http", "https") or not hostname:
-        sec.fail("webhook_url", "must be an http:// or https:// URL with a host")
+        sec.fail("webhook_url", "must be an https:// URL with a host (http:// only for a loopback IP)")
     if any(ch.isspace() for ch in url):
         sec.fail("webhook_url", "must not contain spaces")
+    # Events carry recipient addresses: never in clear text over a network.
+    if parts.scheme == "http" and not _is_loopback_host(hostname):
+        sec.fail("webhook_url", f"must be https:// (events carry recipient addresses); http:// is allowed only "
+                                f"for a loopback IP such as 127.0.0.1 or [::1], got host {json.dumps(hostname)}")
     return url
+
+
+def _is_loopback_host(host: str) -> bool:
+    # An IP literal only: what a name resolves to is not known at load.
+    ip = _ip(host)
+    return ip is not None and ip.is_loopback
 
 
 def _monitoring_section(src: str, table: Mapping[str, Any]) -> MonitoringSection:

@@ -11,8 +11,10 @@ import asyncio
 import ipaddress
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiosmtplib
@@ -22,6 +24,7 @@ import dns.name
 import dns.resolver
 
 from raftmail.consensus.outcomes import parse_enhanced
+from raftmail.node.tls import client_context
 
 if TYPE_CHECKING:
     from raftmail.node.config import Address
@@ -30,6 +33,9 @@ log = logging.getLogger(__name__)
 
 NO_ROUTE_TEXT = "no route to domain"
 TLS_NOT_OFFERED_TEXT = "4.7.10 TLS required but not offered"
+# RFC 3463 X.7.5, cryptographic failure: the receiver's certificate did not verify, so neither
+# the relay password nor the message was sent.
+TLS_UNTRUSTED_TEXT = "4.7.5 TLS certificate not trusted"
 # Prefix of the text of a message whose final reply was lost after its content was sent: the
 # recipient may have received it, so a retry can duplicate it (reported, not hidden).
 AMBIGUOUS_PREFIX = "ambiguous: "
@@ -165,6 +171,8 @@ async def deliver_batch(
     on_outcome: Callable[[Outcome], None],
     require_tls: bool = False,
     max_reconnects: int = 1,
+    tls_verify: bool = True,
+    tls_ca_file: Path | None = None,
 ) -> None:
     """Send each (index, recipient, message) as its own transaction over one SMTP connection.
 
@@ -173,6 +181,11 @@ async def deliver_batch(
     `on_outcome` call. After a lost connection the in-flight recipient gets a code-0 outcome and
     the connection is reopened, at most `max_reconnects` times per batch. SMTP and network errors
     never raise; an invalid `helo_name` raises ValueError before anything is sent.
+
+    With `tls_verify`, a route that gets relay credentials, and every route when `require_tls`,
+    must show a certificate that chains to `tls_ca_file` (system CAs when None) and names the
+    route's host; otherwise nothing is sent there (no plaintext fallback) and the recipients are
+    deferred with TLS_UNTRUSTED_TEXT.
     """
     sender = _BatchSender(
         routes,
@@ -182,6 +195,8 @@ async def deliver_batch(
         command_timeout=command_timeout,
         require_tls=require_tls,
         max_reconnects=max_reconnects,
+        tls_verify=tls_verify,
+        tls_ca_file=tls_ca_file,
     )
     try:
         async for index, recipient, message in _each(messages):
@@ -213,6 +228,10 @@ class _TlsNotOffered(_RouteFailed):
     pass
 
 
+class _TlsUntrusted(_RouteFailed):
+    pass
+
+
 class _BatchSender:
     """The one SMTP session of a batch, opened lazily and reopened after a loss."""
 
@@ -226,6 +245,8 @@ class _BatchSender:
         command_timeout: float,
         require_tls: bool,
         max_reconnects: int,
+        tls_verify: bool = True,
+        tls_ca_file: Path | None = None,
     ) -> None:
         # A bad HELO name is a configuration error: raise it now, before anything is sent,
         # using aiosmtplib's own check of the name.
@@ -236,6 +257,8 @@ class _BatchSender:
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._require_tls = require_tls
+        self._tls_verify = tls_verify
+        self._tls_ca_file = tls_ca_file
         self._reconnects_left = max_reconnects
         self._smtp: aiosmtplib.SMTP | None = None
         self._remote = ""
@@ -324,7 +347,7 @@ class _BatchSender:
     async def _open_any(self) -> tuple[str, str | None, str] | None:
         """Open a session on the first route that works; the failure triple when none does."""
         reasons: list[str] = []
-        tls_missing = 0
+        tls_missing = untrusted = 0
         for route in self._routes:
             try:
                 self._smtp = await self._open(route, try_tls=True)
@@ -333,21 +356,32 @@ class _BatchSender:
             except _TlsNotOffered:
                 tls_missing += 1
                 reasons.append(f"{route.remote}: {TLS_NOT_OFFERED_TEXT}")
+            except _TlsUntrusted as exc:
+                untrusted += 1
+                reasons.append(f"{route.remote}: {exc}")
             except _RouteFailed as exc:
                 reasons.append(f"{route.remote}: {exc}")
         last_remote = self._routes[-1].remote
         if tls_missing == len(self._routes):
             return (TLS_NOT_OFFERED_TEXT, parse_enhanced(TLS_NOT_OFFERED_TEXT), last_remote)
+        if untrusted == len(self._routes):
+            text = "; ".join(reasons) if len(reasons) > 1 else reasons[0].split(": ", 1)[1]
+            return (text, parse_enhanced(TLS_UNTRUSTED_TEXT), last_remote)
         return ("connection failed: " + "; ".join(reasons), None, last_remote)
 
     async def _open(self, route: Route, *, try_tls: bool) -> aiosmtplib.SMTP:
+        # A password, or a domain that must never see clear text, needs a receiver we can trust;
+        # otherwise TLS is opportunistic: encrypt even with an unverifiable certificate.
+        verify = self._tls_verify and (route.username is not None or self._require_tls)
+        # No plaintext retry once STARTTLS broke when a password or TLS is at stake.
+        may_fall_back = route.username is None and not self._require_tls
         smtp = aiosmtplib.SMTP(
             hostname=route.host,
             port=route.port,
             local_hostname=self._helo_name,
             timeout=self._command_timeout,
             start_tls=False,  # STARTTLS is done below, so its failure can be told apart
-            validate_certs=False,  # opportunistic TLS: encrypt even with an unverifiable certificate
+            tls_context=client_context(verify=verify, ca_file=self._tls_ca_file if verify else None),
         )
         stage = "connect"
         try:
@@ -370,7 +404,12 @@ class _BatchSender:
             raise
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ValueError) as exc:
             smtp.close()
-            if stage.startswith(("STARTTLS", "EHLO after")) and not self._require_tls:
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                log.warning("STARTTLS with %s: certificate not trusted (%s); nothing sent there",
+                            route.remote, exc.verify_message)
+                raise _TlsUntrusted(f"{TLS_UNTRUSTED_TEXT} ({exc.verify_message}); no password or mail "
+                                    "sent (set [delivery] tls_ca_file to trust its CA)") from exc
+            if stage.startswith(("STARTTLS", "EHLO after")) and may_fall_back:
                 # Opportunistic TLS that breaks must not stop delivery: retry in plain text.
                 log.info("STARTTLS with %s failed (%s); retrying without TLS", route.remote, exc)
                 return await self._open(route, try_tls=False)

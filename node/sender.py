@@ -151,7 +151,8 @@ class BatchRun:
                                     helo_name=d.helo_name, connect_timeout=d.connect_timeout,
                                     command_timeout=d.command_timeout, may_send=self.may_send,
                                     on_outcome=self.on_outcome,
-                                    require_tls=d.limits_for(self.domain).require_tls)
+                                    require_tls=d.limits_for(self.domain).require_tls,
+                                    tls_verify=d.tls_verify, tls_ca_file=d.tls_ca_file)
         except Exception:
             log.exception("batch %s failed", self.bid)
         finally:

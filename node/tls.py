@@ -1,8 +1,9 @@
-"""TLS for SMTP intake: the server context for STARTTLS from a PEM certificate and key, and a
-self-signed pair for test setups (`raftmail certs`)."""
+"""TLS: the server context for STARTTLS on intake from a PEM certificate and key, the client
+contexts for delivery, and a self-signed pair for test setups (`raftmail certs`)."""
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import os
 import ssl
@@ -45,6 +46,31 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
         raise TLSConfigError(_explain(exc)) from None
     except OSError as exc:
         raise TLSConfigError(f"cannot read it: {exc.strerror or exc}") from None
+    return context
+
+
+@functools.lru_cache(maxsize=8)
+def client_context(*, verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:
+    """The SSLContext for STARTTLS on delivery (TLS 1.2 or later), built once per kind.
+    verify: the certificate must chain to ca_file (a PEM bundle; the system's CAs when None) and
+    name the host connected to. Without verify: encryption only (opportunistic TLS, RFC 7435).
+    Raises TLSConfigError when ca_file cannot be read or holds no certificate."""
+    if not verify:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        try:
+            context = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
+        except ssl.SSLError as exc:
+            if "NO_CERTIFICATE" in str(exc.reason):
+                raise TLSConfigError("holds no PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+            raise TLSConfigError(f"not a PEM CA bundle: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise TLSConfigError(f"cannot read it: {exc.strerror or exc}") from None
+        if ca_file is not None and not context.cert_store_stats()["x509"]:
+            raise TLSConfigError("holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    context.minimum_version = MIN_TLS
     return context
 
 

@@ -707,7 +707,10 @@ ready_write_window = 5
 @pytest.mark.parametrize(
     ("body", "key", "fragment"),
     [
-        ('webhook_url = "ftp://hooks.example.test/x"', "webhook_url", "http:// or https://"),
+        ('webhook_url = "ftp://hooks.example.test/x"', "webhook_url", "https:// URL with a host"),
+        ('webhook_url = "http://hooks.example.test/x"', "webhook_url", "must be https://"),
+        ('webhook_url = "http://localhost:8080/x"', "webhook_url", "loopback IP"),
+        ('webhook_url = "http://10.0.0.1/x"', "webhook_url", "recipient addresses"),
         ('webhook_url = "https:///x"', "webhook_url", "with a host"),
         ('webhook_url = "https://hooks.example.test/a b"', "webhook_url", "spaces"),
         ('webhook_url = "http://[::1/x"', "webhook_url", "not a valid URL"),
@@ -732,6 +735,25 @@ def test_monitoring_refusal_does_not_echo_the_webhook_token(tmp_path: Path) -> N
     message = refused(write(tmp_path, BASE + '[monitoring]\nwebhook_url = "ftp://h.test/?token=s3cret-token"\n'),
                       "[monitoring] webhook_url")
     assert "s3cret-token" not in message
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/hook", "http://127.0.0.9/hook", "http://[::1]:8080/hook",
+                                 "https://hooks.example.test/hook"])
+def test_webhook_in_clear_text_only_to_loopback(tmp_path: Path, url: str) -> None:
+    config = load_config(write(tmp_path, BASE + f'[monitoring]\nwebhook_url = "{url}"\n'))
+    assert config.monitoring.webhook_url == url
+
+
+def test_clear_text_webhook_stops_the_node_at_start_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    path = write(tmp_path, BASE + '[monitoring]\nwebhook_url = "http://hooks.example.test/x?token=s3cret"\n')
+    done = subprocess.run([sys.executable, "-m", "raftmail.cli", "start", "--config", str(path), "--node", "n1"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "[monitoring] webhook_url" in lines[0] and "https://" in lines[0], lines
+    assert "s3cret" not in done.stderr
 
 
 def test_monitoring_is_an_allowed_section(tmp_path: Path) -> None:
@@ -842,3 +864,50 @@ def test_require_tls_per_domain(tmp_path) -> None:
     p.write_text(text.replace("require_tls = true", 'require_tls = "yes"'))
     with pytest.raises(ConfigError, match="require_tls"):
         load_config(p)
+
+
+# --------------------------------------------------------------------------------------------
+# Connection limits on intake; certificate checks on delivery
+# --------------------------------------------------------------------------------------------
+
+
+def test_intake_connection_limits_have_defaults_and_are_read(tmp_path: Path) -> None:
+    default = load_config(write(tmp_path, BASE)).intake
+    assert (default.max_connections_per_client, default.unauthenticated_timeout, default.data_timeout) == (10, 60.0, 300.0)
+    intake = load_config(write(tmp_path, BASE + "[intake]\nmax_connections_per_client = 3\n"
+                                                "unauthenticated_timeout = 5\ndata_timeout = 30\n")).intake
+    assert (intake.max_connections_per_client, intake.unauthenticated_timeout, intake.data_timeout) == (3, 5.0, 30.0)
+
+
+@pytest.mark.parametrize(("body", "key", "fragment"), [
+    ("max_connections_per_client = 0", "max_connections_per_client", "positive integer"),
+    ("unauthenticated_timeout = 0", "unauthenticated_timeout", "positive number"),
+    ('data_timeout = "5m"', "data_timeout", "positive number"),
+])
+def test_intake_connection_limit_refusals(tmp_path: Path, body: str, key: str, fragment: str) -> None:
+    refused(write(tmp_path, BASE + f"[intake]\n{body}\n"), f"[intake] {key}", fragment)
+
+
+def test_delivery_verifies_by_default_and_reads_a_ca_file(tmp_path: Path) -> None:
+    from raftmail.node.tls import write_self_signed
+    assert load_config(write(tmp_path, BASE)).delivery.tls_verify is True
+    assert load_config(write(tmp_path, BASE)).delivery.tls_ca_file is None
+    write_self_signed(tmp_path / "relay", "127.0.0.1")
+    delivery = load_config(write(tmp_path, BASE + '[delivery]\ntls_ca_file = "relay/cert.pem"\n')).delivery
+    assert delivery.tls_ca_file == tmp_path / "relay" / "cert.pem"
+    assert load_config(write(tmp_path, BASE + "[delivery]\ntls_verify = false\n")).delivery.tls_verify is False
+
+
+@pytest.mark.parametrize(("body", "fragment"), [
+    ('tls_ca_file = "missing.pem"', "cannot read"),
+    ('tls_ca_file = "relay/key.pem"', "holds no PEM certificate"),
+    ('tls_ca_file = "empty.pem"', "holds no PEM certificate"),
+    ('tls_ca_file = "relay"', "cannot read"),
+    ('tls_verify = "yes"', "true or false"),
+])
+def test_delivery_tls_refusals(tmp_path: Path, body: str, fragment: str) -> None:
+    from raftmail.node.tls import write_self_signed
+    write_self_signed(tmp_path / "relay", "127.0.0.1")
+    (tmp_path / "empty.pem").write_text("# nothing here\n")
+    key = body.split(" ")[0]
+    refused(write(tmp_path, BASE + f"[delivery]\n{body}\n"), f"[delivery] {key}", fragment)

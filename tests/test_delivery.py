@@ -23,6 +23,7 @@ from raftmail.node.delivery import (
     AMBIGUOUS_PREFIX,
     NO_ROUTE_TEXT,
     TLS_NOT_OFFERED_TEXT,
+    TLS_UNTRUSTED_TEXT,
     Outcome,
     Route,
     deliver_batch,
@@ -377,42 +378,72 @@ def test_require_tls_without_starttls_defers_everything() -> None:
     asyncio.run(scenario())
 
 
-def self_signed_context(tmp_path: Path) -> ssl.SSLContext:
-    from raftmail.node.tls import self_signed
-    cert, key = self_signed("127.0.0.1")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert)
-    key_path.write_bytes(key)
+def self_signed_relay(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
+    """A server context with the project's self-signed certificate for 127.0.0.1 (what
+    `raftmail certs --host 127.0.0.1` writes), and the certificate's path to trust it by."""
+    from raftmail.node.tls import write_self_signed
+    cert_path, key_path = write_self_signed(tmp_path / "relay-tls", "127.0.0.1", overwrite=True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_path, key_path)
-    return context
+    return context, cert_path
 
 
-def test_starttls_with_untrusted_certificate_and_relay_auth(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        recorder = Recorder()
-        # AUTH is only offered after STARTTLS (aiosmtpd's default auth_require_tls=True)
-        listener, port = await start_server(
-            recorder, tls_context=self_signed_context(tmp_path), authenticator=recorder.authenticate
-        )
-        route = Route("127.0.0.1", port, "relay-user", "relay-pass")
-        outcomes = await run_batch([route], make_messages(2), require_tls=True)
+async def relay_batch(tmp_path: Path, route_login: tuple[str, str] | None, **options: Any
+                      ) -> tuple[list[Outcome], Recorder]:
+    recorder = Recorder()
+    context, _ = self_signed_relay(tmp_path)
+    # AUTH is only offered after STARTTLS (aiosmtpd's default auth_require_tls=True)
+    listener, port = await start_server(recorder, tls_context=context, authenticator=recorder.authenticate)
+    route = Route("127.0.0.1", port, *(route_login or (None, None)))
+    try:
+        return await run_batch([route], make_messages(2), **options), recorder
+    finally:
         listener.close()
-        assert [o.code for o in outcomes] == [250, 250]
-        assert [(t.tls, t.login) for t in recorder.transactions] == [(True, b"relay-user")] * 2
-        assert recorder.logins == [(b"relay-user", b"relay-pass")]
 
-    asyncio.run(scenario())
+
+def test_relay_with_an_untrusted_certificate_gets_no_password(tmp_path: Path) -> None:
+    outcomes, recorder = asyncio.run(relay_batch(tmp_path, ("relay-user", "relay-pass")))
+    assert [(o.code, o.enhanced) for o in outcomes] == [(0, "4.7.5")] * 2
+    assert outcomes[0].text.startswith(TLS_UNTRUSTED_TEXT) and "self-signed" in outcomes[0].text, outcomes[0].text
+    assert "tls_ca_file" in outcomes[0].text
+    assert recorder.logins == [] and recorder.transactions == []  # no plaintext retry either
+
+
+def test_relay_certificate_trusted_through_the_ca_file_gets_the_password(tmp_path: Path) -> None:
+    _, cert_path = self_signed_relay(tmp_path)
+    outcomes, recorder = asyncio.run(relay_batch(tmp_path, ("relay-user", "relay-pass"), tls_ca_file=cert_path))
+    assert [o.code for o in outcomes] == [250, 250]
+    assert [(t.tls, t.login) for t in recorder.transactions] == [(True, b"relay-user")] * 2
+    assert recorder.logins == [(b"relay-user", b"relay-pass")]
+
+
+def test_require_tls_verifies_the_certificate(tmp_path: Path) -> None:
+    outcomes, recorder = asyncio.run(relay_batch(tmp_path, None, require_tls=True))
+    assert [(o.code, o.enhanced) for o in outcomes] == [(0, "4.7.5")] * 2
+    assert recorder.transactions == []
+    _, cert_path = self_signed_relay(tmp_path)
+    outcomes, recorder = asyncio.run(relay_batch(tmp_path, None, require_tls=True, tls_ca_file=cert_path))
+    assert [o.code for o in outcomes] == [250, 250]
+    assert [t.tls for t in recorder.transactions] == [True, True]
+
+
+def test_opportunistic_tls_and_tls_verify_false_do_not_verify(tmp_path: Path) -> None:
+    # No password, no require_tls: encrypt with whatever certificate the receiver has.
+    outcomes, recorder = asyncio.run(relay_batch(tmp_path, None))
+    assert [o.code for o in outcomes] == [250, 250] and [t.tls for t in recorder.transactions] == [True, True]
+    # [delivery] tls_verify = false: the operator's explicit choice.
+    outcomes, recorder = asyncio.run(relay_batch(tmp_path, ("relay-user", "relay-pass"), tls_verify=False))
+    assert [o.code for o in outcomes] == [250, 250]
+    assert recorder.logins == [(b"relay-user", b"relay-pass")]
 
 
 def test_rejected_auth_defers_instead_of_bouncing(tmp_path: Path) -> None:
     async def scenario() -> None:
         recorder = Recorder()
-        listener, port = await start_server(
-            recorder, tls_context=self_signed_context(tmp_path), authenticator=recorder.authenticate
-        )
+        context, cert_path = self_signed_relay(tmp_path)
+        listener, port = await start_server(recorder, tls_context=context, authenticator=recorder.authenticate)
         route = Route("127.0.0.1", port, "relay-user", "wrong")
-        outcomes = await run_batch([route], make_messages(2))
+        outcomes = await run_batch([route], make_messages(2), tls_ca_file=cert_path)
         listener.close()
         assert [o.code for o in outcomes] == [0, 0]
         assert "AUTH failed" in outcomes[0].text
