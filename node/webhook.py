@@ -146,8 +146,12 @@ class WebhookPoster:
     async def _post(self, session: aiohttp.ClientSession, payload: list[dict]) -> str | None:
         """None when the receiver acknowledged with a 2xx, else what went wrong."""
         try:
-            async with session.post(self.url, data=json.dumps(payload), headers=self.headers) as resp:
+            # Never redirected: the events (recipient addresses) go only where the operator said.
+            async with session.post(self.url, data=json.dumps(payload), headers=self.headers,
+                                    allow_redirects=False) as resp:
                 await resp.read()
+                if 300 <= resp.status < 400:
+                    return f"HTTP {resp.status}: redirects are not followed; set webhook_url to the final URL"
                 return None if 200 <= resp.status < 300 else f"HTTP {resp.status}"
         except asyncio.TimeoutError:
             return f"no answer within {self.timeout:g}s"

@@ -338,6 +338,42 @@ def test_webhook_poster_retries_with_backoff_and_skips_only_what_the_ring_lost(t
     assert all(retry_delay(n, 1.0, 300.0, 0.2) <= 300.0 for n in range(1, 40))
 
 
+def test_webhook_does_not_follow_redirects(tmp_path: Path) -> None:
+    """A 3xx is a failed POST: the events stay where the operator pointed them (a redirect could
+    send recipient addresses elsewhere, even in clear text)."""
+    from aiohttp import web
+    moved_to: list[list] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect("/elsewhere")
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        moved_to.append(await request.json())
+        return web.Response(text="ok")
+
+    ring = [[1, 1.0, "delivered", "c", "s", 0, "r1@example.com", "n1", "h:25", 250, "ok", 1]]
+    poster = WebhookPoster("http://127.0.0.1:1/hook", tmp_path / "cursor", lambda after, limit: (ring, 1, 1),
+                           lambda: True, timeout=5, retry_first=0.05, max_retry_interval=0.2)
+
+    async def drive() -> float:
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        app.router.add_post("/elsewhere", elsewhere)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        poster.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
+        try:
+            async with aiohttp.ClientSession() as session:
+                return await poster.step(session)
+        finally:
+            await runner.cleanup()
+    delay = asyncio.run(asyncio.wait_for(drive(), 20))
+    assert moved_to == [] and poster.posts_failed == 1 and poster.posts_ok == 0
+    assert poster.cursor == 0 and delay > 0  # retried later, nothing acknowledged
+
+
 # ---------------------------------------------------------------- readiness
 
 @pytest.mark.cluster
