@@ -12,10 +12,12 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import logging
 import secrets
 import time
 from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -43,7 +45,14 @@ MAX_PASSWORD_BYTES = 1024
 AUTH_FAIL_DELAY_CAP = 30.0
 AUTH_FAIL_WINDOW = 900.0
 AUTH_FAIL_TRACKED_ADDRESSES = 10000
+# Failures remembered per client: enough to reach the cap (and to log "N recent"), no more.
+AUTH_FAIL_TIMES_PER_CLIENT = 64
+# scrypt checks run in their own threads (never the event loop's, nor the pool that writes
+# message bodies); at most this many at once, and at most AUTH_CHECKS_WAITING waiting for one.
 AUTH_CHECKS_IN_PARALLEL = 2
+AUTH_CHECKS_WAITING = 32
+# IPv6 clients are counted per /64: one host usually holds a whole /64.
+IPV6_CLIENT_PREFIX = 64
 MAX_AUTH_FAILURES_PER_CONNECTION = 3
 
 # The prompts every LOGIN client expects (draft-murchison-sasl-login); clients ignore their text.
@@ -55,6 +64,7 @@ R_AUTH_TOO_MANY = "421 4.7.0 Too many failed authentication attempts; closing co
 R_AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the base64 response"
 R_AUTH_BAD_PLAIN = "501 5.5.2 AUTH PLAIN needs authzid NUL login NUL password"
 R_AUTH_LINE_TOO_LONG = "500 5.5.6 Authentication exchange line is too long"
+R_AUTH_BUSY = "454 4.7.0 Temporary authentication failure: too many AUTH attempts in progress, try again later"
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,6 +142,11 @@ class UserDirectory:
     def __len__(self) -> int:
         return len(self._users)
 
+    def known(self, login: bytes) -> str | None:
+        """The user name if `login` is one of [intake.users], else None."""
+        name = login.decode("utf-8", "replace")
+        return name if name in self._users else None
+
     def check(self, login: bytes, password: bytes) -> str | None:
         """The user name if login and password match, else None. Blocking: run it in a thread."""
         try:
@@ -149,8 +164,9 @@ class UserDirectory:
 
 
 class FailureThrottle:
-    """Recent AUTH failures per client address. Memory is bounded: the least recently failing
-    addresses are forgotten first."""
+    """Recent AUTH failures per client (client_key: an IPv4 address or an IPv6 /64), on this
+    node. Memory is bounded: at most `max_addresses` clients, the least recently failing
+    forgotten first, and at most AUTH_FAIL_TIMES_PER_CLIENT failure times each."""
 
     def __init__(self, base_delay: float, *, cap: float = AUTH_FAIL_DELAY_CAP, window: float = AUTH_FAIL_WINDOW,
                  max_addresses: int = AUTH_FAIL_TRACKED_ADDRESSES) -> None:
@@ -162,14 +178,18 @@ class FailureThrottle:
 
     def recent(self, address: str, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now
-        times = self._failures.get(address)
+        key = client_key(address)
+        times = self._failures.get(key)
         if not times:
             return 0
         while times and now - times[0] > self.window:
             times.popleft()
         if not times:
-            del self._failures[address]
+            del self._failures[key]
         return len(times)
+
+    def __len__(self) -> int:
+        return len(self._failures)
 
     def delay(self, address: str, now: float | None = None) -> float:
         """Seconds an AUTH attempt from `address` waits before it is checked (and a failure
@@ -182,9 +202,10 @@ class FailureThrottle:
     def record_failure(self, address: str, now: float | None = None) -> int:
         """Note one failure; returns the number of recent failures from the address."""
         now = time.monotonic() if now is None else now
-        times = self._failures.pop(address, None) or deque()
+        key = client_key(address)
+        times = self._failures.pop(key, None) or deque(maxlen=AUTH_FAIL_TIMES_PER_CLIENT)
         times.append(now)
-        self._failures[address] = times
+        self._failures[key] = times
         while len(self._failures) > self.max_addresses:
             self._failures.popitem(last=False)
         return self.recent(address, now)
@@ -207,9 +228,23 @@ class SMTPAuth:
         self.throttle = throttle
         self.max_failures_per_connection = max_failures_per_connection
         self._checks = asyncio.Semaphore(checks_in_parallel)
+        self._executor = ThreadPoolExecutor(max_workers=checks_in_parallel, thread_name_prefix="auth-check")
+        self._waiting = 0
+        self.max_waiting = AUTH_CHECKS_WAITING
+        self._tag_key = secrets.token_bytes(16)
         self.counters = counters if counters is not None else {"auth_ok": 0, "auth_failed": 0}
         self.counters.setdefault("auth_ok", 0)
         self.counters.setdefault("auth_failed", 0)
+
+    def describe_login(self, login: bytes) -> str:
+        """How a failed login is logged. A configured user by name; anything else only as a
+        tag, since users sometimes type their password into the login field. The tag is keyed
+        per process, so repeats can be told apart in one log without a guessable hash."""
+        user = self.users.known(login)
+        if user is not None:
+            return f"user {user}"
+        tag = hmac.new(self._tag_key, login, hashlib.sha256).hexdigest()[:8]
+        return f"an unknown login (tag {tag})"
 
     async def plain(self, server: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -249,17 +284,26 @@ class SMTPAuth:
             await asyncio.sleep(wait)
         user = None
         if len(login) <= MAX_LOGIN_BYTES and len(password) <= MAX_PASSWORD_BYTES:
-            async with self._checks:
-                user = await asyncio.to_thread(self.users.check, login, password)
+            if self._waiting >= self.max_waiting:
+                # Not a failure of this client: no slow-down, the client tries again later.
+                self.counters["auth_busy"] = self.counters.get("auth_busy", 0) + 1
+                await server.push(R_AUTH_BUSY)
+                return AuthResult(success=False, handled=True)
+            self._waiting += 1
+            try:
+                async with self._checks:
+                    loop = asyncio.get_running_loop()
+                    user = await loop.run_in_executor(self._executor, self.users.check, login, password)
+            finally:
+                self._waiting -= 1
         if user is not None:
             self.counters["auth_ok"] += 1
             log.info("AUTH as %s from %s", user, address)
             return AuthResult(success=True, auth_data=user)
         self.counters["auth_failed"] += 1
         recent = self.throttle.record_failure(address)
-        shown = login[:64].decode("utf-8", "replace").encode("unicode_escape").decode("ascii")
-        log.warning("AUTH failed for login %r from %s (%d recent failures from this address; "
-                    "next attempt waits %.1fs)", shown, address, recent, self.throttle.delay(address))
+        log.warning("AUTH failed for %s from %s (%d recent failures from %s; next attempt waits %.1fs)",
+                    self.describe_login(login), address, recent, client_key(address), self.throttle.delay(address))
         await asyncio.sleep(self.throttle.delay(address))
         failures = getattr(server, "auth_failures", 0) + 1
         server.auth_failures = failures
@@ -271,9 +315,27 @@ class SMTPAuth:
         return AuthResult(success=False, handled=False, message=R_AUTH_INVALID)
 
 
+def client_key(address: str) -> str:
+    """Who a client is for limits and slow-downs: an IPv4 address as is, an IPv6 address as its
+    /64 (one host usually holds a whole /64 and can pick any address in it)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
+    return str(ip)
+
+
 def peer_address(session: Any) -> str:
     """The client's IP address as text ("" when unknown); IPv4-mapped IPv6 becomes IPv4."""
-    peer = getattr(session, "peer", None)
+    return address_of(getattr(session, "peer", None))
+
+
+def address_of(peer: Any) -> str:
+    """peer_address for a socket's peername tuple."""
     host = peer[0] if isinstance(peer, tuple) and peer and isinstance(peer[0], str) else ""
     if host.startswith("::ffff:") and "." in host:
         return host[len("::ffff:"):]

@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
-from raftmail.node.auth import FailureThrottle, SMTPAuth, UserDirectory, peer_address
+from raftmail.node.auth import FailureThrottle, SMTPAuth, UserDirectory, address_of, client_key, peer_address
 from raftmail.node.bridge import ProposalFailed
 from raftmail.node.bodies import BodyStore, body_digest
 from raftmail.node.config import Config, ConfigError
@@ -37,6 +37,7 @@ R_BAD_SENDER_DOMAIN = ("553 5.1.7 The sender domain must be a DNS name like exam
 R_NO_QUORUM = "451 4.3.0 Not committed on a majority of the cluster; nothing was queued, try again"
 R_QUEUE_FULL = "452 4.3.1 Queue is full; try again later"
 R_TOO_MANY_CONN = "421 4.7.0 Too many connections, try again later"
+R_TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address, try again later"
 R_REFUSED = "554 5.3.0 Submission refused: {}"
 R_AUTH_REQUIRED = "530 5.7.0 Authentication required: this address may submit only after AUTH"
 R_AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism: STARTTLS first"
@@ -52,6 +53,9 @@ R_COMMAND_TOO_LONG = "500 5.5.2 Command line too long: at most 512 bytes with CR
 R_COMMAND_LINE_END = "500 5.5.2 Command lines must end with CRLF, with no bare CR or LF (RFC 5321 section 2.3.8)"
 R_COMMAND_NUL = "500 5.5.2 NUL byte in a command line"
 R_IDLE = "421 4.4.2 {host} Idle for too long; closing the connection"
+R_DATA_TIMEOUT = ("421 4.4.2 {host} Message text not complete within {seconds:g}s; nothing was queued, "
+                  "closing the connection")
+R_UNAUTHENTICATED_TIMEOUT = "421 4.7.0 {host} Not authenticated within {seconds:g}s; closing the connection"
 R_INTERNAL = "451 4.3.0 Local error in processing; nothing was queued, try again"
 R_TLS_ACTIVE = "503 5.5.1 TLS is already active"
 
@@ -390,12 +394,17 @@ IntakeHandler.handle_EHLO.__signature__ = inspect.signature(IntakeHandler.handle
 
 
 class IntakeSMTP(_HookListing, SMTP):
-    """aiosmtpd's server with a connection limit, the submission policy of Intake, strict line
-    ends, an idle timeout that answers 421, and enhanced status codes on its own refusals."""
+    """aiosmtpd's server with connection limits (in all, and per client outside allow_networks),
+    the submission policy of Intake, strict line ends, timeouts that answer 421 (idle, a session
+    outside allow_networks that does not authenticate, message text that takes too long), and
+    enhanced status codes on its own refusals."""
 
     command_size_limit = MAX_COMMAND_LINE_BYTES - 2  # aiosmtpd measures the line without CRLF
     _idle_deadline = 0.0  # see _reset_timeout
-    _timer_due = float("inf")  # when the pending idle timer fires; inf: none pending
+    _timer_due = float("inf")  # when the pending timer fires; inf: none pending
+    _auth_deadline = float("inf")  # a client outside allow_networks must AUTH before this
+    _data_deadline = float("inf")  # the DATA under way must reach its final dot before this
+    _client: str | None = None  # the per-client count this connection holds (outsiders only)
     _held: list[str] | None = None  # see smtp_EHLO
 
     _REWRITE = {
@@ -407,7 +416,10 @@ class IntakeSMTP(_HookListing, SMTP):
     }
 
     def __init__(self, handler: Any, *, intake: Intake, connections: dict, max_connections: int,
-                 **kw: Any) -> None:
+                 clients: dict[str, int] | None = None, max_connections_per_client: int = 0,
+                 unauthenticated_timeout: float = 0.0, data_timeout: float = 0.0, **kw: Any) -> None:
+        """clients: open connections per client_key, shared by the server's connections (only
+        clients outside allow_networks are counted); 0 turns a limit or timeout off."""
         # Per connection: aiosmtpd's class-level table is shared by every connection.
         self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
         listed = [self, handler] if isinstance(handler, _HookListing) else [self]
@@ -421,6 +433,10 @@ class IntakeSMTP(_HookListing, SMTP):
         self.intake = intake
         self._connections = connections
         self._max_connections = max_connections
+        self._clients = clients if clients is not None else {}
+        self._max_per_client = max_connections_per_client
+        self._unauthenticated_timeout = unauthenticated_timeout
+        self._data_timeout = data_timeout
         self._counted = False
         self.committing = False
         self.auth_failures = 0
@@ -429,11 +445,25 @@ class IntakeSMTP(_HookListing, SMTP):
         if self._counted:  # after STARTTLS: the same connection, now over TLS
             super().connection_made(transport)
             return
+        refusal = None
+        address = address_of(transport.get_extra_info("peername"))
+        outsider = self.intake is not None and not self.intake.in_allowed_network(address)
+        key = client_key(address) if outsider and self._max_per_client else None
         if self._connections["open"] >= self._max_connections:
+            refusal = R_TOO_MANY_CONN
+        elif key is not None and self._clients.get(key, 0) >= self._max_per_client:
+            refusal = R_TOO_MANY_FROM_CLIENT
+            self._connections["refused_per_client"] = self._connections.get("refused_per_client", 0) + 1
+        if refusal:
             self._connections["refused"] += 1
-            transport.write(f"{R_TOO_MANY_CONN}\r\n".encode())  # type: ignore[attr-defined]
+            transport.write(f"{refusal}\r\n".encode())  # type: ignore[attr-defined]
             transport.close()
             return
+        if key is not None:
+            self._clients[key] = self._clients.get(key, 0) + 1
+            self._client = key
+        if outsider and self._unauthenticated_timeout:
+            self._auth_deadline = self.loop.time() + self._unauthenticated_timeout
         self._connections["open"] += 1
         self._counted = True
         super().connection_made(transport)
@@ -442,6 +472,13 @@ class IntakeSMTP(_HookListing, SMTP):
         if self._counted:
             self._connections["open"] -= 1
             self._counted = False
+            if self._client is not None:
+                left = self._clients.get(self._client, 1) - 1
+                if left > 0:
+                    self._clients[self._client] = left
+                else:
+                    self._clients.pop(self._client, None)  # the table holds open clients only
+                self._client = None
             super().connection_lost(error)
 
     def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -471,34 +508,74 @@ class IntakeSMTP(_HookListing, SMTP):
             return line
         reader.readuntil = readuntil  # type: ignore[method-assign]
 
+    def _due(self) -> float:
+        """When the session times out: idle_timeout after its last activity, or earlier at the
+        AUTH or DATA deadline. While committing, the commit's own deadline rules."""
+        due = self._idle_deadline
+        if self.committing:
+            return due
+        if self._auth_deadline < due and not (self.session is not None and self.session.authenticated):
+            due = self._auth_deadline
+        return min(due, self._data_deadline)
+
     def _reset_timeout(self, duration: float | None = None) -> None:
         # Per command and per message line: moving the deadline is cheaper than a new timer each
         # time. A timer that comes due before the deadline sets itself again for the deadline.
         self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
-        if self._timer_due > self._idle_deadline:
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        due = self._due()
+        if self._timer_due > due:
             if self._timeout_handle is not None:
                 self._timeout_handle.cancel()
-            self._set_idle_timer()
+            self._set_timer(due)
 
-    def _set_idle_timer(self) -> None:
-        self._timer_due = self._idle_deadline
-        self._timeout_handle = self.loop.call_at(self._timer_due, self._idle_timer_due)
+    def _set_timer(self, due: float) -> None:
+        self._timer_due = due
+        self._timeout_handle = self.loop.call_at(due, self._timer_fired)
 
-    def _idle_timer_due(self) -> None:
-        if self._idle_deadline > self._timer_due:  # active since the timer was set
-            self._set_idle_timer()
+    def _timer_fired(self) -> None:
+        fired_for, self._timer_due = self._timer_due, float("inf")
+        due = self._due()
+        if due > fired_for:  # active, or authenticated, since the timer was set
+            self._set_timer(due)
             return
-        self._timer_due = float("inf")
         self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         if self.committing:  # the client waits for our reply; the commit has its own deadline
             self._reset_timeout()
             return
-        log.info("closing idle connection from %s", peer_address(self.session))
+        address, now = peer_address(self.session), self.loop.time()
+        if now >= self._data_deadline:
+            reply = R_DATA_TIMEOUT.format(host=self.hostname, seconds=self._data_timeout)
+            self._connections["data_timeouts"] = self._connections.get("data_timeouts", 0) + 1
+            log.info("closing connection from %s: message text not complete within %gs (data_timeout)",
+                     address, self._data_timeout)
+        elif now >= self._auth_deadline and not (self.session is not None and self.session.authenticated):
+            reply = R_UNAUTHENTICATED_TIMEOUT.format(host=self.hostname, seconds=self._unauthenticated_timeout)
+            self._connections["unauthenticated_timeouts"] = self._connections.get("unauthenticated_timeouts", 0) + 1
+            log.info("closing connection from %s: not authenticated within %gs (unauthenticated_timeout)",
+                     address, self._unauthenticated_timeout)
+        else:
+            reply = R_IDLE.format(host=self.hostname)
+            log.info("closing idle connection from %s", address)
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(f"{R_IDLE.format(host=self.hostname)}\r\n".encode())  # type: ignore[attr-defined]
+            self.transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
         super()._timeout_cb()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        # One deadline for the whole message text: a client that drips a line at a time is not
+        # idle, but must not hold the connection (and its slot) for ever.
+        if self._data_timeout:
+            self._data_deadline = self.loop.time() + self._data_timeout
+            self._arm_timer()
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._data_deadline = float("inf")
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
@@ -566,12 +643,17 @@ async def start_smtp_server(intake: Intake, host: str, port: int, *, hostname: s
         except TLSConfigError as e:
             raise ConfigError(intake.config.path, "[intake] tls_key",
                               f"{limits.tls_cert} and {limits.tls_key} cannot serve STARTTLS: {e}") from None
-    connections = {"open": 0, "refused": 0}
+    connections = {"open": 0, "refused": 0, "refused_per_client": 0, "unauthenticated_timeouts": 0,
+                   "data_timeouts": 0}
+    clients: dict[str, int] = {}  # open connections per client outside allow_networks
     handler = IntakeHandler(intake)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: IntakeSMTP(handler, intake=intake, connections=connections,
-                           max_connections=limits.max_connections,
+                           max_connections=limits.max_connections, clients=clients,
+                           max_connections_per_client=limits.max_connections_per_client,
+                           unauthenticated_timeout=limits.unauthenticated_timeout,
+                           data_timeout=limits.data_timeout,
                            data_size_limit=limits.max_message_bytes, enable_SMTPUTF8=True,
                            decode_data=False, hostname=hostname, timeout=limits.idle_timeout,
                            tls_context=tls_context, require_starttls=False,

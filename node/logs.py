@@ -3,8 +3,34 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+
+# Characters that must never reach a terminal or log viewer raw: C0 and C1 controls (ESC starts
+# colour and cursor sequences; CR and LF forge lines), DEL, line and paragraph separators,
+# bidirectional overrides, and lone surrogates (undecodable bytes an SMTP client sent).
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                     "\ud800-\udfff]")
+
+
+def _escape_one(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every unsafe character written as a Python-style escape (ESC -> \\x1b)."""
+    return _UNSAFE.sub(_escape_one, text)
+
+
+class _TextFormatter(logging.Formatter):
+    """The text line, its message escaped: addresses, logins and reply texts come from clients
+    and receivers. A traceback (exc_info) keeps its own lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -14,7 +40,7 @@ class _JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"t": round(record.created, 3), "level": record.levelname.lower(), "node": self.node_id,
-               "logger": record.name, "msg": record.getMessage()}
+               "logger": record.name, "msg": escape_controls(record.getMessage())}
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
@@ -25,7 +51,7 @@ def setup_logging(level: str = "info", fmt: str = "text", node_id: str | None = 
     if fmt == "json":
         handler.setFormatter(_JsonFormatter(node_id))
     else:
-        handler.setFormatter(logging.Formatter(
+        handler.setFormatter(_TextFormatter(
             f"%(asctime)s {node_id or '-'} %(levelname)s %(name)s: %(message)s"))
         logging.Formatter.converter = time.gmtime
     root = logging.getLogger()
