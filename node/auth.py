@@ -229,7 +229,8 @@ class SMTPAuth:
         self.max_failures_per_connection = max_failures_per_connection
         self._checks = asyncio.Semaphore(checks_in_parallel)
         self._executor = ThreadPoolExecutor(max_workers=checks_in_parallel, thread_name_prefix="auth-check")
-        self._waiting = 0
+        self._pending = 0  # checks running or waiting for a thread
+        self._checks_in_parallel = checks_in_parallel
         self.max_waiting = AUTH_CHECKS_WAITING
         self._tag_key = secrets.token_bytes(16)
         self.counters = counters if counters is not None else {"auth_ok": 0, "auth_failed": 0}
@@ -284,18 +285,18 @@ class SMTPAuth:
             await asyncio.sleep(wait)
         user = None
         if len(login) <= MAX_LOGIN_BYTES and len(password) <= MAX_PASSWORD_BYTES:
-            if self._waiting >= self.max_waiting:
+            if self._pending >= self._checks_in_parallel + self.max_waiting:
                 # Not a failure of this client: no slow-down, the client tries again later.
                 self.counters["auth_busy"] = self.counters.get("auth_busy", 0) + 1
                 await server.push(R_AUTH_BUSY)
                 return AuthResult(success=False, handled=True)
-            self._waiting += 1
+            self._pending += 1
             try:
                 async with self._checks:
                     loop = asyncio.get_running_loop()
                     user = await loop.run_in_executor(self._executor, self.users.check, login, password)
             finally:
-                self._waiting -= 1
+                self._pending -= 1
         if user is not None:
             self.counters["auth_ok"] += 1
             log.info("AUTH as %s from %s", user, address)

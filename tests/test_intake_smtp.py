@@ -3,6 +3,7 @@ parsing (_getaddr) and the per-connection hook tables. No cluster: server object
 from __future__ import annotations
 
 import asyncio
+import base64
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -248,3 +249,45 @@ def test_the_ehlo_reply_is_one_write(tmp_path: Path, monkeypatch: pytest.MonkeyP
     lines = asyncio.run(session())
     assert lines[0] == b"250-intake.test\r\n" and lines[-1] == b"250 HELP\r\n" and len(lines) > 3, lines
     assert pushed == [b"".join(lines)[:-2].decode()]
+
+
+def test_password_checks_are_bounded_and_never_stall_other_sessions(tmp_path: Path) -> None:
+    """scrypt runs in the AUTH pool, two at a time, with a short waiting line: AUTH beyond it gets
+    454 at once (no slow-down: not the client's failure), and other sessions keep their replies."""
+    from raftmail.node.auth import hash_password
+    slow_hash = hash_password("right", n=2**16)  # about 0.2 s per check
+    intake = decisions_only_intake(tmp_path, f'allow_plaintext_auth_on_loopback = true\n'
+                                             f'[intake.users]\nalice = "{slow_hash}"')
+    assert intake.auth is not None
+    intake.auth.max_waiting = 2
+    token = base64.b64encode(b"\0alice\0right")
+
+    async def session() -> tuple[list[bytes], float]:
+        server = await start_smtp_server(intake, "127.0.0.1", 0, hostname="intake.test")
+        address = server.sockets[0].getsockname()[:2]
+        try:
+            clients = [await asyncio.open_connection(*address) for _ in range(8)]
+            bystander = await asyncio.open_connection(*address)
+            for reader, writer in [*clients, bystander]:
+                await reply(reader)
+                writer.write(b"EHLO c.test\r\n")
+                await reply(reader)
+            for _, writer in clients:  # every AUTH at once
+                writer.write(b"AUTH PLAIN " + token + b"\r\n")
+            await asyncio.sleep(0.05)  # the checks are under way
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            bystander[1].write(b"NOOP\r\n")
+            assert (await reply(bystander[0]))[0].startswith(b"250")
+            noop = loop.time() - started
+            answers = [(await asyncio.wait_for(reply(reader), 10))[0][:3] for reader, _ in clients]
+            for _, writer in [*clients, bystander]:
+                writer.close()
+            return answers, noop
+        finally:
+            server.close()
+
+    answers, noop = asyncio.run(session())
+    assert answers.count(b"454") >= 1 and answers.count(b"235") >= 4, answers
+    assert set(answers) <= {b"235", b"454"}, answers
+    assert noop < 0.15, noop

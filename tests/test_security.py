@@ -22,7 +22,8 @@ from cryptography import x509
 
 from cluster import (read_until_closed, PY, Cluster, Sink, make_message, queued_as, run_cli, set_config, submission_count,
                      wait_for)
-from raftmail.node.auth import FailureThrottle, hash_password, parse_hash, verify_password
+from raftmail.node.auth import (AUTH_FAIL_TIMES_PER_CLIENT, FailureThrottle, hash_password, parse_hash,
+                                verify_password)
 from raftmail.node.config import load_config
 from raftmail.node.intake import Intake
 from raftmail.node.tls import TLSConfigError, server_context, write_self_signed
@@ -77,6 +78,21 @@ def test_failure_throttle_memory_is_bounded() -> None:
         throttle.record_failure(f"10.0.0.{i}")
     assert throttle.recent("10.0.0.99") == 1
     assert throttle.recent("10.0.0.0") == 0
+
+
+def test_failure_throttle_counts_ipv6_per_64_and_bounds_each_client() -> None:
+    throttle = FailureThrottle(1.0, cap=30.0, window=60.0, max_addresses=10)
+    throttle.record_failure("2001:db8:1:2::1", now=0)
+    assert throttle.delay("2001:db8:1:2:ffff::9", now=0) == 1.0  # same /64
+    assert throttle.delay("2001:db8:1:3::1", now=0) == 0  # the next /64
+    assert throttle.delay("::ffff:192.0.2.1", now=0) == 0
+    throttle.record_failure("::ffff:192.0.2.1", now=0)
+    assert throttle.recent("192.0.2.1", now=0) == 1  # IPv4-mapped is the IPv4 client
+    for i in range(10000):
+        throttle.record_failure("192.0.2.7", now=i * 0.001)
+    assert throttle.recent("192.0.2.7", now=10) == AUTH_FAIL_TIMES_PER_CLIENT
+    assert throttle.delay("192.0.2.7", now=10) == 30.0
+    assert len(throttle) <= 10
 
 
 def test_self_signed_pair_serves_tls_and_a_mismatched_pair_is_refused(tmp_path: Path) -> None:
