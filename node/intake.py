@@ -405,6 +405,7 @@ class IntakeSMTP(_HookListing, SMTP):
     _auth_deadline = float("inf")  # a client outside allow_networks must AUTH before this
     _data_deadline = float("inf")  # the DATA under way must reach its final dot before this
     _client: str | None = None  # the per-client count this connection holds (outsiders only)
+    _fired_for = 0.0  # the deadline the last timer that fired was set for
     _held: list[str] | None = None  # see smtp_EHLO
 
     _REWRITE = {
@@ -541,13 +542,14 @@ class IntakeSMTP(_HookListing, SMTP):
         if due > fired_for:  # active, or authenticated, since the timer was set
             self._set_timer(due)
             return
+        self._fired_for = fired_for  # the loop may run a timer a hair early: which deadline it was
         self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         if self.committing:  # the client waits for our reply; the commit has its own deadline
             self._reset_timeout()
             return
-        address, now = peer_address(self.session), self.loop.time()
+        address, now = peer_address(self.session), max(self.loop.time(), self._fired_for)
         if now >= self._data_deadline:
             reply = R_DATA_TIMEOUT.format(host=self.hostname, seconds=self._data_timeout)
             self._connections["data_timeouts"] = self._connections.get("data_timeouts", 0) + 1
