@@ -147,7 +147,15 @@ def up(config_path: str, with_sink: bool, log_level: str) -> None:
               help="Answer ADDRESS (or *) with CODE TEXT, optionally only the first N times.")
 @click.option("--delay", default=0.0, show_default=True, type=click.FloatRange(min=0.0), metavar="SECONDS",
               help="Wait this long before accepting each message (a slow receiver).")
-def sink(listen: str, maildir: str, replies: tuple[str, ...], delay: float) -> None:
+@click.option("--after-data", type=click.Choice(["reply", "hang", "drop"]), default="reply", show_default=True,
+              help="After a message's final dot: reply 250, store it and never reply (hang), or store it "
+                   "and close the connection unanswered (drop).")
+@click.option("--after-data-times", default=0, show_default=True, type=click.IntRange(min=0), metavar="N",
+              help="Apply --after-data to the first N messages only (0: every message).")
+@click.option("--unavailable-for", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              metavar="SECONDS", help="Answer every connection 421 for this long after start.")
+def sink(listen: str, maildir: str, replies: tuple[str, ...], delay: float, after_data: str,
+         after_data_times: int, unavailable_for: float) -> None:
     """A capture sink: an SMTP server that stores what it receives (one file per recipient)."""
     from raftmail.node.sink import parse_reply_rule, run_sink
     try:
@@ -158,7 +166,8 @@ def sink(listen: str, maildir: str, replies: tuple[str, ...], delay: float) -> N
         sys.exit(2)
     logging.basicConfig(level=logging.WARNING)
     try:
-        asyncio.run(run_sink(addr.host, addr.port, Path(maildir), rules, delay=delay))
+        asyncio.run(run_sink(addr.host, addr.port, Path(maildir), rules, delay=delay, after_data=after_data,
+                             after_data_times=after_data_times, unavailable_for=unavailable_for))
     except OSError as e:
         click.echo(f"error: sink cannot listen on {listen}: {e.strerror}", err=True)
         sys.exit(1)

@@ -392,6 +392,8 @@ class RaftNode(SyncObj):
         self.state_lock = threading.Lock()
         self.state = MailState()
         self._on_role_change = on_role_change
+        # Called on the tick thread with each applied command's result (outside the state lock).
+        self.on_applied: Callable[[Any], None] | None = None
         self._stopping = threading.Event()
         self.leader_changes = 0
         self.tick_errors = 0
@@ -522,7 +524,13 @@ class RaftNode(SyncObj):
     @replicated
     def _command(self, blob: bytes) -> Any:
         with self.state_lock:
-            return self.state.apply_blob(blob)
+            result = self.state.apply_blob(blob)
+        if self.on_applied is not None:
+            try:  # the node shell notes local times of applied results (lease clocks)
+                self.on_applied(result)
+            except Exception:
+                log.exception("apply observer failed")
+        return result
 
     def submit(self, blob: bytes, callback: Callable[[Any, int], None]) -> None:
         """Queue a msgpack command for replication; `callback(result, err)` runs on the tick thread

@@ -28,7 +28,7 @@ from .outcomes import (
     classify,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: clock-free leases (Batch carries a duration and a renewal counter)
 N_STATES = len(STATE_NAMES)
 # Outcomes of a recipient whose batch went away before it reported (lease expiry, release).
 _WAITING = (PENDING, DEFERRED)
@@ -98,27 +98,35 @@ class Submission:
 
 
 class Batch:
-    """Recipients of one domain leased to one node. The batch id is the fencing token."""
+    """Recipients of one domain leased to one node process. The batch id is the fencing token.
 
-    __slots__ = ("id", "node", "domain", "items", "lease_until", "term", "assigned_at")
+    The lease is a duration and a renewal counter, never a wall-clock deadline: each node measures
+    the lease on its own monotonic clock from when it applied the assignment or the last renewal
+    (node/leases.py). `incarnation` names the holder's process, so a restarted node can tell the
+    batches of its previous process from its own without comparing clocks."""
+
+    __slots__ = ("id", "node", "domain", "items", "lease", "renewals", "term", "assigned_at", "incarnation")
 
     def __init__(self, bid: str, node: str, domain: str, items: dict[tuple[str, int], None],
-                 lease_until: float, term: int, assigned_at: float) -> None:
+                 lease: float, term: int, assigned_at: float, incarnation: str = "",
+                 renewals: int = 0) -> None:
         self.id = bid
         self.node = node
         self.domain = domain
         self.items = items  # ordered: (submission id, recipient index)
-        self.lease_until = lease_until
+        self.lease = lease  # seconds
+        self.renewals = renewals  # committed renewals so far: expiry names the count it saw
         self.term = term
-        self.assigned_at = assigned_at
+        self.assigned_at = assigned_at  # the proposer's wall clock: informational only
+        self.incarnation = incarnation
 
     def to_wire(self) -> list:
-        return [self.id, self.node, self.domain, [list(k) for k in self.items], self.lease_until,
-                self.term, self.assigned_at]
+        return [self.id, self.node, self.domain, [list(k) for k in self.items], self.lease,
+                self.term, self.assigned_at, self.incarnation, self.renewals]
 
     @classmethod
     def from_wire(cls, w: list) -> "Batch":
-        return cls(w[0], w[1], w[2], {(k[0], k[1]): None for k in w[3]}, w[4], w[5], w[6])
+        return cls(w[0], w[1], w[2], {(k[0], k[1]): None for k in w[3]}, w[4], w[5], w[6], w[7], w[8])
 
 
 class Campaign:
@@ -159,7 +167,10 @@ class MailState:
         self.dedupe: dict[str, list] = {}  # idempotency key -> [submission id, accepted_at]
         self.counts = [0] * N_STATES  # recipients per state, whole cluster
         self.stats = {"lease_expiries": 0, "reassigned_in_flight": 0, "fenced_reports": 0,
-                      "duplicates_refused": 0, "commands_refused": 0}
+                      "duplicates_refused": 0, "commands_refused": 0, "maybe_delivered": 0,
+                      "batches_abandoned": 0, "expired_unsent": 0}
+        # node id -> the incarnation (random id of its current process) it announced last.
+        self.incarnations: dict[str, str] = {}
         self.delivered_minutes: dict[int, int] = {}  # minute -> recipients delivered (last hour)
         # Outcome events, oldest first, laid out as EVENT_FIELDS. seq increases by one per event,
         # cluster-wide.
@@ -312,7 +323,9 @@ class MailState:
 
     def _op_assign(self, c: dict) -> dict:
         node, domain = _str(c, "node"), _str(c, "domain")
-        now, lease_until = _num(c, "now"), _num(c, "lease_until")
+        now, lease = _num(c, "now"), _num(c, "lease")
+        if lease <= 0:
+            raise CommandRefused("assign: lease must be a positive number of seconds")
         term = int(_num(c, "term"))
         max_connections = int(_num(c, "max_connections"))
         max_per_minute = int(_num(c, "max_per_minute"))
@@ -357,11 +370,11 @@ class MailState:
             return {"batch": None, "reason": "nothing eligible"}
         self.batch_seq += 1
         bid = f"b{self.batch_seq}"
-        self.batches[bid] = Batch(bid, node, domain, chosen, lease_until, term, now)
+        self.batches[bid] = Batch(bid, node, domain, chosen, lease, term, now, self.incarnations.get(node, ""))
         self.domain_batches[domain] = self.domain_batches.get(domain, 0) + 1
         if max_per_minute > 0:
             self.domain_recent.setdefault(domain, deque()).append([now, len(chosen)])
-        return {"batch": bid, "n": len(chosen)}
+        return {"batch": bid, "n": len(chosen), "leased": [bid, 0]}
 
     def _sent_last_minute(self, domain: str, now: float) -> int:
         """Recipients assigned to `domain` in the 60 s before `now` (prunes older records)."""
@@ -376,11 +389,15 @@ class MailState:
         return sum(n for _, n in recent)
 
     def _op_renew(self, c: dict) -> dict:
+        """The holder keeps its lease: every node restarts the lease on its own clock when it
+        applies this (node/leases.py). Refused (ok False) for anyone but the holder's process."""
         batch = self.batches.get(_str(c, "batch"))
-        if batch is None or batch.node != _str(c, "node"):
+        node = _str(c, "node")
+        incarnation = c.get("incarnation")
+        if batch is None or batch.node != node or (isinstance(incarnation, str) and incarnation != batch.incarnation):
             return {"ok": False}
-        batch.lease_until = max(batch.lease_until, _num(c, "lease_until"))
-        return {"ok": True, "lease_until": batch.lease_until}
+        batch.renewals += 1
+        return {"ok": True, "leased": [batch.id, batch.renewals]}
 
     def _op_report(self, c: dict) -> dict:
         """Outcomes of sends. Only the batch's holder may report, only for items it still holds."""
@@ -398,6 +415,11 @@ class MailState:
                 raise CommandRefused("report: each result is [submission, index, code, enhanced, text, next_at, remote]")
             if r[5] is None and 400 <= r[2] < 500 or r[5] is None and not 200 <= r[2] < 600:
                 raise CommandRefused("report: a deferral needs next_at")
+            if len(r) > 7 and not isinstance(r[7], bool):
+                raise CommandRefused("report: maybe_delivered must be true or false")
+        max_maybe = c.get("max_maybe")
+        if max_maybe is not None and (type(max_maybe) is not int or max_maybe < 1):
+            raise CommandRefused("report: max_maybe must be a positive integer")
         for r in release:
             if not (isinstance(r, list) and len(r) == 2 and _is_item(r)):
                 raise CommandRefused("report: each release is [submission, index]")
@@ -426,10 +448,21 @@ class MailState:
             d[2], d[3] = int(code), text
             verdict = classify(int(code), enhanced)
             new = verdict.state
+            maybe = len(r) > 7 and r[7] is True and new == DEFERRED
+            if maybe:
+                # The final dot went out and no reply came: the receiver may have the copy.
+                self.stats["maybe_delivered"] = self.stats.get("maybe_delivered", 0) + 1
+                if len(d) < 5:
+                    d.append(0)
+                d[4] += 1
             if new == DEFERRED:
                 next_at = float(next_at)
                 if self.campaigns[sub.campaign].cancelled:
                     new = CANCELLED
+                elif maybe and max_maybe is not None and d[4] >= max_maybe:
+                    # Bounded: after max_maybe unanswered final dots we stop sending copies.
+                    new = EXPIRED
+                    d[3] = text = f"maybe delivered {d[4]} times, never confirmed; not retried: {text}"[:MAX_TEXT]
                 elif next_at > sub.accepted_at + max_age:
                     new = EXPIRED
                 else:
@@ -455,33 +488,92 @@ class MailState:
         return {"accepted": accepted, "fenced": fenced, "suppressed": suppressed_now}
 
     def _op_expire(self, c: dict) -> dict:
-        """Leases that ran out go back to the queue; the proposer's clock is the command's `now`."""
+        """Leases the leader measured as run out, on its own clock: [[batch, renewals], ...]. A batch
+        renewed after the leader looked (its counter moved on) keeps its lease."""
         now = _num(c, "now")
-        expired = [b for b in self.batches.values() if b.lease_until < now]
+        pairs = c.get("batches")
+        if not isinstance(pairs, list) or len(pairs) > MAX_ITEMS_PER_COMMAND or not all(
+                isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and type(p[1]) is int for p in pairs):
+            raise CommandRefused("expire: batches must be a list of [batch id, renewals]")
+        expired = []
         returned = 0
-        for batch in expired:
+        for bid, renewals in pairs:
+            batch = self.batches.get(bid)
+            if batch is None or batch.renewals != renewals:
+                continue
             for sid, idx in batch.items:
                 self._return_to_queue(self.submissions[sid], idx, now)
                 returned += 1
             self._end_batch(batch)
+            expired.append(bid)
         self.stats["lease_expiries"] += len(expired)
         self.stats["reassigned_in_flight"] += returned
-        return {"expired": [b.id for b in expired], "returned": returned}
+        return {"expired": expired, "returned": returned}
 
-    def _op_abandon(self, c: dict) -> dict:
-        """A restarted node gives back a batch leased to its previous process: it cannot know what
+    def _give_back(self, batch: Batch, now: float) -> int:
+        """A batch of a holder's previous process goes back to the queue: nobody can know what
         that process sent, so every recipient still held is counted as possibly in flight."""
-        bid, node, now = _str(c, "batch"), _str(c, "node"), _num(c, "now")
-        batch = self.batches.get(bid)
-        if batch is None or batch.node != node:
-            return {"abandoned": 0}
         n = len(batch.items)
         for sid, idx in batch.items:
             self._return_to_queue(self.submissions[sid], idx, now)
         self._end_batch(batch)
         self.stats["reassigned_in_flight"] += n
         self.stats["batches_abandoned"] = self.stats.get("batches_abandoned", 0) + 1
-        return {"abandoned": n}
+        return n
+
+    def _op_abandon(self, c: dict) -> dict:
+        """A restarted node gives back a batch leased to its previous process (another incarnation)."""
+        bid, node, now = _str(c, "batch"), _str(c, "node"), _num(c, "now")
+        incarnation = _str(c, "incarnation")
+        batch = self.batches.get(bid)
+        if batch is None or batch.node != node or batch.incarnation == incarnation:
+            return {"abandoned": 0}
+        return {"abandoned": self._give_back(batch, now)}
+
+    def _op_incarnate(self, c: dict) -> dict:
+        """A node process announces its random incarnation id when it starts. Batches held by the
+        node's earlier processes go back to the queue at once (counted); new batches are leased
+        to this incarnation."""
+        node, incarnation, now = _str(c, "node"), _str(c, "incarnation"), _num(c, "now")
+        if len(incarnation) > 64:
+            raise CommandRefused("incarnate: incarnation id too long")
+        self.incarnations[node] = incarnation
+        given_back, returned = [], 0
+        for batch in [b for b in self.batches.values() if b.node == node and b.incarnation != incarnation]:
+            returned += self._give_back(batch, now)
+            given_back.append(batch.id)
+        return {"ok": True, "abandoned": given_back, "returned": returned}
+
+    def expire_unsent(self, now: float, max_age: float, limit: int) -> list[list]:
+        """Waiting recipients (pending, or deferred) of submissions accepted more than `max_age`
+        before `now`: [[submission, index], ...], at most `limit`. A read."""
+        out: list[list] = []
+        for sid in self.open:
+            sub = self.submissions[sid]
+            if sub.accepted_at + max_age >= now:
+                continue
+            for idx, st in enumerate(sub.states):
+                if st in _WAITING:
+                    out.append([sid, idx])
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def _op_expire_unsent(self, c: dict) -> dict:
+        """`max_age` for recipients that never got an attempt (or whose retry is not due): the
+        proposer's `now` decides; the state re-checks each one."""
+        now, max_age = _num(c, "now"), _num(c, "max_age")
+        items = self.expire_unsent(now, max_age, MAX_ITEMS_PER_COMMAND)
+        for sid, idx in items:
+            sub = self.submissions[sid]
+            d = sub.detail.get(idx)
+            if d is None:
+                d = sub.detail[idx] = [0, None, None, None]
+            d[2], d[3] = None, "max_age reached before delivery"
+            self._set(sub, idx, EXPIRED, now)
+            self._event(now, EXPIRED, sub, idx, text=d[3])
+        self.stats["expired_unsent"] = self.stats.get("expired_unsent", 0) + len(items)
+        return {"expired": len(items)}
 
     def _campaign(self, c: dict) -> Campaign:
         camp = self.campaigns.get(_str(c, "campaign"))
@@ -641,7 +733,7 @@ class MailState:
         d = sub.detail.get(idx) or [0, None, None, None]
         return {"submission": sid, "index": idx, "address": sub.rcpts[idx],
                 "state": STATE_NAMES[sub.states[idx]], "attempts": d[0], "next_at": d[1],
-                "code": d[2], "text": d[3]}
+                "code": d[2], "text": d[3], "maybe_delivered": d[4] if len(d) > 4 else 0}
 
     def campaign_summary(self, camp: Campaign) -> dict:
         total = sum(camp.counts)
@@ -680,6 +772,7 @@ class MailState:
             "events": list(self.events),
             "event_seq": self.event_seq,
             "members": self.members,
+            "incarnations": self.incarnations,
             "archived": self.archived,
             "applied": self.applied,
         }, use_bin_type=True)
@@ -705,6 +798,7 @@ class MailState:
         st.events = deque(w["events"], maxlen=EVENT_RING)
         st.event_seq = w["event_seq"]
         st.members = dict(w["members"])
+        st.incarnations = dict(w["incarnations"])
         st.archived = dict(w["archived"])
         st.applied = w["applied"]
         return st
@@ -740,6 +834,8 @@ _HANDLERS = {
     "report": MailState._op_report,
     "expire": MailState._op_expire,
     "abandon": MailState._op_abandon,
+    "incarnate": MailState._op_incarnate,
+    "expire_unsent": MailState._op_expire_unsent,
     "pause": MailState._op_pause,
     "resume": MailState._op_resume,
     "cancel": MailState._op_cancel,

@@ -222,6 +222,16 @@ class DeliverySection:
     helo_name: str = "localhost"
     batch_size: int = 100
     lease_seconds: float = 30.0
+    # The leader expires a lease only once its own monotonic clock says lease_seconds plus this
+    # much passed since it applied the batch's assignment or last renewal (covers heartbeats and
+    # apply delays between nodes; the heartbeat is 0.08 s).
+    lease_expiry_margin: float = 1.0
+    # A holder starts no SMTP command, and sends no final dot, within this much of its lease end
+    # as its own monotonic clock measures it.
+    lease_send_margin: float = 1.0
+    # Final dots sent without a reply (timeout, connection lost) before a recipient is not tried
+    # again: it ends `expired`, its event text saying it was maybe delivered.
+    max_maybe_delivered: int = 3
     max_concurrent_batches: int = 20
     connect_timeout: float = 30.0
     command_timeout: float = 60.0
@@ -841,7 +851,7 @@ def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Del
     numbers = _numbers(
         sec,
         DeliverySection,
-        {"retry_factor": AT_LEAST_ONE, "retry_jitter": FRACTION},
+        {"retry_factor": AT_LEAST_ONE, "retry_jitter": FRACTION, "lease_expiry_margin": NON_NEGATIVE},
     )
     relay = None
     if sec.has("relay"):
@@ -866,6 +876,10 @@ def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Del
         dkim=dkim,
         **numbers,
     )
+    if delivery.lease_send_margin * 2 >= delivery.lease_seconds:
+        name = "lease_send_margin" if sec.has("lease_send_margin") else "lease_seconds"
+        sec.fail(name, f"lease_send_margin ({delivery.lease_send_margin:g}) must be less than half of "
+                       f"lease_seconds ({delivery.lease_seconds:g}), or a holder could hardly send")
     if delivery.retry_max_interval < delivery.retry_first:
         name = "retry_max_interval" if sec.has("retry_max_interval") else "retry_first"
         sec.fail(

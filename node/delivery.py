@@ -11,17 +11,20 @@ import asyncio
 import ipaddress
 import logging
 import random
+import re
 import ssl
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import aiosmtplib
 import dns.asyncresolver
 import dns.exception
 import dns.name
 import dns.resolver
+
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from raftmail.consensus.outcomes import parse_enhanced
 from raftmail.node.tls import client_context
@@ -39,6 +42,9 @@ TLS_UNTRUSTED_TEXT = "4.7.5 TLS certificate not trusted"
 # Prefix of the text of a message whose final reply was lost after its content was sent: the
 # recipient may have received it, so a retry can duplicate it (reported, not hidden).
 AMBIGUOUS_PREFIX = "ambiguous: "
+LEASE_POLL_SECONDS = 0.1  # how often a command waiting for its reply re-reads the lease
+_LEADING_PERIOD = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class Outcome:
     enhanced: str | None
     text: str
     remote: str
+    # The final dot was sent and no reply came (timeout, connection lost): the receiver may have
+    # the message, so a retry may duplicate it (counted by the cluster, bounded by config).
+    maybe_delivered: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +182,7 @@ async def deliver_batch(
     max_reconnects: int = 1,
     tls_verify: bool = True,
     tls_ca_file: Path | None = None,
+    lease_left: Callable[[], float] | None = None,
 ) -> None:
     """Send each (index, recipient, message) as its own transaction over one SMTP connection.
 
@@ -186,6 +196,11 @@ async def deliver_batch(
     must show a certificate that chains to `tls_ca_file` (system CAs when None) and names the
     route's host; otherwise nothing is sent there (no plaintext fallback) and the recipients are
     deferred with TLS_UNTRUSTED_TEXT.
+
+    `lease_left` (seconds the batch's lease still allows) bounds every command of a transaction,
+    the wait for the reply to the final dot included: a command is abandoned (and the connection
+    dropped) when the lease runs out before its reply, and the final dot is never sent once the
+    lease has run out. Renewals extend the lease while a command waits.
     """
     sender = _BatchSender(
         routes,
@@ -197,12 +212,16 @@ async def deliver_batch(
         max_reconnects=max_reconnects,
         tls_verify=tls_verify,
         tls_ca_file=tls_ca_file,
+        lease_left=lease_left,
     )
     try:
         async for index, recipient, message in _each(messages):
             if not may_send():
                 break
-            on_outcome(await sender.deliver(index, recipient, message))
+            outcome = await sender.deliver(index, recipient, message)
+            if outcome is None:
+                break  # the lease ran out before the final dot: nothing of it was sent
+            on_outcome(outcome)
     except BaseException:
         sender.abort()  # cancelled or a caller bug: no polite QUIT, just let go of the socket
         raise
@@ -218,6 +237,10 @@ async def _each(
     else:
         for item in messages:
             yield item
+
+
+class _LeaseEnded(Exception):
+    """The batch's lease ran out while a command waited for its reply."""
 
 
 class _RouteFailed(Exception):
@@ -247,6 +270,7 @@ class _BatchSender:
         max_reconnects: int,
         tls_verify: bool = True,
         tls_ca_file: Path | None = None,
+        lease_left: Callable[[], float] | None = None,
     ) -> None:
         # A bad HELO name is a configuration error: raise it now, before anything is sent,
         # using aiosmtplib's own check of the name.
@@ -260,6 +284,7 @@ class _BatchSender:
         self._tls_verify = tls_verify
         self._tls_ca_file = tls_ca_file
         self._reconnects_left = max_reconnects
+        self._lease_left = lease_left
         self._smtp: aiosmtplib.SMTP | None = None
         self._remote = ""
         self._opened_before = False
@@ -270,7 +295,9 @@ class _BatchSender:
 
     # -- per message ---------------------------------------------------------------------------
 
-    async def deliver(self, index: int, recipient: str, message: bytes) -> Outcome:
+    async def deliver(self, index: int, recipient: str, message: bytes) -> Outcome | None:
+        """The recipient's outcome, or None when the lease ran out before anything of this
+        message could be sent (no outcome: the lease decides)."""
         if self._failure is None and not self._connected():
             await self._reopen()
         if self._failure is not None:
@@ -278,17 +305,52 @@ class _BatchSender:
             return Outcome(index, 0, enhanced, text, remote)
         return await self._transaction(index, recipient, message)
 
-    async def _transaction(self, index: int, recipient: str, message: bytes) -> Outcome:
+    async def _bounded(self, command: Awaitable[T], stage: str) -> T:
+        """Await one SMTP command's reply, at most `command_timeout` and never past the lease
+        (re-read as it waits: renewals move it). Raises _LeaseEnded or asyncio.TimeoutError."""
+        task = asyncio.ensure_future(command)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._command_timeout
+        try:
+            while True:
+                left = deadline - loop.time()
+                lease = self._lease_left() if self._lease_left is not None else left
+                if lease <= 0:
+                    raise _LeaseEnded(f"lease ended waiting for the reply to {stage}")
+                if left <= 0:
+                    raise asyncio.TimeoutError(f"no reply to {stage} within {self._command_timeout:g}s")
+                done, _ = await asyncio.wait({task}, timeout=min(left, lease, LEASE_POLL_SECONDS))
+                if done:
+                    return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def _transaction(self, index: int, recipient: str, message: bytes) -> Outcome | None:
         smtp = self._smtp
         assert smtp is not None
         stage = "MAIL FROM"
         try:
             mail_options, encoding = self._envelope_options(recipient, message)
-            await smtp.mail(self._mail_from, options=mail_options, encoding=encoding)
+            if self._lease_left is not None and self._lease_left() <= 0:
+                return None
+            await self._bounded(smtp.mail(self._mail_from, options=mail_options, encoding=encoding,
+                                          timeout=None), stage)
             stage = "RCPT TO"
-            await smtp.rcpt(recipient, encoding=encoding)
+            await self._bounded(smtp.rcpt(recipient, encoding=encoding, timeout=None), stage)
+            stage = "DATA command"
+            start = await self._bounded(smtp.execute_command(b"DATA", timeout=None), stage)
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
             stage = "DATA"
-            reply = await smtp.data(message)
+            if self._lease_left is not None and self._lease_left() <= 0:
+                # Cut off from the cluster (no renewal): no copy may leave after the lease.
+                self.abort()
+                return None
+            reply = await self._send_content(smtp, message)
+            if reply.code != 250:
+                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
             return self._outcome(index, reply.code, reply.message)
         except aiosmtplib.SMTPResponseException as exc:
             await self._reset()
@@ -298,11 +360,32 @@ class _BatchSender:
             # without SMTPUTF8); nothing was sent for it, so the session stays usable.
             await self._reset()
             return Outcome(index, 0, None, f"{stage} not sent: {exc}", self._remote)
+        except _LeaseEnded as exc:
+            self.abort()
+            if stage == "DATA":
+                return Outcome(index, 0, None, f"{AMBIGUOUS_PREFIX}{exc}", self._remote, maybe_delivered=True)
+            return None
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             self.abort()
-            prefix = AMBIGUOUS_PREFIX if stage == "DATA" else ""
+            maybe = stage == "DATA"
+            prefix = AMBIGUOUS_PREFIX if maybe else ""
             text = f"{prefix}connection lost during {stage}: {_describe(exc)}"
-            return Outcome(index, 0, None, text, self._remote)
+            return Outcome(index, 0, None, text, self._remote, maybe_delivered=maybe)
+
+    async def _send_content(self, smtp: aiosmtplib.SMTP, message: bytes) -> aiosmtplib.SMTPResponse:
+        """The message and its final dot, then the reply, bounded like every command. aiosmtplib's
+        data() sends DATA and the content in one call, with no chance to stop between them."""
+        protocol = smtp.protocol
+        if protocol is None:
+            raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        payload = normalize_message_line_endings(message)
+        payload = _LEADING_PERIOD.sub(b"..", payload) + b".\r\n"
+        protocol.write(payload)
+        try:
+            return await self._bounded(protocol.read_response(timeout=None), "the final dot")
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+            smtp.close()
+            raise
 
     def _envelope_options(self, recipient: str, message: bytes) -> tuple[list[str], str]:
         assert self._smtp is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ from raftmail.node.bodies import BodyStore, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer
 from raftmail.node.config import Config, ConfigError
 from raftmail.node.intake import Intake, start_smtp_server
+from raftmail.node.leases import LeaseClock
 from raftmail.node.metrics import NodeMetrics, add_monitoring_routes
 from raftmail.node.peers import PeerClient, PeerCrypto, add_peer_routes
 from raftmail.node.webhook import event_dict, poster_for
@@ -31,8 +33,11 @@ ORPHAN_BODY_AGE = 3600.0  # a body never committed (its submission got 451) is k
 
 
 class MailNode:
-    def __init__(self, config: Config, node_id: str) -> None:
+    def __init__(self, config: Config, node_id: str, incarnation: str) -> None:
         self.config = config
+        # This process's random id, announced through the log: batches are leased to it, so a
+        # restarted node knows its previous process's batches without comparing clocks.
+        self.incarnation = incarnation
         self.me = config.node(node_id)
         self.id = node_id
         self.data_dir = config.node_data_dir(node_id)
@@ -57,6 +62,8 @@ class MailNode:
             fsync_journal=config.cluster.fsync,
         )
         self.metrics = NodeMetrics(self)
+        self.leases = LeaseClock()
+        self.raft.on_applied = self.leases.observe
 
     # ---------------------------------------------------------------- helpers used by parts
 
@@ -516,5 +523,5 @@ def run_node(config: Config, node_id: str) -> None:
     # Three busy threads share the GIL (event loop, Raft tick, disk workers): hand it over more
     # often than every 5 ms, or each Raft round trip waits on it several times.
     sys.setswitchinterval(0.0005)
-    node = MailNode(config, node_id)
+    node = MailNode(config, node_id, secrets.token_hex(8))
     asyncio.run(node.run())

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("raftmail.scheduler")
 
 SCHEDULE_INTERVAL = 0.1  # seconds between scheduling rounds on the leader
+MAX_EXPIRE = 1000  # batches named in one expire command
+UNSENT_CHECK_INTERVAL = 1.0  # seconds between the leader's scans for waiting recipients past max_age
 
 
 class Scheduler:
@@ -29,6 +31,7 @@ class Scheduler:
         self.assigned_batches = 0
         self._rr = 0  # round-robin start, so idle nodes share batches evenly
         self._last_prune = 0.0
+        self._last_unsent_check = -UNSENT_CHECK_INTERVAL
         self.stopping = False  # a node shutting down hands out nothing more
 
     async def run(self) -> None:
@@ -48,11 +51,8 @@ class Scheduler:
         timeout = node.config.intake.commit_timeout
         now = time.time()
         self.rounds += 1
-        if node.raft.read(lambda st: any(b.lease_until < now for b in st.batches.values())):
-            res = await node.proposer.propose({"op": "expire", "now": now}, timeout)
-            if res.get("expired"):
-                log.warning("leases expired for batches %s: %d recipients back in the queue",
-                            ",".join(res["expired"]), res["returned"])
+        await self.expire_leases()
+        await self.expire_unsent(now)
         if now - self._last_prune > node.config.storage.maintenance_interval_seconds:
             self._last_prune = now
             st = node.config.storage
@@ -61,7 +61,9 @@ class Scheduler:
             if res.get("archived") or res.get("dropped"):
                 log.info("retention: %d finished submissions archived, %d archives dropped",
                          res["archived"], res["dropped"])
-        live = node.live_nodes()
+        # Only node processes that announced their incarnation take batches (node/sender.py).
+        announced = node.raft.read(lambda st: set(st.incarnations))
+        live = [n for n in node.live_nodes() if n in announced]
         if not live:
             return
         capacity = d.max_concurrent_batches * len(live)
@@ -90,7 +92,7 @@ class Scheduler:
                 chunk, items = items[:d.batch_size], items[d.batch_size:]
                 res = await node.proposer.propose({
                     "op": "assign", "node": target, "domain": domain, "items": chunk, "now": now,
-                    "lease_until": now + d.lease_seconds, "term": term,
+                    "lease": d.lease_seconds, "term": term,
                     "max_connections": limits.max_connections, "max_per_minute": limits.max_per_minute,
                 }, timeout)
                 if not res.get("batch"):
@@ -100,6 +102,38 @@ class Scheduler:
                 domain_batches[domain] = domain_batches.get(domain, 0) + 1
                 log.info("assigned batch %s (%d recipients of %s) to %s, lease %.0fs",
                          res["batch"], res["n"], domain, target, d.lease_seconds)
+
+    async def expire_leases(self) -> None:
+        """Batches whose lease ran out on this leader's own monotonic clock, counted from when it
+        applied their assignment or last renewal; named with the renewal count it saw, so a
+        renewal committed meanwhile keeps the batch."""
+        node, d = self.node, self.node.config.delivery
+        mono = time.monotonic()
+        leases = node.leases
+        held = node.raft.read(lambda st: [(b.id, b.renewals, b.lease) for b in st.batches.values()])
+        leases.forget_except({bid for bid, _, _ in held})
+        due = [[bid, renewals] for bid, renewals, lease in held
+               if leases.since(bid, renewals, mono) > lease + d.lease_expiry_margin]
+        if not due:
+            return
+        res = await node.proposer.propose({"op": "expire", "now": time.time(), "batches": due[:MAX_EXPIRE]},
+                                          node.config.intake.commit_timeout)
+        if res.get("expired"):
+            log.warning("leases expired for batches %s: %d recipients back in the queue",
+                        ",".join(res["expired"]), res["returned"])
+
+    async def expire_unsent(self, now: float) -> None:
+        """`max_age` for recipients still waiting (never attempted, or not due for a retry)."""
+        node, max_age = self.node, self.node.config.delivery.max_age
+        if time.monotonic() - self._last_unsent_check < UNSENT_CHECK_INTERVAL:
+            return
+        self._last_unsent_check = time.monotonic()
+        if not node.raft.read(lambda st: st.expire_unsent(now, max_age, 1)):
+            return
+        res = await node.proposer.propose({"op": "expire_unsent", "now": now, "max_age": max_age},
+                                          node.config.intake.commit_timeout)
+        if res.get("expired"):
+            log.warning("%d recipients expired unsent: older than max_age (%gs)", res["expired"], max_age)
 
     def _pick(self, live: list[str], load: dict[str, int], per_node: int) -> str | None:
         """The least-loaded live node; ties rotate."""

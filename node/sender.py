@@ -25,7 +25,8 @@ STOP_REPORT_SECONDS = 2.0  # how long a stopping node keeps trying to report its
 class BatchRun:
     """One leased batch being delivered by this node."""
 
-    def __init__(self, sender: "Sender", bid: str, domain: str, items: list[tuple[str, int]]) -> None:
+    def __init__(self, sender: "Sender", bid: str, domain: str, items: list[tuple[str, int]],
+                 lease: float) -> None:
         self.sender = sender
         self.node = sender.node
         self.bid = bid
@@ -33,35 +34,58 @@ class BatchRun:
         self.items = items  # position in this list = index given to deliver_batch
         self.results: list[list] = []
         self.attempted: set[int] = set()
-        self.renewing: asyncio.Task | None = None
         self.flushing = asyncio.Lock()
+        self.lease_seconds = lease
         d = self.node.config.delivery
-        self.margin = min(2.0, d.lease_seconds * 0.2)
+        self.margin = d.lease_send_margin
+        # Monotonic time this node SENT the last renewal that committed: the leader can only have
+        # applied it later, so a lease counted from here ends before the leader's does.
+        self.renewed_from: float | None = None
+        self.fenced = False
 
-    def lease(self) -> float | None:
-        """Our lease end as committed, or None if the batch is no longer ours (fenced)."""
+    def holds(self) -> bool:
+        """The batch is still ours in the committed state (not expired, reassigned or fenced)."""
         b = self.node.raft.read(lambda st: st.batches.get(self.bid))
-        return b.lease_until if b is not None and b.node == self.node.id else None
+        return b is not None and b.node == self.node.id and b.incarnation == self.node.incarnation
+
+    def lease_left(self) -> float:
+        """Seconds before this holder must stop: its lease on its own monotonic clock, minus the
+        send margin. From the last committed renewal's send time, else from when this node applied
+        the assignment."""
+        if self.fenced:
+            return 0.0
+        base = self.renewed_from
+        if base is None:
+            seen = self.node.leases.applied_at(self.bid)
+            if seen is None:
+                return 0.0  # never saw it applied: no basis for a lease
+            base = seen[1]
+        return base + self.lease_seconds - self.margin - time.monotonic()
 
     def may_send(self) -> bool:
-        if self.sender.stopping:
-            return False
-        until = self.lease()
-        if until is None:
-            return False
-        left = until - time.time()
-        if left < self.node.config.delivery.lease_seconds / 2 and (self.renewing is None or self.renewing.done()):
-            self.renewing = asyncio.create_task(self._renew())
-        return left > self.margin
+        return not self.sender.stopping and self.lease_left() > 0
 
-    async def _renew(self) -> None:
-        d = self.node.config.delivery
-        try:
-            await self.node.proposer.propose({"op": "renew", "batch": self.bid, "node": self.node.id,
-                                              "lease_until": time.time() + d.lease_seconds},
-                                             min(self.margin, self.node.config.intake.commit_timeout))
-        except ProposalFailed as e:
-            log.warning("batch %s: lease not renewed (%s)", self.bid, e.reason)
+    async def keep_lease(self) -> None:
+        """Renew while the batch runs (a transaction in progress included): right away, then every
+        quarter lease. A holder cut off from the leader gets no renewal, and its lease_left runs
+        out: deliver() stops before the next command or final dot."""
+        every = self.lease_seconds / 4
+        while True:
+            sent = time.monotonic()
+            try:
+                res = await self.node.proposer.propose(
+                    {"op": "renew", "batch": self.bid, "node": self.node.id,
+                     "incarnation": self.node.incarnation},
+                    min(every, self.node.config.intake.commit_timeout))
+                if res.get("ok"):
+                    self.renewed_from = max(self.renewed_from or sent, sent)
+                else:
+                    log.warning("batch %s: renewal refused, the batch is no longer ours", self.bid)
+                    self.fenced = True
+                    return
+            except ProposalFailed as e:
+                log.warning("batch %s: lease not renewed (%s); %.1fs left", self.bid, e.reason, self.lease_left())
+            await asyncio.sleep(max(0.0, sent + every - time.monotonic()))
 
     def on_outcome(self, o: Outcome) -> None:
         sid, idx, attempts, campaign, rcpt = self.meta[o.index]
@@ -75,7 +99,7 @@ class BatchRun:
                 attempts + 1, first=d.retry_first, factor=d.retry_factor,
                 max_interval=d.retry_max_interval, jitter_fraction=d.retry_jitter, jitter=random.random())
         self.attempted.add(o.index)
-        self.results.append([sid, idx, o.code, enhanced, o.text[:200], next_at, o.remote])
+        self.results.append([sid, idx, o.code, enhanced, o.text[:200], next_at, o.remote, o.maybe_delivered])
         log.info("outcome campaign=%s submission=%s recipient=%s node=%s batch=%s code=%s state=%s remote=%s",
                  campaign, sid, rcpt, self.node.id, self.bid, o.code, STATE_NAMES[verdict.state], o.remote)
         if len(self.results) >= d.report_every:
@@ -90,11 +114,11 @@ class BatchRun:
                 return True
             cmd = {"op": "report", "batch": self.bid, "node": self.node.id, "now": time.time(),
                    "max_age": self.node.config.delivery.max_age, "results": results,
-                   "release": release or []}
+                   "release": release or [], "max_maybe": self.node.config.delivery.max_maybe_delivered}
             # While stopping, a cluster being shut down as a whole has no quorum to report to:
             # try briefly, then leave the rest to the lease.
             patience = STOP_REPORT_SECONDS if self.sender.stopping else max(self.node.config.delivery.lease_seconds, 5.0)
-            deadline = time.time() + patience
+            deadline = time.monotonic() + patience
             try:
                 while True:
                     try:
@@ -104,7 +128,7 @@ class BatchRun:
                                         "duplicates)", self.bid, res["fenced"])
                         return True
                     except ProposalFailed as e:
-                        if time.time() > deadline:
+                        if time.monotonic() > deadline:
                             log.error("batch %s: %d outcomes not reported yet (%s); if they never are, the "
                                       "lease returns them to the queue", self.bid, len(results), e.reason)
                             self.results = results + self.results
@@ -138,6 +162,7 @@ class BatchRun:
         rows = node.raft.read(read)
         self.meta = [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
         ticker = asyncio.create_task(self._ticker())
+        keeper = asyncio.create_task(self.keep_lease())
         try:
             routes = await resolve_routes(self.domain, routes=d.routes, relay=d.relay,
                                           relay_username=d.relay_username, relay_password=d.relay_password)
@@ -152,15 +177,20 @@ class BatchRun:
                                     command_timeout=d.command_timeout, may_send=self.may_send,
                                     on_outcome=self.on_outcome,
                                     require_tls=d.limits_for(self.domain).require_tls,
-                                    tls_verify=d.tls_verify, tls_ca_file=d.tls_ca_file)
+                                    tls_verify=d.tls_verify, tls_ca_file=d.tls_ca_file,
+                                    lease_left=self.lease_left)
         except Exception:
             log.exception("batch %s failed", self.bid)
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)  # its outcomes are back in self.results
         release = [[sid, idx] for pos, (sid, idx) in enumerate(self.items) if pos not in self.attempted]
-        if self.lease() is not None:
-            await self.flush(release)
+        try:
+            if self.holds():
+                await self.flush(release)  # the keeper renews while the last report commits
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
 
     async def _messages(self, rows: list[tuple], positions: list[int]) -> AsyncIterator[tuple[int, str, bytes]]:
         node, d = self.node, self.node.config.delivery
@@ -177,9 +207,17 @@ class BatchRun:
             if d.unsubscribe_url:
                 unsubscribe = d.unsubscribe_url.replace(
                     "{token}", unsubscribe_token(node.config.cluster.secret, campaign, rcpt))
-            msg = render_for_recipient(body, mail_from=sender, recipient=rcpt,
-                                       message_id=recipient_message_id(sid, idx, sender.rpartition("@")[2]),
-                                       unsubscribe_url=unsubscribe, dkim=self.sender.dkim)
+            try:
+                msg = render_for_recipient(body, mail_from=sender, recipient=rcpt,
+                                           message_id=recipient_message_id(sid, idx, sender.rpartition("@")[2]),
+                                           unsubscribe_url=unsubscribe, dkim=self.sender.dkim)
+            except Exception as e:
+                # The same body renders the same way on every node and at every retry: a
+                # permanent outcome, decided once (bounced, the reason in the event).
+                log.error("batch %s: submission %s cannot be rendered for %s: %s", self.bid, sid, rcpt, e)
+                self.on_outcome(Outcome(pos, 554, "5.6.0",
+                                        f"5.6.0 message cannot be rendered: {type(e).__name__}: {e}"[:200], ""))
+                continue
             yield pos, rcpt, msg
 
 
@@ -202,33 +240,64 @@ class Sender:
         rs = self.node.raft.raft_status()
         return rs["leader_commit_index"] is not None and rs["applied_index"] >= rs["leader_commit_index"]
 
+    async def announce(self) -> None:
+        """Commit this process's incarnation before taking any batch. Batches leased to the node's
+        previous process go back to the queue in the same command, counted as possibly sent."""
+        timeout = self.node.config.intake.commit_timeout
+        while not self.stopping:
+            try:
+                res = await self.node.proposer.propose(
+                    {"op": "incarnate", "node": self.node.id, "incarnation": self.node.incarnation,
+                     "now": time.time()}, timeout)
+            except ProposalFailed as e:
+                log.debug("incarnation not announced yet (%s)", e.reason)
+                await asyncio.sleep(0.2)
+                continue
+            if res.get("abandoned"):
+                log.warning("batch %s was leased to this node before it restarted: given back, %d recipients "
+                            "back in the queue (counted as possibly sent twice)",
+                            ",".join(res["abandoned"]), res.get("returned", 0))
+            return
+
+    def announced(self) -> bool:
+        return self.node.raft.read(lambda st: st.incarnations.get(self.node.id)) == self.node.incarnation
+
     async def run(self) -> None:
         limit = self.node.config.delivery.max_concurrent_batches
+        announcing: asyncio.Task | None = None
         while not self.stopping:
             await asyncio.sleep(POLL_INTERVAL)
             try:
                 if not self.caught_up():
                     continue
+                if not self.announced():
+                    if announcing is None or announcing.done():
+                        announcing = asyncio.create_task(self.announce())
+                    continue
                 mine = self.node.raft.read(
-                    lambda st: [(b.id, b.domain, list(b.items), b.assigned_at) for b in st.batches_for(self.node.id)])
+                    lambda st: [(b.id, b.domain, list(b.items), b.lease, b.incarnation)
+                                for b in st.batches_for(self.node.id)])
                 self.finished &= {m[0] for m in mine}
-                for bid, domain, items, assigned_at in mine:
+                for bid, domain, items, lease, incarnation in mine:
                     if bid in self.running or bid in self.finished or len(self.running) >= limit:
                         continue
-                    if assigned_at < self.node.started:
+                    if incarnation != self.node.incarnation:
                         # Leased to this node's previous process, which may have sent any of it.
                         self.finished.add(bid)
                         asyncio.create_task(self._abandon(bid))
                         continue
-                    task = asyncio.create_task(BatchRun(self, bid, domain, items).run())
+                    task = asyncio.create_task(BatchRun(self, bid, domain, items, lease).run())
                     self.running[bid] = task
                     task.add_done_callback(lambda _t, bid=bid: self._done(bid))
             except Exception:
                 log.exception("sender poll failed")
+        if announcing is not None:
+            announcing.cancel()
 
     async def _abandon(self, bid: str) -> None:
         try:
             res = await self.node.proposer.propose({"op": "abandon", "batch": bid, "node": self.node.id,
+                                                    "incarnation": self.node.incarnation,
                                                     "now": time.time()}, self.node.config.intake.commit_timeout)
             log.warning("batch %s was leased to this node before it restarted: given back, %d recipients "
                         "back in the queue (counted as possibly sent twice)", bid, res.get("abandoned", 0))

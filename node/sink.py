@@ -33,6 +33,9 @@ DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_STOP_GRACE = 5.0
 DEFAULT_DELAY = 0.0  # seconds the sink waits before accepting each message (a slow receiver)
+# What the sink does once it has a message's final dot: "reply" (250), "hang" (store it, never
+# answer: the sender's reply timeout decides) or "drop" (store it, close the connection unanswered).
+AFTER_DATA_CHOICES = ("reply", "hang", "drop")
 DEFAULT_HOSTNAME = "raftmail-sink"  # fixed so the greeting never needs a DNS lookup
 MAX_SAFE_RECIPIENT_CHARS = 120
 
@@ -221,6 +224,13 @@ class _SinkSMTP(SMTP):
         self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._sink._unavailable():
+            # A receiver that is down for a while: 421 to everything (RFC 5321 3.8).
+            self._refused = True
+            self._sink._on_refused(transport.get_extra_info("peername"), "unavailable")
+            transport.write(b"421 4.3.2 Service not available, try again later\r\n")
+            transport.close()
+            return
         if self._sink._at_connection_cap():
             # Answer like a busy real server so the sender backs off and retries later.
             self._refused = True
@@ -273,6 +283,15 @@ class _SinkHandler:
                              "message_id": message_id, "file": name, "size": len(raw)})
         self._sink.stats["messages"] += 1
         self._sink.stats["recipients"] += len(stored)
+        behaviour = self._sink._after_data_now()
+        if behaviour != "reply":
+            # The copy is stored (and logged) as received; only the reply goes missing.
+            self._sink._log({"event": "no_reply", "conn": server.sink_conn, "t": time.time(),
+                             "how": behaviour, "rcpts": list(envelope.rcpt_tos)})
+            if behaviour == "drop" and server.transport is not None:
+                server.transport.abort()
+            await asyncio.sleep(self._sink.idle_timeout)  # cancelled when the connection goes
+            return "421 4.4.2 Timeout"
         return "250 OK"
 
 
@@ -285,8 +304,17 @@ class CaptureSink:
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  stop_grace: float = DEFAULT_STOP_GRACE,
                  hostname: str = DEFAULT_HOSTNAME,
-                 delay: float = DEFAULT_DELAY) -> None:
+                 delay: float = DEFAULT_DELAY,
+                 after_data: str = "reply",
+                 after_data_times: int = 0,
+                 unavailable_for: float = 0.0) -> None:
+        if after_data not in AFTER_DATA_CHOICES:
+            raise ValueError(f"after_data must be one of {', '.join(AFTER_DATA_CHOICES)}, got {after_data!r}")
         self.maildir = Path(maildir)
+        self.after_data = after_data
+        self.after_data_left = after_data_times  # 0: every message
+        self.unavailable_for = unavailable_for
+        self._started_at = time.monotonic()
         self.rules = tuple(rules)
         self.max_message_bytes = max_message_bytes
         self.max_connections = max_connections
@@ -310,6 +338,7 @@ class CaptureSink:
         if self._server is not None:
             raise RuntimeError("sink already started")
         self.maildir.mkdir(parents=True, exist_ok=True)
+        self._started_at = time.monotonic()
         self._remove_stale_temp_files()
         _reserve_seq_floor(_highest_seq_on_disk(self.maildir))
         self._log_file = open(self.maildir / LOG_NAME, "a", encoding="utf-8")
@@ -347,6 +376,22 @@ class CaptureSink:
                          decode_data=False, hostname=self.hostname, timeout=self.idle_timeout,
                          loop=loop)
 
+    def _unavailable(self) -> bool:
+        return time.monotonic() - self._started_at < self.unavailable_for
+
+    def _after_data_now(self) -> str:
+        """The after-data behaviour for this message (consuming one of a limited count)."""
+        if self.after_data == "reply":
+            return "reply"
+        if self.after_data_left == 0:
+            return self.after_data
+        if self.after_data_left < 0:
+            return "reply"
+        self.after_data_left -= 1
+        if self.after_data_left == 0:
+            self.after_data_left = -1  # used up: reply normally from now on
+        return self.after_data
+
     def _at_connection_cap(self) -> bool:
         return self.stats["connections_open"] >= self.max_connections
 
@@ -362,10 +407,10 @@ class CaptureSink:
                    "peer": _format_peer(peer), "open": stats["connections_open"]})
         return self._conn_counter
 
-    def _on_refused(self, peer: Any) -> None:
+    def _on_refused(self, peer: Any, why: str = "max_connections") -> None:
         self.stats["connections_refused"] += 1
         self._log({"event": "refused", "t": time.time(), "peer": _format_peer(peer),
-                   "open": self.stats["connections_open"]})
+                   "open": self.stats["connections_open"], "why": why})
 
     def _on_disconnect(self, protocol: _SinkSMTP) -> None:
         if protocol not in self._open:
@@ -417,10 +462,12 @@ class CaptureSink:
 async def run_sink(host: str, port: int, maildir: Path, rules: Sequence[ReplyRule], *,
                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                    max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                   delay: float = DEFAULT_DELAY) -> None:
+                   delay: float = DEFAULT_DELAY, after_data: str = "reply", after_data_times: int = 0,
+                   unavailable_for: float = 0.0) -> None:
     """Run a capture sink until cancelled, SIGTERM or SIGINT."""
     sink = CaptureSink(maildir, rules, max_message_bytes=max_message_bytes,
-                       max_connections=max_connections, delay=delay)
+                       max_connections=max_connections, delay=delay, after_data=after_data,
+                       after_data_times=after_data_times, unavailable_for=unavailable_for)
     bound = await sink.start(host, port)
     stop_requested = asyncio.Event()
     installed = _install_stop_signals(stop_requested)

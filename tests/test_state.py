@@ -45,7 +45,7 @@ def submit_cmd(now: float, *subs: dict, window: float = HOUR, max_queued: int = 
 
 def assign_cmd(node: str, domain: str, items: list, now: float, *, lease: float = 300.0,
                max_connections: int = 4, max_per_minute: int = 0, term: int = 1) -> dict:
-    return {"op": "assign", "node": node, "domain": domain, "now": now, "lease_until": now + lease,
+    return {"op": "assign", "node": node, "domain": domain, "now": now, "lease": lease,
             "term": term, "max_connections": max_connections, "max_per_minute": max_per_minute,
             "items": [list(i) for i in items]}
 
@@ -187,11 +187,11 @@ def mixed_history() -> list[dict]:
         {"op": "suppress", "address": "Fay@Yahoo.test", "reason": "complaint", "now": t + 2},
         assign_cmd("mx-a", "gmail.test", [("m1", 0), ("m1", 1), ("m2", 0)], t + 3),
         assign_cmd("mx-b", "yahoo.test", [("m1", 2), ("m2", 1)], t + 3),
-        {"op": "renew", "node": "mx-a", "batch": "b1", "lease_until": t + 900},
+        {"op": "renew", "node": "mx-a", "batch": "b1"},
         report_cmd("mx-a", "b1", t + 10, [outcome("m1", 0, 250, None, "2.0.0 ok"),
                                           outcome("m1", 1, 451, "4.7.1", "greylisted", t + 600),
                                           outcome("m2", 0, 550, "5.1.1", "no such user")]),
-        {"op": "expire", "now": t + 400},  # mx-b's lease (t+303) ran out
+        {"op": "expire", "now": t + 400, "batches": [["b2", 0]]},  # the leader measured mx-b's lease out
         campaign_cmd("pause", "autumn", t + 401),
         assign_cmd("mx-a", "gmail.test", [("m1", 1)], t + 700),
         assign_cmd("mx-b", "yahoo.test", [("m1", 2)], t + 701),
@@ -317,7 +317,7 @@ BAD_COMMANDS: list[tuple[str, Any]] = [
     ("assign with empty items", assign_cmd("mx-a", "y.test", [], T0 + 5)),
     ("assign with items a string", {**assign_cmd("mx-a", "y.test", [], T0 + 5), "items": "s1:2"}),
     ("assign with string now", {**assign_cmd("mx-a", "y.test", [("s1", 2)], T0 + 5), "now": "soon"}),
-    ("renew without batch", {"op": "renew", "node": "mx-a", "lease_until": T0 + 999}),
+    ("renew without batch", {"op": "renew", "node": "mx-a"}),
     ("report without now", {k: v for k, v in report_cmd("mx-a", "b1", T0, []).items() if k != "now"}),
     ("report with results a dict", {**report_cmd("mx-a", "b1", T0 + 3, []), "results": {"s1": 250}}),
     ("report with release an int", {**report_cmd("mx-a", "b1", T0 + 3, []), "release": 1}),
@@ -329,8 +329,10 @@ BAD_COMMANDS: list[tuple[str, Any]] = [
     ("report with a good row then a bad one",
      report_cmd("mx-a", "b1", T0 + 5, [outcome("s1", 0, 250), outcome("s1", 0, "x")])),
     ("report with a malformed release", report_cmd("mx-a", "b1", T0 + 5, [outcome("s1", 0, 250)], [["s1"]])),
-    ("expire without now", {"op": "expire"}),
-    ("expire with string now", {"op": "expire", "now": "later"}),
+    ("expire without now", {"op": "expire", "batches": []}),
+    ("expire with string now", {"op": "expire", "now": "later", "batches": []}),
+    ("expire without batches", {"op": "expire", "now": T0}),
+    ("expire with a bad pair", {"op": "expire", "now": T0, "batches": [["b1", "0"]]}),
     ("pause unknown campaign", campaign_cmd("pause", "nope")),
     ("resume without campaign", {"op": "resume"}),
     ("cancel without now", {"op": "cancel", "campaign": "spring-sale"}),
@@ -518,10 +520,10 @@ def test_assign_leases_recipients_of_one_domain() -> None:
     state = queued_state(["a@x.test", "b@x.test", "c@y.test"])
     result = run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s1", 2), ("nope", 0),
                                                       ("s1", 9)], T0 + 1, lease=120))
-    assert result == {"batch": "b1", "n": 2}
+    assert result == {"batch": "b1", "n": 2, "leased": ["b1", 0]}
     assert [state_of(state, "s1", i) for i in range(3)] == ["in_flight", "in_flight", "pending"]
     batch = state.batches["b1"]
-    assert (batch.node, batch.domain, batch.lease_until, batch.term) == ("mx-a", "x.test", T0 + 121, 1)
+    assert (batch.node, batch.domain, batch.lease, batch.renewals, batch.term) == ("mx-a", "x.test", 120, 0, 1)
     assert list(batch.items) == [("s1", 0), ("s1", 1)]
     assert [b.id for b in state.batches_for("mx-a")] == ["b1"] and state.batches_for("mx-b") == []
     assert state.eligible(T0 + 2, 100) == {"y.test": [["s1", 2]]}
@@ -558,7 +560,7 @@ def test_deferred_recipient_waits_until_next_at() -> None:
     assert early["batch"] is None
     assert state_of(state, "s1", 0) == "deferred"
     assert state.eligible(T0 + 600, 100) == {"x.test": [["s1", 0]]}
-    assert run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 600)) == {"batch": "b2", "n": 1}
+    assert run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 600)) == {"batch": "b2", "n": 1, "leased": ["b2", 0]}
     run(state, report_cmd("mx-a", "b2", T0 + 601, [outcome("s1", 0, 250)]))
     assert state.recipient("s1", 0)["attempts"] == 2
     assert state_of(state, "s1", 0) == "delivered"
@@ -642,8 +644,10 @@ def test_expired_lease_returns_unreported_recipients() -> None:
     state = queued_state(["a@x.test", "b@x.test", "c@x.test"])
     run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s1", 2)], T0 + 1, lease=100))
     run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 250)]))
-    assert run(state, {"op": "expire", "now": T0 + 101}) == {"expired": [], "returned": 0}  # not yet over
-    assert run(state, {"op": "expire", "now": T0 + 102}) == {"expired": ["b1"], "returned": 2}
+    # The leader names the renewal count it measured from: an older count expires nothing.
+    run(state, {"op": "renew", "node": "mx-a", "batch": "b1"})
+    assert run(state, {"op": "expire", "now": T0 + 101, "batches": [["b1", 0]]}) == {"expired": [], "returned": 0}
+    assert run(state, {"op": "expire", "now": T0 + 102, "batches": [["b1", 1]]}) == {"expired": ["b1"], "returned": 2}
     assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "pending", "pending"]
     assert state.stats["reassigned_in_flight"] == 2 and state.stats["lease_expiries"] == 1
     assert state.batches == {} and state.domain_batches == {}
@@ -663,7 +667,7 @@ def test_reported_recipients_are_never_returned_by_expire() -> None:
                                                  outcome("s1", 1, 451, None, "later", T0 + 50),
                                                  outcome("s1", 2, 550, "5.1.1", "gone")]))
     assert "b1" not in state.batches
-    assert run(state, {"op": "expire", "now": T0 + 10 * DAY}) == {"expired": [], "returned": 0}
+    assert run(state, {"op": "expire", "now": T0 + 10 * DAY, "batches": [["b1", 0]]}) == {"expired": [], "returned": 0}
     assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "deferred", "bounced"]
     assert state.stats["reassigned_in_flight"] == 0
 
@@ -671,13 +675,12 @@ def test_reported_recipients_are_never_returned_by_expire() -> None:
 def test_renew_extends_the_lease_for_its_holder_only() -> None:
     state = queued_state(["a@x.test"])
     run(state, assign_cmd("mx-a", "x.test", [("s1", 0)], T0 + 1, lease=100))
-    assert run(state, {"op": "renew", "node": "mx-b", "batch": "b1", "lease_until": T0 + 1000}) == {"ok": False}
-    assert run(state, {"op": "renew", "node": "mx-a", "batch": "b1", "lease_until": T0 + 500}) == \
-        {"ok": True, "lease_until": T0 + 500}
-    # A renewal never shortens a lease.
-    assert run(state, {"op": "renew", "node": "mx-a", "batch": "b1", "lease_until": T0 + 200})["lease_until"] == T0 + 500
-    assert run(state, {"op": "expire", "now": T0 + 400}) == {"expired": [], "returned": 0}
-    assert run(state, {"op": "expire", "now": T0 + 501})["returned"] == 1
+    assert run(state, {"op": "renew", "node": "mx-b", "batch": "b1"}) == {"ok": False}
+    assert run(state, {"op": "renew", "node": "mx-a", "batch": "b1"}) == {"ok": True, "leased": ["b1", 1]}
+    assert run(state, {"op": "renew", "node": "mx-a", "batch": "b1"}) == {"ok": True, "leased": ["b1", 2]}
+    # An expiry measured before the last renewal committed loses to it.
+    assert run(state, {"op": "expire", "now": T0 + 400, "batches": [["b1", 1]]}) == {"expired": [], "returned": 0}
+    assert run(state, {"op": "expire", "now": T0 + 501, "batches": [["b1", 2]]})["returned"] == 1
 
 
 def test_release_returns_recipients_to_the_queue() -> None:
@@ -712,14 +715,14 @@ def test_max_per_minute_trims_the_batch_until_a_minute_has_passed() -> None:
     state = queued_state(rcpts)
     items = [("s1", i) for i in range(8)]
     first = run(state, assign_cmd("mx-a", "x.test", items, T0 + 1, max_per_minute=3))
-    assert first == {"batch": "b1", "n": 3}
+    assert first == {"batch": "b1", "n": 3, "leased": ["b1", 0]}
     assert state._sent_last_minute("x.test", T0 + 1) == 3
     blocked = run(state, assign_cmd("mx-b", "x.test", items, T0 + 30, max_per_minute=3))
     assert blocked == {"batch": None, "reason": "max_per_minute"}
     assert state.queue_counts()["in_flight"] == 3
     assert run(state, assign_cmd("mx-b", "x.test", items, T0 + 60.5, max_per_minute=3))["batch"] is None
     second = run(state, assign_cmd("mx-b", "x.test", items, T0 + 61, max_per_minute=3))
-    assert second == {"batch": "b2", "n": 3}
+    assert second == {"batch": "b2", "n": 3, "leased": ["b2", 0]}
     assert list(state.batches["b2"].items) == [("s1", 3), ("s1", 4), ("s1", 5)]
 
 
@@ -758,7 +761,7 @@ def test_cancel_stops_waiting_recipients_and_lets_in_flight_ones_finish() -> Non
                                                  outcome("s1", 2, 451, None, "later", T0 + 900)]))
     assert state_of(state, "s1", 1) == "delivered" and state_of(state, "s1", 2) == "cancelled"
     # A lease of the cancelled campaign that runs out does not put anything back in the queue.
-    assert run(state, {"op": "expire", "now": T0 + 200})["returned"] == 1
+    assert run(state, {"op": "expire", "now": T0 + 200, "batches": [["b2", 0]]})["returned"] == 1
     assert state_of(state, "s1", 3) == "cancelled"
     counts = state.queue_counts()
     assert counts["pending"] == counts["in_flight"] == counts["deferred"] == 0
@@ -930,7 +933,7 @@ def assign_command(draw, now: float, eligible: dict) -> dict:
         domain = draw(st.sampled_from(DOMAINS))
         items = draw(st.lists(any_item, min_size=1, max_size=6))
     return assign_cmd(draw(st.sampled_from(NODES)), domain, items, now,
-                      lease=draw(st.sampled_from([0, 300, 3000])),
+                      lease=draw(st.sampled_from([1, 300, 3000])),
                       max_connections=draw(st.sampled_from([1, 2])),
                       max_per_minute=draw(st.sampled_from([0, 2, 5])))
 
@@ -965,10 +968,10 @@ def valid_command(draw, now: float, hint: dict) -> dict:
     if op == "report":
         return draw(report_command(now, hint["batches"]))
     if op == "expire":
-        return {"op": "expire", "now": now}
+        return {"op": "expire", "now": now, "batches": [[b[0], draw(st.sampled_from([0, 1, 2]))] for b in hint["batches"]]}
     if op == "renew":
         bid, node = draw(st.sampled_from([(b[0], b[1]) for b in hint["batches"]] + [("b1", "n0")]))
-        return {"op": "renew", "node": node, "batch": bid, "lease_until": now + draw(st.sampled_from([0, 60, 600]))}
+        return {"op": "renew", "node": node, "batch": bid}
     if op in ("pause", "resume", "cancel"):
         return campaign_cmd(op, draw(st.sampled_from(CAMPAIGNS)), now)
     if op == "suppress":
@@ -1089,7 +1092,8 @@ def test_valid_histories_never_strand_a_recipient(data: st.DataObject) -> None:
         assert_leases_consistent(state)
         assert_cancelled_campaigns_are_not_waiting(state)
     # Once every lease has run out, nothing is left in flight.
-    state.apply_blob(encode_command({"op": "expire", "now": now + 365 * DAY}))
+    state.apply_blob(encode_command({"op": "expire", "now": now + 365 * DAY,
+                                     "batches": [[b.id, b.renewals] for b in state.batches.values()]}))
     assert state.queue_counts()["in_flight"] == 0
     assert_leases_consistent(state)
 
@@ -1099,8 +1103,10 @@ def test_abandon_returns_a_restarted_holders_batch_and_counts_it() -> None:
     run(state, assign_cmd("mx-a", "x.test", [("s1", 0), ("s1", 1), ("s1", 2)], T0 + 1))
     run(state, report_cmd("mx-a", "b1", T0 + 2, [outcome("s1", 0, 250)]))
     # Only the holder may give it back.
-    assert run(state, {"op": "abandon", "batch": "b1", "node": "mx-b", "now": T0 + 3}) == {"abandoned": 0}
-    assert run(state, {"op": "abandon", "batch": "b1", "node": "mx-a", "now": T0 + 3}) == {"abandoned": 2}
+    assert run(state, {"op": "abandon", "batch": "b1", "node": "mx-b", "incarnation": "i2", "now": T0 + 3}) == \
+        {"abandoned": 0}
+    assert run(state, {"op": "abandon", "batch": "b1", "node": "mx-a", "incarnation": "i2", "now": T0 + 3}) == \
+        {"abandoned": 2}
     assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "pending", "pending"]
     assert state.batches == {} and state.stats["reassigned_in_flight"] == 2
     assert_counts_match(state)
