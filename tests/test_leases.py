@@ -277,3 +277,42 @@ def test_holder_restarted_at_once_while_the_leaders_clock_is_ahead(clusters) -> 
     check_no_loss(c, sid, recs)
     s = stats(c)
     assert s.get("batches_abandoned", 0) >= 1, s
+
+
+def test_holder_cut_off_from_the_cluster_sends_nothing_after_its_lease(clusters) -> None:
+    """The batch holder loses every peer (both SIGSTOPped) mid-batch: it cannot renew, so it stops
+    before its lease ends; once the cluster is back, every recipient ends once-or-counted."""
+    import signal
+    import time
+    c = clusters("--delay", "0.3", delivery={"batch_size": 50})
+    rcpts = [f"r{i:02d}@example.com" for i in range(30)]
+    sid = submit(c, rcpts)
+
+    def holder():
+        for nid in c.ids:
+            for m in _ASSIGNED.finditer(c.log_text(nid)):
+                return m.group(4)
+        return None
+    node = wait_for(holder, 20, "the batch to be assigned")
+    wait_for(lambda: sum(copies(c).values()) >= 3, 20, "the holder to be sending")
+    others = [n for n in c.ids if n != node]
+    cut = time.time()  # the sink stamps its log on this machine's wall clock too
+    for n in others:
+        c.signal(n, signal.SIGSTOP)
+    try:
+        # Its last renewal was sent before the cut, so its lease ends before cut + LEASE; the last
+        # copy may still be in the receiver's 0.3 s delay then.
+        limit = cut + LEASE + 0.3 + 0.2
+        deadline = time.monotonic() + LEASE + 2.0
+        while time.monotonic() < deadline:
+            late = [e for e in c.sink.delivered() if e["t"] > limit]
+            assert not late, f"{len(late)} copies reached the receiver after {node}'s lease ended: {late[:3]}"
+            time.sleep(0.1)
+        sent_while_cut = [e for e in c.sink.delivered() if e["t"] > cut]
+        assert len(sent_while_cut) < len(rcpts) - 3, "the holder went on sending although cut off"
+    finally:
+        for n in others:
+            c.signal(n, signal.SIGCONT)
+    recs = wait_final(c, sid, timeout=60)
+    assert [r["state"] for r in recs] == ["delivered"] * len(rcpts), recs
+    check_no_loss(c, sid, recs)
