@@ -257,6 +257,10 @@ class _NodeCollector:
                        "expiry, possibly sent already (replicated)", s.get("reassigned_in_flight", 0))
         yield _counter("raftmail_fenced_outcomes", "Outcomes reported after the lease moved on (replicated)",
                        s.get("fenced_reports", 0))
+        yield _counter("raftmail_maybe_delivered", "Final dots that got no reply: the receiver may have the "
+                       "copy, and a retry may duplicate it (replicated)", s.get("maybe_delivered", 0))
+        yield _counter("raftmail_batches_abandoned", "Batches a restarted node gave back, counted as possibly "
+                       "sent (replicated)", s.get("batches_abandoned", 0))
         yield _counter("raftmail_duplicate_submissions", "Submissions deduplicated by Message-ID and "
                        "sender (replicated)", s.get("duplicates_refused", 0))
         yield _counter("raftmail_commands_refused", "Replicated commands the state machine refused",
