@@ -323,7 +323,9 @@ class MailState:
 
     def _op_assign(self, c: dict) -> dict:
         node, domain = _str(c, "node"), _str(c, "domain")
-        now, lease = _num(c, "now"), _num(c, "lease")
+        now = _num(c, "now")
+        # Entries of the previous release carried a wall-clock lease end: its duration is the same.
+        lease = _num(c, "lease") if "lease" in c or "lease_until" not in c else _num(c, "lease_until") - now
         if lease <= 0:
             raise CommandRefused("assign: lease must be a positive number of seconds")
         term = int(_num(c, "term"))
@@ -491,7 +493,9 @@ class MailState:
         """Leases the leader measured as run out, on its own clock: [[batch, renewals], ...]. A batch
         renewed after the leader looked (its counter moved on) keeps its lease."""
         now = _num(c, "now")
-        pairs = c.get("batches")
+        # An entry of the previous release (no batches: it compared wall clocks) expires nothing;
+        # the leader measures those leases again on its own clock.
+        pairs = c.get("batches", [])
         if not isinstance(pairs, list) or len(pairs) > MAX_ITEMS_PER_COMMAND or not all(
                 isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) and type(p[1]) is int for p in pairs):
             raise CommandRefused("expire: batches must be a list of [batch id, renewals]")
@@ -780,6 +784,8 @@ class MailState:
     @classmethod
     def from_snapshot(cls, blob: bytes) -> "MailState":
         w = msgpack.unpackb(zlib.decompress(blob), raw=False, strict_map_key=False)
+        if w.get("schema") == 1:
+            w = _from_schema_1(w)
         if w.get("schema") != SCHEMA_VERSION:
             raise ValueError(f"snapshot schema {w.get('schema')} is not {SCHEMA_VERSION}")
         st = cls()
@@ -798,7 +804,7 @@ class MailState:
         st.events = deque(w["events"], maxlen=EVENT_RING)
         st.event_seq = w["event_seq"]
         st.members = dict(w["members"])
-        st.incarnations = dict(w["incarnations"])
+        st.incarnations = dict(w.get("incarnations", {}))
         st.archived = dict(w["archived"])
         st.applied = w["applied"]
         return st
@@ -806,6 +812,16 @@ class MailState:
     def digest(self) -> str:
         """Replicas with the same applied history have the same digest."""
         return hashlib.sha256(self._packed()).hexdigest()
+
+
+def _from_schema_1(w: dict) -> dict:
+    """Schema 1 held a wall-clock lease end per batch: it becomes the lease duration it was
+    granted, with no incarnation (the holder's next process gives it back, counted)."""
+    batches = []
+    for b in w["batches"]:
+        lease_until, assigned_at = b[4], b[6]
+        batches.append([b[0], b[1], b[2], b[3], max(1.0, lease_until - assigned_at), b[5], assigned_at, "", 0])
+    return {**w, "schema": 2, "batches": batches, "incarnations": {}}
 
 
 def _num(c: dict, key: str) -> float:

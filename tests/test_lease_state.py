@@ -119,3 +119,21 @@ def test_the_snapshot_carries_leases_and_incarnations() -> None:
     copy = restored(state)
     b = copy.batches["b1"]
     assert (b.lease, b.renewals, b.incarnation) == (45, 1, "i1") and copy.incarnations == {"mx-a": "i1"}
+
+
+def test_a_snapshot_and_commands_of_the_previous_schema_still_load() -> None:
+    import zlib
+
+    import msgpack
+    state = queued_state(["a@x.test"])
+    run(state, {"op": "assign", "node": "mx-a", "domain": "x.test", "now": T0 + 1, "lease_until": T0 + 31,
+                "term": 1, "max_connections": 4, "max_per_minute": 0, "items": [["s1", 0]]})
+    assert state.batches["b1"].lease == 30
+    assert run(state, {"op": "expire", "now": T0 + 999}) == {"expired": [], "returned": 0}
+    w = msgpack.unpackb(zlib.decompress(state.to_snapshot()), raw=False, strict_map_key=False)
+    w["schema"] = 1
+    w.pop("incarnations")
+    w["batches"] = [[b[0], b[1], b[2], b[3], T0 + 31, b[5], T0 + 1] for b in w["batches"]]
+    old = MailState.from_snapshot(zlib.compress(msgpack.packb(w, use_bin_type=True)))
+    b = old.batches["b1"]
+    assert (b.lease, b.renewals, b.incarnation) == (30, 0, "") and old.schema == 2
