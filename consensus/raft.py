@@ -664,5 +664,23 @@ class RaftNode(SyncObj):
     def is_leader(self) -> bool:
         return self._isLeader()
 
+    def responsive_partners(self, within: float) -> list[str]:
+        """The leader's real view of its followers: the partners connected now that answered an
+        append_entries in the last `within` seconds (a frozen process keeps its TCP connection).
+        Empty on a non-leader: pysyncobj tracks answers only while it leads."""
+        if not self._isLeader():
+            return []
+        for _ in range(3):  # the tick thread may change the dict while we copy it
+            try:
+                answered = dict(self._SyncObj__lastResponseTime)
+                break
+            except RuntimeError:
+                continue
+        else:
+            return []
+        since = pysyncobj_clock() - within
+        return sorted(str(n) for n in list(self.otherNodes)
+                      if self.isNodeConnected(n) and answered.get(n, since - 1) >= since)
+
 
 FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if isinstance(v, int)}

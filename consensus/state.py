@@ -622,22 +622,37 @@ class MailState:
         return {"ok": self.suppressed.pop(_str(c, "address").lower(), None) is not None}
 
     def _op_member_add(self, c: dict) -> dict:
-        nid = _str(c, "id")
-        self.members[nid] = {"raft": _str(c, "raft"), "smtp": _str(c, "smtp"), "admin": _str(c, "admin"),
-                             "status": "active"}
+        """A node joins (again; a leaving one stays). Retried with the same addresses it changes
+        nothing."""
+        nid, addrs = _str(c, "id"), {k: _str(c, k) for k in ("raft", "smtp", "admin")}
+        m = self.members.get(nid)
+        status = m["status"] if m else None
+        if status in ("active", "leaving") and any(m[k] != v for k, v in addrs.items()):
+            raise CommandRefused(f"{nid} is a member with other addresses")
+        other = next((k for k, v in self.members.items()
+                      if k != nid and v["raft"] == addrs["raft"] and v["status"] != "removed"), None)
+        if other is not None:
+            raise CommandRefused(f"raft address {addrs['raft']} belongs to member {other}")
+        if status == "active":
+            return {"ok": True, "already": True}
+        self.members[nid] = {**addrs, "status": "active"}
         return {"ok": True}
 
     def _op_member_leave(self, c: dict) -> dict:
-        """The node gets no new batches; it is removed once it holds none."""
+        """The node gets no new batches; it is removed once it holds none. Retried, or once it is
+        removed, it changes nothing."""
         nid = _str(c, "id")
-        m = self.members.setdefault(nid, {"raft": _str(c, "raft"), "smtp": _str(c, "smtp"),
-                                          "admin": _str(c, "admin"), "status": "active"})
-        m["status"] = "leaving"
-        return {"ok": True, "batches": sum(1 for b in self.batches.values() if b.node == nid)}
+        addrs = {k: _str(c, k) for k in ("raft", "smtp", "admin")}
+        m = self.members.get(nid)
+        if m is None or m["status"] == "active":
+            self.members[nid] = {**(m or addrs), "status": "leaving"}
+        batches = sum(1 for b in self.batches.values() if b.node == nid)
+        return {"ok": True, "batches": batches}
 
     def _op_member_remove(self, c: dict) -> dict:
         nid = _str(c, "id")
-        if self.members.get(nid, {}).get("status") != "leaving":
+        status = self.members.get(nid, {}).get("status")
+        if status not in ("leaving", "removed"):
             raise CommandRefused(f"{nid} is not leaving")
         self.members[nid]["status"] = "removed"
         return {"ok": True}

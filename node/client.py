@@ -117,23 +117,33 @@ def post_json(admin: str, path: str, body: dict, token: str | None, timeout: flo
         return 0, {"error": str(getattr(e, "reason", e))}
 
 
+MEMBERSHIP_HOPS = 4  # leader redirects one join/leave follows (a leaving leader hands over once)
+
+
 def membership_change(config: Config, node_id: str, action: str, timeout: float = 60.0) -> tuple[bool, str]:
-    """`join` or `leave` node_id, asked of the other members in turn."""
+    """`join` or `leave` node_id, asked of the leader (the only node that sees which members
+    really answer); a retried call finishes what an earlier one started."""
     target = config.node(node_id)
     body = {"id": node_id, "raft": str(target.raft), "smtp": str(target.smtp), "admin": str(target.admin),
             "timeout": timeout}
-    last = "no member answered"
-    for n in config.nodes:
-        if n.id == node_id:
-            continue
-        status, answer = post_json(str(n.admin), f"/cluster/{action}", body, config.cluster.admin_token,
-                                   timeout=timeout + 5)
+    admins = {n.id: str(n.admin) for n in config.nodes}
+    view = cluster_status(config, get_json_all(list(admins.items()), "/status"))
+    ask = view["leader"]
+    if ask is None:
+        down = [x["id"] for x in view["nodes"] if not x["reachable"]]
+        return False, (f"error: {action} {node_id} refused: no leader with a working majority"
+                       + (f" (unreachable: {', '.join(down)})" if down else "") + "; nothing was changed")
+    for _hop in range(MEMBERSHIP_HOPS):
+        status, answer = post_json(admins[ask], f"/cluster/{action}", body, config.cluster.admin_token,
+                                   timeout=timeout + 15)
         if status == 200:
-            return True, f"{node_id}: {action} committed (asked {n.id})"
-        last = f"{n.id}: {answer.get('error', status)}"
-        if status in (401, 403, 404, 409):
-            break
-    return False, f"error: {action} {node_id} failed: {last}"
+            return True, f"{node_id}: {answer.get('message') or action + ' committed'} (asked {ask})"
+        nxt = answer.get("leader")
+        if status == 409 and nxt in admins and (nxt != ask or answer.get("continue")):
+            ask = nxt  # not the leader (any more), or a leaving leader handed over: go on there
+            continue
+        return False, f"error: {action} {node_id} failed: {ask}: {answer.get('error', status)}"
+    return False, f"error: {action} {node_id} failed: leadership kept moving; run {action} again"
 
 
 def run_drill(config: Config, timeout: float = 30.0, poll: float = 0.02) -> dict:

@@ -242,20 +242,40 @@ class MailNode:
         if denied:
             return denied
         body = await request.json()
-        nid, raft_addr = body.get("id"), body.get("raft")
-        if not all(isinstance(body.get(k), str) for k in ("id", "raft", "smtp", "admin")):
+        if not all(isinstance(body.get(k), str) and body.get(k) for k in ("id", "raft", "smtp", "admin")):
             return web.json_response({"error": "join needs id, raft, smtp, admin"}, status=400)
-        if raft_addr in {str(n) for n in self.raft.otherNodes} | {str(self.me.raft)}:
-            return web.json_response({"error": f"{raft_addr} is already a member"}, status=409)
+        nid, raft_addr = body["id"], body["raft"]
+        owner = self.node_of_addr(raft_addr)
+        if owner not in (None, nid):
+            return web.json_response({"error": f"raft address {raft_addr} belongs to member {owner}"}, status=409)
+        known = self._member_record(nid)
+        if known and known["status"] != "removed" and known["raft"] != raft_addr:
+            return web.json_response({"error": f"{nid} is a member with raft address {known['raft']}"},
+                                     status=409)
+        redirect = self._not_leader()
+        if redirect is not None:
+            return redirect
+        in_raft = raft_addr in self._raft_membership()
+        if in_raft and known and known["status"] == "active":
+            return web.json_response({"ok": True, "already": True, "members": len(self._raft_membership()),
+                                      "message": f"{nid} is a member already"})
+        if not in_raft:
+            refusal = self._quorum_refusal("join", nid, raft_addr)
+            if refusal is not None:
+                return web.json_response(refusal, status=409)
+        # Replicated first (retried, it changes nothing), so every node knows its addresses before
+        # it dials in; a leaving member that joins again stays.
         resp = await self._propose_json({"op": "member_add", "id": nid, "raft": raft_addr,
                                          "smtp": body["smtp"], "admin": body["admin"]})
         if resp.status != 200:
             return resp
-        ok, reason = await self._membership_change(self.raft.addNodeToCluster, raft_addr)
-        if not ok:
-            return web.json_response({"error": f"raft membership change refused: {reason}"}, status=503)
+        if not in_raft:
+            ok, reason = await self._membership_change(self.raft.addNodeToCluster, raft_addr)
+            if not ok:
+                return web.json_response({"error": f"raft membership change refused: {reason}; "
+                                                   f"run join again"}, status=503)
         log.warning("member %s (%s) added to the cluster", nid, raft_addr)
-        return web.json_response({"ok": True, "members": len(self.raft.otherNodes) + 1})
+        return web.json_response({"ok": True, "members": len(self._raft_membership())})
 
     async def _h_leave(self, request: web.Request) -> web.Response:
         denied = self._unauthorized(request)
@@ -263,33 +283,126 @@ class MailNode:
             return denied
         body = await request.json()
         nid = body.get("id")
-        member = self.members().get(nid)
+        if not isinstance(nid, str) or not nid:
+            return web.json_response({"error": "leave needs id"}, status=400)
+        member = self._member_record(nid)
         if member is None:
             return web.json_response({"error": f"{nid} is not a member"}, status=404)
-        if nid == self.id:
-            return web.json_response({"error": "ask another node to remove this one"}, status=409)
-        resp = await self._propose_json({"op": "member_leave", "id": nid, **{k: member[k] for k in ("raft", "smtp", "admin")}})
-        if resp.status != 200:
-            return resp
+        redirect = self._not_leader()
+        if redirect is not None:
+            return redirect
+        if member["raft"] not in self._raft_membership():
+            # Removed already (a retried leave), or never in the Raft membership: the replicated
+            # record follows, nothing else to do.
+            for op in ("member_leave", "member_remove"):
+                if member["status"] != "removed":
+                    resp = await self._propose_json({"op": op, "id": nid, **{k: member[k] for k in ("raft", "smtp", "admin")}})
+                    if resp.status != 200:
+                        return resp
+            return web.json_response({"ok": True, "already": True, "members": len(self._raft_membership()),
+                                      "message": f"{nid} is not in the cluster (removed)"})
+        refusal = self._quorum_refusal("leave", nid, member["raft"], started=member["status"] != "active")
+        if refusal is not None:
+            return web.json_response(refusal, status=409)
+        if member["status"] == "active":
+            resp = await self._propose_json({"op": "member_leave", "id": nid, **{k: member[k] for k in ("raft", "smtp", "admin")}})
+            if resp.status != 200:
+                return resp
         # Its batches move first: they finish, or their lease expires and the scheduler reassigns.
-        deadline = time.time() + float(body.get("timeout", self.config.delivery.lease_seconds * 3))
+        deadline = time.monotonic() + float(body.get("timeout", self.config.delivery.lease_seconds * 3))
         while self.raft.read(lambda st: any(b.node == nid for b in st.batches.values())):
-            if time.time() > deadline:
-                return web.json_response({"error": f"{nid} still holds batches"}, status=503)
+            if time.monotonic() > deadline:
+                return web.json_response({"error": f"{nid} still holds batches; it gets no new ones: "
+                                                   f"run leave again to finish"}, status=503)
             await asyncio.sleep(0.2)
-        if self.node_of_addr(self.raft.raft_status()["leader_addr"]) == nid:
-            await self._move_leadership_off(nid, member["admin"])
-        # Committed while it is still a member, so it applies it and stops itself. It must have
-        # applied it before it leaves the Raft membership: after that nobody tells it anything.
-        resp = await self._propose_json({"op": "member_remove", "id": nid})
-        if resp.status != 200:
-            return resp
-        await self._wait_applied(member["admin"], self.raft.raftLastApplied)
+        if nid == self.id:
+            # The leader leaves: another member takes over and finishes (the retried leave there).
+            new = await self._step_down()
+            if new is None:
+                return web.json_response({"error": f"{nid} could not hand leadership over; run leave again"},
+                                         status=503)
+            return web.json_response({"error": f"{nid} handed leadership to {new}; continue the leave there",
+                                      "leader": new, "continue": True}, status=409)
+        # Asked again now: batches may have taken long, and the node stops once removal commits.
+        redirect = self._not_leader()
+        if redirect is not None:
+            return redirect
+        refusal = self._quorum_refusal("leave", nid, member["raft"], started=True)
+        if refusal is not None:
+            return web.json_response(refusal, status=409)
+        if self._member_record(nid)["status"] != "removed":
+            # Committed while it is still a member, so it applies it and stops itself. It must have
+            # applied it before it leaves the Raft membership: after that nobody tells it anything.
+            resp = await self._propose_json({"op": "member_remove", "id": nid})
+            if resp.status != 200:
+                return resp
+            await self._wait_applied(member["admin"], self.raft.raftLastApplied)
         ok, reason = await self._membership_change(self.raft.removeNodeFromCluster, member["raft"])
         if not ok:
-            return web.json_response({"error": f"raft membership change refused: {reason}"}, status=503)
+            return web.json_response({"error": f"raft membership change refused: {reason}; run leave again"},
+                                     status=503)
         log.warning("member %s (%s) removed from the cluster", nid, member["raft"])
-        return web.json_response({"ok": True, "members": len(self.raft.otherNodes) + 1})
+        return web.json_response({"ok": True, "members": len(self._raft_membership())})
+
+    def _member_record(self, nid: str) -> dict | None:
+        """A member by id whatever its status (removed ones too): the replicated record, else the
+        cluster file's."""
+        rec = self.raft.read(lambda st: dict(st.members[nid]) if nid in st.members else None)
+        if rec is None:
+            n = next((n for n in self.config.nodes if n.id == nid), None)
+            if n is not None:
+                rec = {"raft": str(n.raft), "smtp": str(n.smtp), "admin": str(n.admin), "status": "active"}
+        return rec
+
+    def _raft_membership(self) -> set[str]:
+        """Raft addresses of the membership as pysyncobj counts it now (a change counts from the
+        moment the leader appends it)."""
+        return {str(self.raft.selfNode)} | {str(n) for n in self.raft.otherNodes}
+
+    def _not_leader(self) -> web.Response | None:
+        """Membership changes run on the leader: only it sees which members really answer."""
+        if self.raft.is_leader():
+            return None
+        leader = self.node_of_addr(self.raft.raft_status()["leader_addr"])
+        if leader is None or leader == self.id:
+            return web.json_response({"error": "no leader: the cluster has no working majority now, so its "
+                                               "membership cannot change; nothing was changed"}, status=503)
+        return web.json_response({"error": f"{self.id} is not the leader; ask {leader}", "leader": leader},
+                                 status=409)
+
+    def _quorum_refusal(self, action: str, nid: str, raft_addr: str, started: bool = False) -> dict | None:
+        """Why this join or leave would leave the cluster without a working majority, judged from
+        the leader's real connectivity (peers connected and answering); None when it is safe.
+
+        pysyncobj changes the membership one node at a time, and the leader counts the new
+        membership from the moment it appends the change, so the change itself commits only with
+        a majority of the new membership. A joining node is not started yet: until it is, the old
+        members must make that majority alone ({n1,n2,n3} + n4 needs 3 of n1..n3). A leaving node
+        stops itself before its removal commits, so the others must make a majority of the
+        membership with it and of the one without it ({n1,n2,n3} - n2 needs n1 and n3)."""
+        me = str(self.raft.selfNode)
+        before = self._raft_membership()
+        reachable = {me} | set(self.raft.responsive_partners(2 * self.config.raft.election_timeout_max))
+        if action == "join":
+            after = before | {raft_addr}
+            voters, need = reachable & before, len(after) // 2 + 1
+            missing = before - reachable
+        else:
+            after = before - {raft_addr}
+            voters, need = reachable & after, max(len(before), len(after)) // 2 + 1
+            missing = after - reachable
+        if len(voters) >= need:
+            return None
+        name = lambda addr: self.node_of_addr(addr) or addr  # noqa: E731
+        up, down = sorted(name(a) for a in voters), sorted(name(a) for a in missing)
+        why = (f"{action} {nid} would leave the cluster without a working majority: "
+               + (f"the {len(after)} members with {nid} need {need} up to commit, {nid} is not started yet, "
+                  if action == "join" else
+                  f"{nid} stops before its removal commits, and that needs {need} of the other members up, ")
+               + f"but the leader {self.id} reaches only {len(voters)} ({', '.join(up) or 'none'}); "
+               f"unreachable: {', '.join(down) or 'none'}. Bring them back and run {action} again")
+        why += f"; {nid} stays leaving (no new batches)" if started else "; nothing was changed"
+        return {"error": why, "refused": action, "need": need, "reachable": up, "unreachable": down}
 
     async def _wait_applied(self, admin: str, index: int, timeout: float = 5.0) -> None:
         """Until the node at `admin` has applied `index` (or stopped answering, or timeout)."""
@@ -304,12 +417,20 @@ class MailNode:
                 return
             await asyncio.sleep(0.1)
 
-    async def _move_leadership_off(self, nid: str, admin: str) -> None:
-        from raftmail.node.client import post_json
-        await asyncio.to_thread(post_json, admin, "/cluster/transfer", {}, self.config.cluster.admin_token)
-        deadline = time.time() + 10
-        while time.time() < deadline and self.node_of_addr(self.raft.raft_status()["leader_addr"]) in (nid, None):
-            await asyncio.sleep(0.1)
+    async def _step_down(self, timeout: float = 10.0) -> str | None:
+        """This leader hands leadership to a caught-up follower; the new leader's id, or None."""
+        deadline = time.monotonic() + timeout
+        asked = 0.0
+        while time.monotonic() < deadline:
+            if not self.raft.is_leader():
+                leader = self.node_of_addr(self.raft.raft_status()["leader_addr"])
+                if leader not in (None, self.id):
+                    return leader
+            elif time.monotonic() - asked > 0.5:  # refused while no follower is fully caught up
+                self.raft.transferLeadership()
+                asked = time.monotonic()
+            await asyncio.sleep(0.05)
+        return None
 
     async def _membership_change(self, change, raft_addr: str) -> tuple[bool, str]:
         loop = asyncio.get_running_loop()

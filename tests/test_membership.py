@@ -1,5 +1,5 @@
-"""Membership (issue 4): join a node while a campaign is sending, remove one cleanly, and the
-operators' failover drill."""
+"""Membership: join a node while a campaign is sending, remove one cleanly, refuse a join or leave
+that would leave the cluster without a working majority, and the operators' failover drill."""
 from __future__ import annotations
 
 import json
@@ -87,3 +87,86 @@ def test_drill_moves_leadership_and_everyone_catches_up(make_cluster) -> None:
     assert new != old
     code, text = c.submit(new, ["drill@example.com"], make_message(message_id="<drill@x>"))
     assert code == 250, text
+
+
+def _wait_caught_up(c, nid: str, leader: str) -> None:
+    """Until the leader is connected to nid again and nid has applied what the leader committed."""
+    wait_for(lambda: nid in (c.status(leader) or {}).get("connected", []), 30, f"{leader} to reconnect to {nid}")
+    target = c.status(leader)["commit_index"]
+    wait_for(lambda: ((c.status(nid) or {}).get("applied_index") or 0) >= target, 30, f"{nid} to catch up")
+
+
+def _refused_for_lack_of_majority(r, down: str) -> None:
+    assert r.returncode != 0, r.stdout
+    assert "without a working majority" in r.stderr and f"unreachable: {down}" in r.stderr, r.stderr
+    assert "need" in r.stderr, r.stderr
+
+
+def test_leave_while_a_member_is_down_is_refused_then_finishes_once_it_is_back(make_cluster) -> None:
+    c = make_cluster(3)
+    leader = c.wait_leader()
+    down, other = [n for n in c.ids if n != leader]
+    c.kill(down)
+
+    # Without `down`, removing `other` (or the leader) leaves {the rest} needing both: refused,
+    # before anything is committed, saying who is unreachable.
+    for leaving in (other, leader):
+        r = run_cli(c.config_path, "leave", "--node", leaving, timeout=60)
+        _refused_for_lack_of_majority(r, down)
+        assert "nothing was changed" in r.stderr, r.stderr
+    assert c.alive(other)
+    assert c.wait_leader(10, among=[leader, other]) == leader
+    for nid in (leader, other):
+        code, text = c.submit(nid, [f"during-{nid}@example.com"], make_message(message_id=f"<during-{nid}@x>"))
+        assert code == 250, text
+
+    # Once it is back, the leader itself leaves: it hands leadership over, the new leader finishes.
+    c.start(down)
+    _wait_caught_up(c, down, leader)
+    r = run_cli(c.config_path, "leave", "--node", leader, timeout=90)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not c.alive(leader), 20, f"{leader} to stop itself")
+    rest = [down, other]
+    new_leader = c.wait_leader(30, among=rest)
+    code, text = c.submit(new_leader, ["after-leave@example.com"], make_message(message_id="<after-leave@x>"))
+    assert code == 250, text
+
+    # Retried, the leave reports success, not an unknown member.
+    r = run_cli(c.config_path, "leave", "--node", leader, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "removed" in r.stdout
+    c.wait_converged(rest)
+
+
+def test_join_while_a_member_is_down_is_refused_then_succeeds_and_is_idempotent(make_cluster) -> None:
+    c = make_cluster(4, start=False)
+    full = c.config_path.read_text()
+    c.config_path.write_text(_founders_only(c, 3))
+    c.sink.start()
+    for n in ("n1", "n2", "n3"):
+        c.start(n)
+    leader = c.wait_leader(30, among=["n1", "n2", "n3"])
+    down = next(n for n in ("n1", "n2", "n3") if n != leader)
+    up = [n for n in ("n1", "n2", "n3") if n != down]
+    c.kill(down)
+    c.config_path.write_text(full)
+
+    # {n1..n4} would need 3 of 4 with two up and n4 not started: refused, nothing committed.
+    r = run_cli(c.config_path, "join", "--node", "n4", timeout=60)
+    _refused_for_lack_of_majority(r, down)
+    assert c.wait_leader(10, among=up) == leader
+    code, text = c.submit(leader, ["during-join@example.com"], make_message(message_id="<during-join@x>"))
+    assert code == 250, text
+
+    c.start(down)
+    _wait_caught_up(c, down, leader)
+    r = run_cli(c.config_path, "join", "--node", "n4", timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = run_cli(c.config_path, "join", "--node", "n4", timeout=60)  # retried: success, no change
+    assert r.returncode == 0, r.stderr
+    assert "already" in r.stdout
+    c.start("n4")
+    wait_for(lambda: (c.status("n4") or {}).get("leader") == leader, 30, "n4 to follow the leader")
+    code, text = c.submit("n4", ["after-join@example.com"], make_message(message_id="<after-join@x>"))
+    assert code == 250, text
+    c.wait_converged(c.ids)
