@@ -30,6 +30,7 @@ BODY_REPAIR_PARALLEL = 16  # fetches in flight at once
 ADMIN_SHUTDOWN_SECONDS = 2.0  # requests still running at stop get this long to finish
 PEER_PROBE_INTERVAL = 5.0  # seconds between checks that every peer shares our cluster secret
 ORPHAN_BODY_AGE = 3600.0  # a body never committed (its submission got 451) is kept this long
+MEMBER_LEAVE_MAX_WAIT = 3600.0  # seconds a leave may wait for the leaving node's batches to move
 
 
 class MailNode:
@@ -241,8 +242,8 @@ class MailNode:
         denied = self._unauthorized(request)
         if denied:
             return denied
-        body = await request.json()
-        if not all(isinstance(body.get(k), str) and body.get(k) for k in ("id", "raft", "smtp", "admin")):
+        body = await _json_object(request)
+        if body is None or not all(isinstance(body.get(k), str) and body.get(k) for k in ("id", "raft", "smtp", "admin")):
             return web.json_response({"error": "join needs id, raft, smtp, admin"}, status=400)
         nid, raft_addr = body["id"], body["raft"]
         owner = self.node_of_addr(raft_addr)
@@ -281,10 +282,13 @@ class MailNode:
         denied = self._unauthorized(request)
         if denied:
             return denied
-        body = await request.json()
-        nid = body.get("id")
-        if not isinstance(nid, str) or not nid:
-            return web.json_response({"error": "leave needs id"}, status=400)
+        body = await _json_object(request)
+        nid = body.get("id") if body is not None else None
+        timeout = body.get("timeout", self.config.delivery.lease_seconds * 3) if body is not None else None
+        if not isinstance(nid, str) or not nid or isinstance(timeout, bool) \
+                or not isinstance(timeout, (int, float)) or not 0 < timeout <= MEMBER_LEAVE_MAX_WAIT:
+            return web.json_response({"error": f"leave needs id and a timeout of at most "
+                                               f"{MEMBER_LEAVE_MAX_WAIT:.0f} s"}, status=400)
         member = self._member_record(nid)
         if member is None:
             return web.json_response({"error": f"{nid} is not a member"}, status=404)
@@ -309,7 +313,7 @@ class MailNode:
             if resp.status != 200:
                 return resp
         # Its batches move first: they finish, or their lease expires and the scheduler reassigns.
-        deadline = time.monotonic() + float(body.get("timeout", self.config.delivery.lease_seconds * 3))
+        deadline = time.monotonic() + timeout
         while self.raft.read(lambda st: any(b.node == nid for b in st.batches.values())):
             if time.monotonic() > deadline:
                 return web.json_response({"error": f"{nid} still holds batches; it gets no new ones: "
@@ -628,6 +632,15 @@ class MailNode:
         if not isinstance(result, list) or len(result) != 1:
             raise ProposalFailed(f"unexpected result {result!r}", unknown=True)
         return result[0]
+
+
+async def _json_object(request: web.Request) -> dict | None:
+    """A request's JSON object body, or None when it is not one."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def _check_writable(config: Config, path: Path) -> None:
