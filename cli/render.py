@@ -36,6 +36,11 @@ def print_status(view: dict) -> None:
         console.print("queue: " + "  ".join(f"{k} {v}" for k, v in q.items()))
     if view.get("delivered_last_minute") is not None:
         console.print(f"delivered in the last full minute: {view['delivered_last_minute']}")
+    stats = view.get("stats") or {}
+    if stats:
+        errors = stats.get("apply_errors", 0)
+        console.print(f"commands refused: {stats.get('commands_refused', 0)}   apply errors: "
+                      + (f"[bold red]{errors} (a bug: see the nodes' logs)[/]" if errors else "0"))
 
 
 def print_campaigns(campaigns: list[dict]) -> None:

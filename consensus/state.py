@@ -8,6 +8,7 @@ referenced by sha256), kept compact so a million queued recipients snapshot to a
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import zlib
 from collections import deque
@@ -28,6 +29,8 @@ from .outcomes import (
     classify,
 )
 
+log = logging.getLogger("raftmail.state")
+
 SCHEMA_VERSION = 2  # 2: clock-free leases (Batch carries a duration and a renewal counter)
 N_STATES = len(STATE_NAMES)
 # Outcomes of a recipient whose batch went away before it reported (lease expiry, release).
@@ -37,6 +40,7 @@ _WAITING = (PENDING, DEFERRED)
 MAX_SUBMISSIONS_PER_COMMAND = 1000
 MAX_ITEMS_PER_COMMAND = 5000
 MAX_TEXT = 200  # reply text kept per recipient
+APPLY_ERROR_LOG_CHARS = 2000  # of a command whose apply raised (a bug), in the error log line
 # Recipient outcome events kept in the replicated state, for `raftmail events` and webhooks. A
 # protocol constant, not a setting: every replica must drop the same oldest event.
 EVENT_RING = 20000
@@ -199,9 +203,15 @@ class MailState:
         except CommandRefused as e:
             self.stats["commands_refused"] += 1
             return {"error": str(e)}
-        except Exception as e:  # a bug must not wedge the log: every replica fails the same way
-            self.stats["commands_refused"] += 1
-            return {"error": f"{type(e).__name__}: {e}"}
+        except Exception as e:
+            # A bug, not a refusal: the handler may have changed part of the state before it
+            # raised. Every replica fails the same way, so they stay identical and the log goes on;
+            # counted apart (added on first use, so older snapshots keep their digest) and logged
+            # with the entry.
+            self.stats["apply_errors"] = self.stats.get("apply_errors", 0) + 1
+            log.error("bug: applying a replicated command raised %s: %s; command: %.*r", type(e).__name__, e,
+                      APPLY_ERROR_LOG_CHARS, command, exc_info=True)
+            return {"error": f"internal error: {type(e).__name__}: {e}"}
 
     def apply_blob(self, blob: bytes) -> Any:
         try:

@@ -265,6 +265,8 @@ class _NodeCollector:
                        "sender (replicated)", s.get("duplicates_refused", 0))
         yield _counter("raftmail_commands_refused", "Replicated commands the state machine refused",
                        s.get("commands_refused", 0))
+        yield _counter("raftmail_apply_errors", "Replicated commands whose apply raised an unexpected "
+                       "exception: a bug, logged with the command (replicated)", s.get("apply_errors", 0))
         yield _counter("raftmail_outcome_events", "Recipient outcome events committed (replicated)", q["events"])
 
     def _intake(self, node: "MailNode") -> Iterator[Metric]:
