@@ -376,33 +376,18 @@ class MailNode:
 
     def _quorum_refusal(self, action: str, nid: str, raft_addr: str, started: bool = False) -> dict | None:
         """Why this join or leave would leave the cluster without a working majority, judged from
-        the leader's real connectivity (peers connected and answering); None when it is safe.
-
-        pysyncobj changes the membership one node at a time, and the leader counts the new
-        membership from the moment it appends the change, so the change itself commits only with
-        a majority of the new membership. A joining node is not started yet: until it is, the old
-        members must make that majority alone ({n1,n2,n3} + n4 needs 3 of n1..n3). A leaving node
-        stops itself before its removal commits, so the others must make a majority of the
-        membership with it and of the one without it ({n1,n2,n3} - n2 needs n1 and n3)."""
+        the leader's real connectivity (peers connected and answering); None when it is safe."""
         me = str(self.raft.selfNode)
-        before = self._raft_membership()
         reachable = {me} | set(self.raft.responsive_partners(2 * self.config.raft.election_timeout_max))
-        if action == "join":
-            after = before | {raft_addr}
-            voters, need = reachable & before, len(after) // 2 + 1
-            missing = before - reachable
-        else:
-            after = before - {raft_addr}
-            voters, need = reachable & after, max(len(before), len(after)) // 2 + 1
-            missing = after - reachable
+        voters, need, missing, size = membership_quorum(action, self._raft_membership(), reachable, raft_addr)
         if len(voters) >= need:
             return None
         name = lambda addr: self.node_of_addr(addr) or addr  # noqa: E731
         up, down = sorted(name(a) for a in voters), sorted(name(a) for a in missing)
         why = (f"{action} {nid} would leave the cluster without a working majority: "
-               + (f"the {len(after)} members with {nid} need {need} up to commit, {nid} is not started yet, "
+               + (f"the {size} members with {nid} need {need} up to commit, {nid} is not started yet, "
                   if action == "join" else
-                  f"{nid} stops before its removal commits, and that needs {need} of the other members up, ")
+                  f"removing {nid} needs {need} of the other members up (it stops before its removal commits), ")
                + f"but the leader {self.id} reaches only {len(voters)} ({', '.join(up) or 'none'}); "
                f"unreachable: {', '.join(down) or 'none'}. Bring them back and run {action} again")
         why += f"; {nid} stays leaving (no new batches)" if started else "; nothing was changed"
@@ -632,6 +617,24 @@ class MailNode:
         if not isinstance(result, list) or len(result) != 1:
             raise ProposalFailed(f"unexpected result {result!r}", unknown=True)
         return result[0]
+
+
+def membership_quorum(action: str, before: set[str], reachable: set[str], addr: str) -> tuple[set[str], int, set[str], int]:
+    """Raft arithmetic of one join or leave of `addr`, from the leader's view: (the members that
+    can vote through it, how many must, the members of the new membership that are unreachable,
+    the new membership's size). The change is safe when len(voters) >= need.
+
+    pysyncobj changes the membership one node at a time, and the leader counts the new membership
+    from the moment it appends the change, so the change itself commits only with a majority of
+    the new membership. A joining node is not started yet: until it is, the old members must make
+    that majority alone ({n1,n2,n3} + n4 needs 3 of n1..n3). A leaving node stops itself before
+    its removal commits, so the others must make a majority of the membership with it and of the
+    one without it ({n1,n2,n3} - n2 needs n1 and n3)."""
+    if action == "join":
+        after = before | {addr}
+        return reachable & before, len(after) // 2 + 1, before - reachable, len(after)
+    after = before - {addr}
+    return reachable & after, max(len(before), len(after)) // 2 + 1, after - reachable, len(after)
 
 
 async def _json_object(request: web.Request) -> dict | None:

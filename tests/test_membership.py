@@ -7,8 +7,9 @@ import json
 import pytest
 
 from cluster import make_message, run_cli, wait_for
+from raftmail.node.runtime import membership_quorum
 
-pytestmark = [pytest.mark.cluster, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 
 def _founders_only(c, n: int) -> str:
@@ -21,6 +22,7 @@ def _founders_only(c, n: int) -> str:
     return head + "".join("[[node]]" + k for k in kept) + tail
 
 
+@pytest.mark.cluster
 def test_join_while_a_campaign_is_sending_then_leave(make_cluster) -> None:
     c = make_cluster(4, start=False, batch_size=10)
     full = c.config_path.read_text()
@@ -73,6 +75,7 @@ def test_join_while_a_campaign_is_sending_then_leave(make_cluster) -> None:
     c.wait_converged(rest)
 
 
+@pytest.mark.cluster
 def test_drill_moves_leadership_and_everyone_catches_up(make_cluster) -> None:
     c = make_cluster()
     old = c.leader()
@@ -89,11 +92,19 @@ def test_drill_moves_leadership_and_everyone_catches_up(make_cluster) -> None:
     assert code == 250, text
 
 
-def _wait_caught_up(c, nid: str, leader: str) -> None:
-    """Until the leader is connected to nid again and nid has applied what the leader committed."""
-    wait_for(lambda: nid in (c.status(leader) or {}).get("connected", []), 30, f"{leader} to reconnect to {nid}")
+def _wait_caught_up(c, nid: str) -> str:
+    """Until every live node is connected to every other one again, and nid has applied what the
+    leader committed; the leader then (a restarted node may have started an election)."""
+    live = [n for n in c.ids if c.alive(n)]
+
+    def meshed() -> bool:
+        sts = {n: c.status(n) or {} for n in live}
+        return all(set(live) - {n} <= set(st.get("connected", [])) for n, st in sts.items())
+    wait_for(meshed, 30, f"{live} to reconnect to each other")
+    leader = c.wait_leader(30)
     target = c.status(leader)["commit_index"]
     wait_for(lambda: ((c.status(nid) or {}).get("applied_index") or 0) >= target, 30, f"{nid} to catch up")
+    return leader
 
 
 def _refused_for_lack_of_majority(r, down: str) -> None:
@@ -102,6 +113,7 @@ def _refused_for_lack_of_majority(r, down: str) -> None:
     assert "need" in r.stderr, r.stderr
 
 
+@pytest.mark.cluster
 def test_leave_while_a_member_is_down_is_refused_then_finishes_once_it_is_back(make_cluster) -> None:
     c = make_cluster(3)
     leader = c.wait_leader()
@@ -122,11 +134,11 @@ def test_leave_while_a_member_is_down_is_refused_then_finishes_once_it_is_back(m
 
     # Once it is back, the leader itself leaves: it hands leadership over, the new leader finishes.
     c.start(down)
-    _wait_caught_up(c, down, leader)
+    leader = _wait_caught_up(c, down)
     r = run_cli(c.config_path, "leave", "--node", leader, timeout=90)
     assert r.returncode == 0, r.stderr
     wait_for(lambda: not c.alive(leader), 20, f"{leader} to stop itself")
-    rest = [down, other]
+    rest = [n for n in c.ids if n != leader]
     new_leader = c.wait_leader(30, among=rest)
     code, text = c.submit(new_leader, ["after-leave@example.com"], make_message(message_id="<after-leave@x>"))
     assert code == 250, text
@@ -138,6 +150,7 @@ def test_leave_while_a_member_is_down_is_refused_then_finishes_once_it_is_back(m
     c.wait_converged(rest)
 
 
+@pytest.mark.cluster
 def test_join_while_a_member_is_down_is_refused_then_succeeds_and_is_idempotent(make_cluster) -> None:
     c = make_cluster(4, start=False)
     full = c.config_path.read_text()
@@ -159,14 +172,55 @@ def test_join_while_a_member_is_down_is_refused_then_succeeds_and_is_idempotent(
     assert code == 250, text
 
     c.start(down)
-    _wait_caught_up(c, down, leader)
+    _wait_caught_up(c, down)
     r = run_cli(c.config_path, "join", "--node", "n4", timeout=60)
     assert r.returncode == 0, r.stderr
     r = run_cli(c.config_path, "join", "--node", "n4", timeout=60)  # retried: success, no change
     assert r.returncode == 0, r.stderr
     assert "already" in r.stdout
     c.start("n4")
-    wait_for(lambda: (c.status("n4") or {}).get("leader") == leader, 30, "n4 to follow the leader")
+    c.wait_leader(30)  # followed by every live node, n4 included
     code, text = c.submit("n4", ["after-join@example.com"], make_message(message_id="<after-join@x>"))
     assert code == 250, text
     c.wait_converged(c.ids)
+
+
+def test_membership_arithmetic() -> None:
+    """Who must be up for one join or leave, for 3, 4 and 5 members."""
+    def check(action: str, members: int, down: set[int], node: int) -> tuple[bool, int]:
+        before = {f"n{i}" for i in range(1, members + 1)}
+        reachable = before - {f"n{i}" for i in down}
+        voters, need, _, _ = membership_quorum(action, before, reachable, f"n{node}")
+        return len(voters) >= need, need
+    # 3 members: a leave needs both others (the leaving one stops first), a join all three.
+    assert check("leave", 3, set(), 2) == (True, 2)
+    assert check("leave", 3, {3}, 2) == (False, 2)
+    assert check("leave", 3, {2}, 2) == (True, 2)  # removing the dead one: the other two suffice
+    assert check("leave", 3, {3}, 1) == (False, 2)  # the leader leaving is no different
+    assert check("join", 3, set(), 4) == (True, 3)
+    assert check("join", 3, {3}, 4) == (False, 3)
+    # 4 members: with the leaving node stopped before its removal commits, 3 of the 4 must be up.
+    assert check("leave", 4, set(), 2) == (True, 3)
+    assert check("leave", 4, {3}, 2) == (False, 3)
+    assert check("leave", 4, {2}, 2) == (True, 3)
+    assert check("join", 4, {3}, 5) == (True, 3)
+    # 5 members: one down is fine for a leave or a join, two are not.
+    assert check("leave", 5, {5}, 2) == (True, 3)
+    assert check("leave", 5, {4, 5}, 2) == (False, 3)
+    assert check("join", 5, {5}, 6) == (True, 4)
+    assert check("join", 5, {4, 5}, 6) == (False, 4)
+
+
+@pytest.mark.cluster
+def test_leave_of_a_dead_member_needs_only_the_others(make_cluster) -> None:
+    """Replacing a dead machine: removing it from 3 needs the other two, not it."""
+    c = make_cluster(3)
+    leader = c.wait_leader()
+    dead = next(n for n in c.ids if n != leader)
+    c.kill(dead)
+    r = run_cli(c.config_path, "leave", "--node", dead, timeout=90)
+    assert r.returncode == 0, r.stderr
+    rest = [n for n in c.ids if n != dead]
+    new_leader = c.wait_leader(30, among=rest)
+    code, text = c.submit(new_leader, ["after-dead-leave@example.com"], make_message(message_id="<dead-leave@x>"))
+    assert code == 250, text
