@@ -142,6 +142,8 @@ def membership_change(config: Config, node_id: str, action: str, timeout: float 
         if status == 409 and nxt in admins and (nxt != ask or answer.get("continue")):
             ask = nxt  # not the leader (any more), or a leaving leader handed over: go on there
             continue
+        if answer.get("refused"):
+            return False, f"refused by the leader {ask}: {answer['error']}"
         return False, f"error: {action} {node_id} failed: {ask}: {answer.get('error', status)}"
     return False, f"error: {action} {node_id} failed: leadership kept moving; run {action} again"
 
