@@ -16,6 +16,7 @@ import secrets
 import time
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
+import aiosmtpd
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
 from raftmail.node.auth import FailureThrottle, SMTPAuth, UserDirectory, address_of, client_key, peer_address
@@ -256,6 +257,86 @@ class Intake:
 
 
 
+# ------------------------------------------------------------------ aiosmtpd internals
+# IntakeSMTP overrides and reads names of aiosmtpd's SMTP that are not its documented interface.
+# This module is the only one that touches them, and this list names every one. A renamed or
+# removed name would fail silently (an override never called, a deadline or line check no longer
+# running), so the node checks the list at start-up and refuses to run when one is missing.
+# pyproject.toml pins the version they were read from.
+AIOSMTPD_VERSION = "1.4.6"
+
+
+class AiosmtpdMismatch(Exception):
+    """The installed aiosmtpd lacks a name IntakeSMTP relies on."""
+
+
+# (name, kind, parameters). Kinds: "method", "coroutine" (async method), "init-attribute" (set by
+# SMTP.__init__), or a type for a class attribute. Parameters (after self) where the override
+# is called with them, None otherwise.
+AIOSMTPD_INTERNALS: tuple[tuple[str, Any, tuple[str, ...] | None], ...] = (
+    ("_cb_client_connected", "method", ("reader", "writer")),  # wraps the reader: line checks
+    ("_reset_timeout", "method", ("duration",)),  # every activity: the deadline timer
+    ("_timeout_cb", "method", ()),  # the 421 replies on a timeout
+    ("_timeout_handle", "init-attribute", None),  # the pending timer, cancelled by aiosmtpd
+    ("_timeout_duration", "init-attribute", None),  # idle_timeout
+    ("_getaddr", "method", ("arg",)),  # the fast path for MAIL and RCPT paths
+    ("command_size_limits", dict, None),  # made per connection (aiosmtpd's is shared by all)
+    ("command_size_limit", int, None),
+    ("local_part_limit", int, None),
+    ("check_auth_needed", "coroutine", ("caller_method",)),  # who may submit (Intake decides)
+    ("smtp_DATA", "coroutine", ("arg",)),  # the DATA deadline
+    ("smtp_EHLO", "coroutine", ("hostname",)),  # one write for the reply; the MAIL line limit
+    ("smtp_STARTTLS", "coroutine", ("arg",)),  # no second TLS layer
+)
+# SMTP.__init__ keeps, from dir(), only the names with these prefixes in its per-connection hook
+# tables (see _HookListing).
+AIOSMTPD_HOOK_PREFIXES = ("auth_", "smtp_", "handle_")
+
+
+def _code_strings(code: Any) -> set[str]:
+    """Names and string constants of a code object and the code nested in it (comprehensions)."""
+    found = set(code.co_names) | {c for c in code.co_consts if isinstance(c, str)}
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            found |= _code_strings(const)
+    return found
+
+
+def aiosmtpd_mismatches(smtp_class: type = SMTP) -> list[str]:
+    """What of AIOSMTPD_INTERNALS the given aiosmtpd SMTP class lacks, one phrase each."""
+    init_names = _code_strings(smtp_class.__init__.__code__)
+    missing = []
+    for name, kind, params in AIOSMTPD_INTERNALS:
+        what = f"SMTP.{name}"
+        if kind == "init-attribute":
+            if name not in init_names:
+                missing.append(f"{what} (an attribute SMTP.__init__ sets)")
+            continue
+        value = inspect.getattr_static(smtp_class, name, None)
+        if isinstance(kind, type):
+            if not isinstance(value, kind):
+                missing.append(f"{what} (a class attribute of type {kind.__name__})")
+            continue
+        if not inspect.isfunction(value) or (kind == "coroutine") != inspect.iscoroutinefunction(value):
+            missing.append(f"{what} ({'an async method' if kind == 'coroutine' else 'a method'})")
+            continue
+        if params is not None and tuple(inspect.signature(value).parameters)[1:] != params:
+            missing.append(f"{what}(self, {', '.join(params)}) (a method with these parameters)")
+    for prefix in AIOSMTPD_HOOK_PREFIXES:
+        if prefix not in init_names:
+            missing.append(f"SMTP.__init__ taking hooks named {prefix}*")
+    return missing
+
+
+def check_aiosmtpd() -> None:
+    """At start-up: raise AiosmtpdMismatch naming the first internal the installed aiosmtpd lacks."""
+    missing = aiosmtpd_mismatches()
+    if missing:
+        installed = getattr(aiosmtpd, "__version__", "unknown")
+        raise AiosmtpdMismatch(f"intake needs aiosmtpd {AIOSMTPD_VERSION} (installed: {installed}); "
+                               f"missing: {'; '.join(missing)}")
+
+
 def _is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback
@@ -304,15 +385,11 @@ def with_enhanced_code(status: str) -> str:
     return f"{status[:4]}{enhanced} {status[4:].removeprefix('Error: ')}"
 
 
-# aiosmtpd keeps, from dir(), only the names with these prefixes in its per-connection tables.
-_HOOK_PREFIXES = ("auth_", "smtp_", "handle_")
-
-
 @functools.cache
 def _hook_names(cls: type) -> list[str]:
     """The names of cls that aiosmtpd's tables keep. dir(cls) is the class part of dir() of an
     instance. Cached per class: classes are not changed at run time."""
-    return [name for name in dir(cls) if name.startswith(_HOOK_PREFIXES)]
+    return [name for name in dir(cls) if name.startswith(AIOSMTPD_HOOK_PREFIXES)]
 
 
 class _HookListing:
@@ -326,7 +403,7 @@ class _HookListing:
     def __dir__(self) -> Iterable[str]:
         if not self._listing_hooks_only:
             return super().__dir__()
-        own = [name for name in vars(self) if name.startswith(_HOOK_PREFIXES)]
+        own = [name for name in vars(self) if name.startswith(AIOSMTPD_HOOK_PREFIXES)]
         return set(_hook_names(type(self))).union(own) if own else _hook_names(type(self))
 
 
