@@ -20,6 +20,7 @@ from typing import Iterator
 import pytest
 
 from cluster import Cluster, Sink, make_message, run_cli, set_config, submission_count, wait_for
+from test_monitoring import scrape
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
@@ -101,6 +102,23 @@ def test_a_stranger_cannot_take_every_slot(cluster: Cluster) -> None:
     assert after["refused_per_client"] - before.get("refused_per_client", 0) == MAX_CONNECTIONS
 
 
+def test_intake_counters_are_exported_to_prometheus(cluster: Cluster) -> None:
+    nid = cluster.ids[1]
+    names = ("raftmail_intake_refused_per_client_total", "raftmail_intake_unauthenticated_timeouts_total",
+             "raftmail_intake_data_timeouts_total")
+    before = scrape(cluster, nid)
+    assert all((name, frozenset()) in before for name in names), sorted(k[0] for k in before)
+    strangers = [Client(cluster, nid, "127.0.0.7") for _ in range(PER_CLIENT + 2)]
+    try:
+        greetings = [s.reply() for s in strangers]
+        assert sum(g.startswith(b"421 4.7.0") for g in greetings) == 2, greetings
+    finally:
+        for s in strangers:
+            s.close()
+    after = scrape(cluster, nid)
+    assert after[(names[0], frozenset())] - before[(names[0], frozenset())] == 2
+
+
 def test_unauthenticated_stranger_is_closed_after_the_time_limit(cluster: Cluster) -> None:
     nid = cluster.ids[1]
     stranger, member = Client(cluster, nid, "127.0.0.4"), Client(cluster, nid, "127.0.0.5")
@@ -164,6 +182,7 @@ def test_slow_drip_data_is_cut_at_the_deadline_and_nothing_is_committed(cluster:
     cluster.wait_converged()
     assert {n: submission_count(cluster, n) for n in cluster.ids} == {n: before[n] + 1 for n in cluster.ids}
     assert cluster.status(nid)["intake_connections"]["data_timeouts"] >= 1
+    assert scrape(cluster, nid)[("raftmail_intake_data_timeouts_total", frozenset())] >= 1
 
 
 def test_control_characters_are_escaped_in_the_log(cluster: Cluster) -> None:
