@@ -54,10 +54,11 @@ def start(config_path: str, node_id: str, log_level: str, log_format: str) -> No
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     _setup_logging(log_level, log_format, node_id)
+    from raftmail.node.intake import AiosmtpdMismatch
     from raftmail.node.runtime import run_node
     try:
         run_node(config, node_id)
-    except ConfigError as e:
+    except (ConfigError, AiosmtpdMismatch) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     except OSError as e:

@@ -172,6 +172,10 @@ class IntakeSection:
     # Clients outside allow_networks: connections at once per IPv4 address or IPv6 /64, so one
     # stranger cannot take every slot.
     max_connections_per_client: int = 10
+    # Clients outside allow_networks that have not authenticated: connections at once, so
+    # strangers from many addresses cannot take the slots kept for allow_networks and users who
+    # authenticated. Unless set, half of max_connections (resolved when the file is read).
+    max_stranger_connections: int = 100
     idle_timeout: float = 300.0
     # Seconds a client outside allow_networks may stay connected without authenticating.
     unauthenticated_timeout: float = 60.0
@@ -695,6 +699,11 @@ def _intake_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Intak
         tls_key=tls_key,
         allow_plaintext_auth_on_loopback=plaintext_ok,
     )
+    if not sec.has("max_stranger_connections"):
+        intake = dataclasses.replace(intake, max_stranger_connections=max(1, intake.max_connections // 2))
+    elif intake.max_stranger_connections > intake.max_connections:
+        sec.fail("max_stranger_connections", f"({intake.max_stranger_connections}) must be at most "
+                                             f"max_connections ({intake.max_connections})")
     if intake.users and tls_cert is None and not plaintext_ok:
         sec.fail("users", "are set but tls_cert and tls_key are not: AUTH is offered only after STARTTLS "
                           "(for a loopback-only test, set allow_plaintext_auth_on_loopback = true)")

@@ -16,6 +16,7 @@ import secrets
 import time
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
+import aiosmtpd
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
 from raftmail.node.auth import FailureThrottle, SMTPAuth, UserDirectory, address_of, client_key, peer_address
@@ -38,6 +39,8 @@ R_NO_QUORUM = "451 4.3.0 Not committed on a majority of the cluster; nothing was
 R_QUEUE_FULL = "452 4.3.1 Queue is full; try again later"
 R_TOO_MANY_CONN = "421 4.7.0 Too many connections, try again later"
 R_TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address, try again later"
+R_TOO_MANY_STRANGERS = ("421 4.7.0 Too many connections from outside the allowed networks, "
+                        "try again later")
 R_REFUSED = "554 5.3.0 Submission refused: {}"
 R_AUTH_REQUIRED = "530 5.7.0 Authentication required: this address may submit only after AUTH"
 R_AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism: STARTTLS first"
@@ -256,6 +259,87 @@ class Intake:
 
 
 
+# ------------------------------------------------------------------ aiosmtpd internals
+# IntakeSMTP overrides and reads names of aiosmtpd's SMTP that are not its documented interface.
+# This module is the only one that touches them, and this list names every one. A renamed or
+# removed name would fail silently (an override never called, a deadline or line check no longer
+# running), so the node checks the list at start-up and refuses to run when one is missing.
+# pyproject.toml pins the version they were read from.
+AIOSMTPD_VERSION = "1.4.6"
+
+
+class AiosmtpdMismatch(Exception):
+    """The installed aiosmtpd lacks a name IntakeSMTP relies on."""
+
+
+# (name, kind, parameters). Kinds: "method", "coroutine" (async method), "init-attribute" (set by
+# SMTP.__init__), or a type for a class attribute. Parameters (after self) where the override
+# is called with them, None otherwise.
+AIOSMTPD_INTERNALS: tuple[tuple[str, Any, tuple[str, ...] | None], ...] = (
+    ("_cb_client_connected", "method", ("reader", "writer")),  # wraps the reader: line checks
+    ("_reset_timeout", "method", ("duration",)),  # every activity: the deadline timer
+    ("_timeout_cb", "method", ()),  # the 421 replies on a timeout
+    ("_timeout_handle", "init-attribute", None),  # the pending timer, cancelled by aiosmtpd
+    ("_timeout_duration", "init-attribute", None),  # idle_timeout
+    ("_getaddr", "method", ("arg",)),  # the fast path for MAIL and RCPT paths
+    ("command_size_limits", dict, None),  # made per connection (aiosmtpd's is shared by all)
+    ("command_size_limit", int, None),
+    ("local_part_limit", int, None),
+    ("check_auth_needed", "coroutine", ("caller_method",)),  # who may submit (Intake decides)
+    ("smtp_DATA", "coroutine", ("arg",)),  # the DATA deadline
+    ("smtp_EHLO", "coroutine", ("hostname",)),  # one write for the reply; the MAIL line limit
+    ("smtp_STARTTLS", "coroutine", ("arg",)),  # no second TLS layer
+    ("smtp_AUTH", "coroutine", ("arg",)),  # an authenticated session leaves the strangers' share
+)
+# SMTP.__init__ keeps, from dir(), only the names with these prefixes in its per-connection hook
+# tables (see _HookListing).
+AIOSMTPD_HOOK_PREFIXES = ("auth_", "smtp_", "handle_")
+
+
+def _code_strings(code: Any) -> set[str]:
+    """Names and string constants of a code object and the code nested in it (comprehensions)."""
+    found = set(code.co_names) | {c for c in code.co_consts if isinstance(c, str)}
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            found |= _code_strings(const)
+    return found
+
+
+def aiosmtpd_mismatches(smtp_class: type = SMTP) -> list[str]:
+    """What of AIOSMTPD_INTERNALS the given aiosmtpd SMTP class lacks, one phrase each."""
+    init_names = _code_strings(smtp_class.__init__.__code__)
+    missing = []
+    for name, kind, params in AIOSMTPD_INTERNALS:
+        what = f"SMTP.{name}"
+        if kind == "init-attribute":
+            if name not in init_names:
+                missing.append(f"{what} (an attribute SMTP.__init__ sets)")
+            continue
+        value = inspect.getattr_static(smtp_class, name, None)
+        if isinstance(kind, type):
+            if not isinstance(value, kind):
+                missing.append(f"{what} (a class attribute of type {kind.__name__})")
+            continue
+        if not inspect.isfunction(value) or (kind == "coroutine") != inspect.iscoroutinefunction(value):
+            missing.append(f"{what} ({'an async method' if kind == 'coroutine' else 'a method'})")
+            continue
+        if params is not None and tuple(inspect.signature(value).parameters)[1:] != params:
+            missing.append(f"{what}(self, {', '.join(params)}) (a method with these parameters)")
+    for prefix in AIOSMTPD_HOOK_PREFIXES:
+        if prefix not in init_names:
+            missing.append(f"SMTP.__init__ taking hooks named {prefix}*")
+    return missing
+
+
+def check_aiosmtpd() -> None:
+    """At start-up: raise AiosmtpdMismatch naming the first internal the installed aiosmtpd lacks."""
+    missing = aiosmtpd_mismatches()
+    if missing:
+        installed = getattr(aiosmtpd, "__version__", "unknown")
+        raise AiosmtpdMismatch(f"intake needs aiosmtpd {AIOSMTPD_VERSION} (installed: {installed}); "
+                               f"missing: {'; '.join(missing)}")
+
+
 def _is_loopback(address: str) -> bool:
     try:
         return ipaddress.ip_address(address).is_loopback
@@ -304,15 +388,11 @@ def with_enhanced_code(status: str) -> str:
     return f"{status[:4]}{enhanced} {status[4:].removeprefix('Error: ')}"
 
 
-# aiosmtpd keeps, from dir(), only the names with these prefixes in its per-connection tables.
-_HOOK_PREFIXES = ("auth_", "smtp_", "handle_")
-
-
 @functools.cache
 def _hook_names(cls: type) -> list[str]:
     """The names of cls that aiosmtpd's tables keep. dir(cls) is the class part of dir() of an
     instance. Cached per class: classes are not changed at run time."""
-    return [name for name in dir(cls) if name.startswith(_HOOK_PREFIXES)]
+    return [name for name in dir(cls) if name.startswith(AIOSMTPD_HOOK_PREFIXES)]
 
 
 class _HookListing:
@@ -326,7 +406,7 @@ class _HookListing:
     def __dir__(self) -> Iterable[str]:
         if not self._listing_hooks_only:
             return super().__dir__()
-        own = [name for name in vars(self) if name.startswith(_HOOK_PREFIXES)]
+        own = [name for name in vars(self) if name.startswith(AIOSMTPD_HOOK_PREFIXES)]
         return set(_hook_names(type(self))).union(own) if own else _hook_names(type(self))
 
 
@@ -394,7 +474,8 @@ IntakeHandler.handle_EHLO.__signature__ = inspect.signature(IntakeHandler.handle
 
 
 class IntakeSMTP(_HookListing, SMTP):
-    """aiosmtpd's server with connection limits (in all, and per client outside allow_networks),
+    """aiosmtpd's server with connection limits (in all, per client outside allow_networks, and a
+    share for all such clients until they authenticate),
     the submission policy of Intake, strict line ends, timeouts that answer 421 (idle, a session
     outside allow_networks that does not authenticate, message text that takes too long), and
     enhanced status codes on its own refusals."""
@@ -405,6 +486,7 @@ class IntakeSMTP(_HookListing, SMTP):
     _auth_deadline = float("inf")  # a client outside allow_networks must AUTH before this
     _data_deadline = float("inf")  # the DATA under way must reach its final dot before this
     _client: str | None = None  # the per-client count this connection holds (outsiders only)
+    _stranger = False  # holds one of the strangers' slots (outside allow_networks, not authenticated)
     _fired_for = 0.0  # the deadline the last timer that fired was set for
     _held: list[str] | None = None  # see smtp_EHLO
 
@@ -418,9 +500,11 @@ class IntakeSMTP(_HookListing, SMTP):
 
     def __init__(self, handler: Any, *, intake: Intake, connections: dict, max_connections: int,
                  clients: dict[str, int] | None = None, max_connections_per_client: int = 0,
-                 unauthenticated_timeout: float = 0.0, data_timeout: float = 0.0, **kw: Any) -> None:
+                 max_stranger_connections: int = 0, unauthenticated_timeout: float = 0.0,
+                 data_timeout: float = 0.0, **kw: Any) -> None:
         """clients: open connections per client_key, shared by the server's connections (only
-        clients outside allow_networks are counted); 0 turns a limit or timeout off."""
+        clients outside allow_networks are counted); connections["strangers"]: open connections
+        outside allow_networks not authenticated; 0 turns a limit or timeout off."""
         # Per connection: aiosmtpd's class-level table is shared by every connection.
         self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
         listed = [self, handler] if isinstance(handler, _HookListing) else [self]
@@ -436,6 +520,7 @@ class IntakeSMTP(_HookListing, SMTP):
         self._max_connections = max_connections
         self._clients = clients if clients is not None else {}
         self._max_per_client = max_connections_per_client
+        self._max_strangers = max_stranger_connections
         self._unauthenticated_timeout = unauthenticated_timeout
         self._data_timeout = data_timeout
         self._counted = False
@@ -455,6 +540,10 @@ class IntakeSMTP(_HookListing, SMTP):
         elif key is not None and self._clients.get(key, 0) >= self._max_per_client:
             refusal = R_TOO_MANY_FROM_CLIENT
             self._connections["refused_per_client"] = self._connections.get("refused_per_client", 0) + 1
+        elif outsider and self._max_strangers and self._connections.get("strangers", 0) >= self._max_strangers:
+            # The rest of max_connections is kept for allow_networks and authenticated users.
+            refusal = R_TOO_MANY_STRANGERS
+            self._connections["refused_strangers"] = self._connections.get("refused_strangers", 0) + 1
         if refusal:
             self._connections["refused"] += 1
             transport.write(f"{refusal}\r\n".encode())  # type: ignore[attr-defined]
@@ -463,6 +552,9 @@ class IntakeSMTP(_HookListing, SMTP):
         if key is not None:
             self._clients[key] = self._clients.get(key, 0) + 1
             self._client = key
+        if outsider:
+            self._stranger = True
+            self._connections["strangers"] = self._connections.get("strangers", 0) + 1
         if outsider and self._unauthenticated_timeout:
             self._auth_deadline = self.loop.time() + self._unauthenticated_timeout
         self._connections["open"] += 1
@@ -480,7 +572,13 @@ class IntakeSMTP(_HookListing, SMTP):
                 else:
                     self._clients.pop(self._client, None)  # the table holds open clients only
                 self._client = None
+            self._leave_strangers()
             super().connection_lost(error)
+
+    def _leave_strangers(self) -> None:
+        if self._stranger:
+            self._stranger = False
+            self._connections["strangers"] -= 1
 
     def _cb_client_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         super()._cb_client_connected(reader, writer)
@@ -591,6 +689,12 @@ class IntakeSMTP(_HookListing, SMTP):
         if held:
             await super().push("\r\n".join(held))
 
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        await super().smtp_AUTH(arg)
+        if self.session is not None and self.session.authenticated:
+            self._leave_strangers()  # a user now: the strangers' share is for those who are not
+
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         # RFC 3207: no second TLS layer; aiosmtpd would try to nest one and lose the connection.
@@ -646,7 +750,7 @@ async def start_smtp_server(intake: Intake, host: str, port: int, *, hostname: s
             raise ConfigError(intake.config.path, "[intake] tls_key",
                               f"{limits.tls_cert} and {limits.tls_key} cannot serve STARTTLS: {e}") from None
     connections = {"open": 0, "refused": 0, "refused_per_client": 0, "unauthenticated_timeouts": 0,
-                   "data_timeouts": 0}
+                   "data_timeouts": 0, "strangers": 0, "refused_strangers": 0}
     clients: dict[str, int] = {}  # open connections per client outside allow_networks
     handler = IntakeHandler(intake)
     loop = asyncio.get_running_loop()
@@ -654,6 +758,7 @@ async def start_smtp_server(intake: Intake, host: str, port: int, *, hostname: s
         lambda: IntakeSMTP(handler, intake=intake, connections=connections,
                            max_connections=limits.max_connections, clients=clients,
                            max_connections_per_client=limits.max_connections_per_client,
+                           max_stranger_connections=limits.max_stranger_connections,
                            unauthenticated_timeout=limits.unauthenticated_timeout,
                            data_timeout=limits.data_timeout,
                            data_size_limit=limits.max_message_bytes, enable_SMTPUTF8=True,

@@ -275,6 +275,17 @@ class _NodeCollector:
                      conns.get("open", 0))
         yield _counter("raftmail_intake_connections_refused", "SMTP connections refused with 421 (too many)",
                        conns.get("refused", 0))
+        yield _counter("raftmail_intake_refused_per_client", "SMTP connections refused with 421 because "
+                       "their client outside allow_networks held max_connections_per_client",
+                       conns.get("refused_per_client", 0))
+        yield _counter("raftmail_intake_refused_strangers", "SMTP connections refused with 421 because clients "
+                       "outside allow_networks, not authenticated, held max_stranger_connections",
+                       conns.get("refused_strangers", 0))
+        yield _counter("raftmail_intake_unauthenticated_timeouts", "SMTP sessions outside allow_networks "
+                       "closed with 421 for not authenticating within unauthenticated_timeout",
+                       conns.get("unauthenticated_timeouts", 0))
+        yield _counter("raftmail_intake_data_timeouts", "SMTP sessions closed with 421 for message text "
+                       "not complete within data_timeout (nothing queued)", conns.get("data_timeouts", 0))
 
     def _bodies(self, node: "MailNode") -> Iterator[Metric]:
         count, size = node.store.stats()

@@ -16,7 +16,7 @@ from raftmail.consensus.raft import RaftNode
 from raftmail.node.bodies import BodyStore, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer
 from raftmail.node.config import Config, ConfigError
-from raftmail.node.intake import Intake, start_smtp_server
+from raftmail.node.intake import Intake, check_aiosmtpd, start_smtp_server
 from raftmail.node.leases import LeaseClock
 from raftmail.node.metrics import NodeMetrics, add_monitoring_routes
 from raftmail.node.peers import PeerClient, PeerCrypto, add_peer_routes
@@ -660,5 +660,6 @@ def run_node(config: Config, node_id: str) -> None:
     # Three busy threads share the GIL (event loop, Raft tick, disk workers): hand it over more
     # often than every 5 ms, or each Raft round trip waits on it several times.
     sys.setswitchinterval(0.0005)
+    check_aiosmtpd()  # before anything starts: intake must not run on internals that are gone
     node = MailNode(config, node_id, secrets.token_hex(8))
     asyncio.run(node.run())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -118,3 +119,30 @@ def test_status_of_an_unreachable_cluster_exits_1(tmp_path: Path) -> None:
     view = json.loads(r.stdout)
     assert view["leader"] is None
     assert [n["reachable"] for n in view["nodes"]] == [False]
+
+
+# -- aiosmtpd internals: `raftmail start` on an aiosmtpd lacking one exits 2 with one line
+
+@pytest.mark.cluster
+def test_start_refuses_an_aiosmtpd_without_an_internal_intake_relies_on(tmp_path: Path) -> None:
+    path = tmp_path / "good.toml"
+    path.write_text(good_config())
+    site = tmp_path / "site"
+    site.mkdir()
+    # Runs at interpreter start, before raftmail is imported: as if aiosmtpd had renamed it.
+    (site / "sitecustomize.py").write_text("import aiosmtpd.smtp\ndel aiosmtpd.smtp.SMTP._cb_client_connected\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.Popen([PY, "-m", "raftmail.cli", "start", "--config", str(path), "--node", "n1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        out, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:  # the old code runs the node
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"the node ran on a broken aiosmtpd:\n{err[-2000:]}")
+    assert proc.returncode == 2, (proc.returncode, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "aiosmtpd 1.4.6" in lines[0] and "SMTP._cb_client_connected" in lines[0], lines[0]
+    assert "ready" not in out
+    assert not (tmp_path / "data").exists()  # stopped before the node touched anything

@@ -911,3 +911,14 @@ def test_delivery_tls_refusals(tmp_path: Path, body: str, fragment: str) -> None
     (tmp_path / "empty.pem").write_text("# nothing here\n")
     key = body.split(" ")[0]
     refused(write(tmp_path, BASE + f"[delivery]\n{body}\n"), f"[delivery] {key}", fragment)
+
+
+def test_strangers_share_is_half_of_max_connections_unless_set(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, BASE)).intake.max_stranger_connections == 100
+    config = load_config(write(tmp_path, BASE + "\n[intake]\nmax_connections = 31\n"))
+    assert config.intake.max_stranger_connections == 15
+    config = load_config(write(tmp_path, BASE + "\n[intake]\nmax_connections = 31\nmax_stranger_connections = 31\n"))
+    assert config.intake.max_stranger_connections == 31
+    refused(write(tmp_path, BASE + "\n[intake]\nmax_connections = 30\nmax_stranger_connections = 31\n"),
+            "[intake] max_stranger_connections", "at most max_connections (30)")
+    refused(write(tmp_path, BASE + "\n[intake]\nmax_stranger_connections = 0\n"), "[intake] max_stranger_connections")

@@ -20,11 +20,13 @@ from typing import Iterator
 import pytest
 
 from cluster import Cluster, Sink, make_message, run_cli, set_config, submission_count, wait_for
+from test_monitoring import scrape
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
 PER_CLIENT = 5
 MAX_CONNECTIONS = 20
+MAX_STRANGERS = 10
 UNAUTHENTICATED_TIMEOUT = 3.0
 DATA_TIMEOUT = 2.0
 USER, PASSWORD = "alice", "correct horse battery staple"
@@ -38,7 +40,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     assert line.returncode == 0, line.stderr
     c = Cluster(root, 3, sink=Sink(root))
     set_config(c, "intake", allow_networks=["127.0.0.1/32"], max_connections=MAX_CONNECTIONS,
-               max_connections_per_client=PER_CLIENT, unauthenticated_timeout=UNAUTHENTICATED_TIMEOUT,
+               max_connections_per_client=PER_CLIENT, max_stranger_connections=MAX_STRANGERS,
+               unauthenticated_timeout=UNAUTHENTICATED_TIMEOUT,
                data_timeout=DATA_TIMEOUT, idle_timeout=30, allow_plaintext_auth_on_loopback=True,
                auth_fail_delay=0.1, auth_fail_delay_max=1.0)
     c.config_path.write_text(c.config_path.read_text() + "\n[intake.users]\n" + line.stdout)
@@ -99,6 +102,65 @@ def test_a_stranger_cannot_take_every_slot(cluster: Cluster) -> None:
             s.close()
     after = cluster.status(nid)["intake_connections"]
     assert after["refused_per_client"] - before.get("refused_per_client", 0) == MAX_CONNECTIONS
+
+
+def strangers_open(c: Cluster, nid: str) -> int:
+    return c.status(nid)["intake_connections"].get("strangers", 0)
+
+
+def test_strangers_from_many_addresses_leave_the_reserve_to_allow_networks(cluster: Cluster) -> None:
+    nid = cluster.ids[2]
+    wait_for(lambda: strangers_open(cluster, nid) == 0, 10, "earlier tests' strangers to be gone")
+    # One connection per address, more addresses than there are slots in all.
+    strangers = [Client(cluster, nid, f"127.0.0.{10 + i}") for i in range(MAX_CONNECTIONS + 5)]
+    member = None
+    try:
+        greetings = [s.reply() for s in strangers]
+        admitted = [s for s, g in zip(strangers, greetings) if g.startswith(b"220")]
+        refused = [g for g in greetings if not g.startswith(b"220")]
+        assert len(admitted) == MAX_STRANGERS, greetings
+        assert all(g.startswith(b"421 4.7.0") and b"outside the allowed networks" in g for g in refused), refused
+        # The strangers hold their whole share; 127.0.0.1 (allow_networks) still gets in and submits.
+        local = Client(cluster, nid, "127.0.0.1")
+        assert local.reply().startswith(b"220")
+        local.close()
+        code, text = cluster.submit(nid, ["ann@example.com"], make_message(message_id=f"<reserve-{uuid.uuid4().hex}@x.test>"))
+        assert code == 250, text
+        # A stranger that authenticates is a user: it leaves the strangers' share.
+        admitted[0].close()
+        wait_for(lambda: strangers_open(cluster, nid) == MAX_STRANGERS - 1, 10, "a stranger's slot to be free")
+        member = Client(cluster, nid, "127.0.0.60")
+        assert member.reply().startswith(b"220")
+        assert member.command(b"EHLO client.test").startswith(b"250")
+        token = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode())
+        assert member.command(b"AUTH PLAIN " + token).startswith(b"235")
+        another = Client(cluster, nid, "127.0.0.61")
+        assert another.reply().startswith(b"220")
+        another.close()
+    finally:
+        for s in strangers:
+            s.close()
+        if member is not None:
+            member.close()
+    after = cluster.status(nid)["intake_connections"]
+    assert after["refused_strangers"] >= len(refused)
+
+
+def test_intake_counters_are_exported_to_prometheus(cluster: Cluster) -> None:
+    nid = cluster.ids[1]
+    names = ("raftmail_intake_refused_per_client_total", "raftmail_intake_unauthenticated_timeouts_total",
+             "raftmail_intake_data_timeouts_total")
+    before = scrape(cluster, nid)
+    assert all((name, frozenset()) in before for name in names), sorted(k[0] for k in before)
+    strangers = [Client(cluster, nid, "127.0.0.7") for _ in range(PER_CLIENT + 2)]
+    try:
+        greetings = [s.reply() for s in strangers]
+        assert sum(g.startswith(b"421 4.7.0") for g in greetings) == 2, greetings
+    finally:
+        for s in strangers:
+            s.close()
+    after = scrape(cluster, nid)
+    assert after[(names[0], frozenset())] - before[(names[0], frozenset())] == 2
 
 
 def test_unauthenticated_stranger_is_closed_after_the_time_limit(cluster: Cluster) -> None:
@@ -164,6 +226,7 @@ def test_slow_drip_data_is_cut_at_the_deadline_and_nothing_is_committed(cluster:
     cluster.wait_converged()
     assert {n: submission_count(cluster, n) for n in cluster.ids} == {n: before[n] + 1 for n in cluster.ids}
     assert cluster.status(nid)["intake_connections"]["data_timeouts"] >= 1
+    assert scrape(cluster, nid)[("raftmail_intake_data_timeouts_total", frozenset())] >= 1
 
 
 def test_control_characters_are_escaped_in_the_log(cluster: Cluster) -> None:

@@ -291,3 +291,68 @@ def test_password_checks_are_bounded_and_never_stall_other_sessions(tmp_path: Pa
     assert answers.count(b"454") >= 1 and answers.count(b"235") >= 4, answers
     assert set(answers) <= {b"235", b"454"}, answers
     assert noop < 0.15, noop
+
+
+# --------------------------------------------------------------------------------------------
+# aiosmtpd internals: every one listed, and the start-up check finds one that is gone
+# --------------------------------------------------------------------------------------------
+
+# What IntakeSMTP overrides that aiosmtpd documents (or asyncio's Protocol defines).
+DOCUMENTED_OVERRIDES = {"connection_made", "connection_lost", "push"}
+
+
+def test_the_installed_aiosmtpd_has_every_internal_intake_relies_on() -> None:
+    import aiosmtpd
+
+    from raftmail.node.intake import AIOSMTPD_VERSION, aiosmtpd_mismatches, check_aiosmtpd
+    assert aiosmtpd.__version__ == AIOSMTPD_VERSION
+    assert aiosmtpd_mismatches() == []
+    check_aiosmtpd()
+
+
+def test_every_aiosmtpd_name_intake_overrides_or_reads_is_listed() -> None:
+    import re
+
+    from raftmail.node import intake
+    listed = {name for name, _, _ in intake.AIOSMTPD_INTERNALS}
+    overridden = {n for n in vars(IntakeSMTP) if hasattr(SMTP, n) and not n.startswith("__")}
+    assert overridden - DOCUMENTED_OVERRIDES <= listed
+    # Private names of aiosmtpd's read or set anywhere in the module (our own never clash).
+    source = Path(intake.__file__).read_text()
+    used = set(re.findall(r"(?:self|super\(\)|server)\.(_[A-Za-z]\w*)", source))
+    theirs = set(dir(SMTP)) | intake._code_strings(SMTP.__init__.__code__)
+    assert used & theirs <= listed
+
+
+async def _renamed_async(self: Any, argument: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("name, change, phrase", [
+    ("_timeout_cb", None, "SMTP._timeout_cb (a method)"),
+    ("_getaddr", lambda self, address: None, "SMTP._getaddr(self, arg)"),
+    ("smtp_DATA", lambda self, arg: None, "SMTP.smtp_DATA (an async method)"),
+    ("check_auth_needed", _renamed_async, "SMTP.check_auth_needed(self, caller_method)"),
+    ("command_size_limits", None, "SMTP.command_size_limits (a class attribute of type dict)"),
+])
+def test_the_check_names_an_internal_that_is_gone_or_changed(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                              change: Any, phrase: str) -> None:
+    from raftmail.node.intake import AiosmtpdMismatch, check_aiosmtpd
+    if change is None:
+        monkeypatch.delattr(SMTP, name)
+    else:
+        monkeypatch.setattr(SMTP, name, change)
+    with pytest.raises(AiosmtpdMismatch) as e:
+        check_aiosmtpd()
+    assert "aiosmtpd 1.4.6" in str(e.value) and phrase in str(e.value), str(e.value)
+
+
+def test_the_check_names_an_attribute_init_no_longer_sets() -> None:
+    from raftmail.node.intake import aiosmtpd_mismatches
+
+    class Renamed(SMTP):
+        def __init__(self) -> None:  # sets neither _timeout_handle nor _timeout_duration
+            self.timer = None
+
+    assert "SMTP._timeout_handle (an attribute SMTP.__init__ sets)" in aiosmtpd_mismatches(Renamed)
+    assert any("hooks named smtp_*" in m for m in aiosmtpd_mismatches(Renamed))
