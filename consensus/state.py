@@ -41,6 +41,10 @@ MAX_SUBMISSIONS_PER_COMMAND = 1000
 MAX_ITEMS_PER_COMMAND = 5000
 MAX_TEXT = 200  # reply text kept per recipient
 APPLY_ERROR_LOG_CHARS = 2000  # of a command whose apply raised (a bug), in the error log line
+# Records one prune (or one submit's de-duplication upkeep) may archive, drop or forget: the tick
+# thread applies it, so its work is bounded whatever the backlog; the leader prunes again soon
+# while a prune answers "more". A protocol constant: every replica does the same work.
+MAX_PRUNE_PER_COMMAND = 5000
 # Recipient outcome events kept in the replicated state, for `raftmail events` and webhooks. A
 # protocol constant, not a setting: every replica must drop the same oldest event.
 EVENT_RING = 20000
@@ -134,23 +138,28 @@ class Batch:
 
 
 class Campaign:
-    __slots__ = ("id", "created_at", "paused", "cancelled", "submissions", "counts")
+    __slots__ = ("id", "created_at", "paused", "cancelled", "submissions", "counts", "total")
 
     def __init__(self, cid: str, created_at: float) -> None:
         self.id = cid
         self.created_at = created_at
         self.paused = False
         self.cancelled = False
-        self.submissions: list[str] = []
+        # Ids of its submissions still held, live or archived, in acceptance order. A dropped
+        # archive leaves it (O(1)), so a campaign id reused for years does not grow without end.
+        self.submissions: dict[str, None] = {}
         self.counts = [0] * N_STATES
+        self.total = 0  # submissions ever accepted under this id
 
     def to_wire(self) -> list:
-        return [self.id, self.created_at, self.paused, self.cancelled, self.submissions, self.counts]
+        return [self.id, self.created_at, self.paused, self.cancelled, list(self.submissions), self.counts,
+                self.total]
 
     @classmethod
     def from_wire(cls, w: list) -> "Campaign":
         c = cls(w[0], w[1])
-        c.paused, c.cancelled, c.submissions, c.counts = w[2], w[3], list(w[4]), list(w[5])
+        c.paused, c.cancelled, c.submissions, c.counts = w[2], w[3], dict.fromkeys(w[4]), list(w[5])
+        c.total = w[6] if len(w) > 6 else len(c.submissions)
         return c
 
 
@@ -168,7 +177,11 @@ class MailState:
         self.domain_batches: dict[str, int] = {}  # in-flight batches per domain (max_connections)
         self.domain_recent: dict[str, deque] = {}  # domain -> [(assigned_at, n)] (max_per_minute)
         self.suppressed: dict[str, list] = {}  # address (lowercase) -> [code, text, at]
-        self.dedupe: dict[str, list] = {}  # idempotency key -> [submission id, accepted_at]
+        # Idempotency: key of (sender, Message-ID) -> [newest submission id, accepted_at, recipient
+        # hashes], oldest first. The hashes (8 bytes each, concatenated) are the recipients
+        # already queued under that key; dedupe_size counts them all (derived, not snapshotted).
+        self.dedupe: dict[str, list] = {}
+        self.dedupe_size = 0
         self.counts = [0] * N_STATES  # recipients per state, whole cluster
         self.stats = {"lease_expiries": 0, "reassigned_in_flight": 0, "fenced_reports": 0,
                       "duplicates_refused": 0, "commands_refused": 0, "maybe_delivered": 0,
@@ -186,6 +199,11 @@ class MailState:
         # Finished submissions past their retention:
         # id -> [campaign, finished_at, zlib(msgpack([rcpts, states])), body digest]
         self.archived: dict[str, list] = {}
+        # Finished, not yet archived submissions in the order they finished (prune's scan list).
+        self.finished: dict[str, None] = {}
+        # Body digest -> live (not archived) submissions referencing it. Derived from submissions,
+        # so the same on every replica: a body is collected only when this has no entry for it.
+        self.body_refs: dict[str, int] = {}
         self.applied = 0  # commands applied (a cheap progress counter for status and tests)
 
     # ---------------------------------------------------------------- entry point
@@ -240,6 +258,8 @@ class MailState:
             self.open.pop(sub.id, None)
         if new in FINAL_STATES and sub.counts[IN_FLIGHT] == 0 and not sub.waiting():
             sub.finished_at = now
+            self.finished.pop(sub.id, None)
+            self.finished[sub.id] = None
         if new == DELIVERED:
             minute = int(now // 60)
             self.delivered_minutes[minute] = self.delivered_minutes.get(minute, 0) + 1
@@ -271,16 +291,21 @@ class MailState:
         now = _num(c, "now")
         window = _num(c, "window")
         max_queued = int(_num(c, "max_queued"))
+        # Recipients remembered for idempotency, all keys together (absent: no count bound).
+        max_dedupe = int(_num(c, "max_dedupe")) if "max_dedupe" in c else None
         subs = c.get("subs")
         if not isinstance(subs, list) or not 0 < len(subs) <= MAX_SUBMISSIONS_PER_COMMAND:
             raise CommandRefused("submit: subs must be a non-empty list")
-        self._prune_dedupe(now - window)
+        self._prune_dedupe(now - window, max_dedupe)
         results = []
         for s in subs:
-            results.append(self._submit_one(s, now, max_queued))
+            results.append(self._submit_one(s, now, max_queued, max_dedupe))
         return results
 
-    def _submit_one(self, s: dict, now: float, max_queued: int) -> list:
+    def _submit_one(self, s: dict, now: float, max_queued: int, max_dedupe: int | None = None) -> list:
+        """["ok", id] (every recipient queued), ["ok", id, new, already] (only the recipients not
+        yet queued under the same key were), ["duplicate", id], ["cancelled", campaign],
+        ["full", None] or ["refused", why]."""
         try:
             if not isinstance(s, dict):
                 raise CommandRefused("a submission must be a map")
@@ -295,41 +320,73 @@ class MailState:
         except (KeyError, TypeError, ValueError, CommandRefused) as e:
             self.stats["commands_refused"] += 1
             return ["refused", str(e)]
-        if key is not None and key in self.dedupe:
-            self.stats["duplicates_refused"] += 1
-            return ["duplicate", self.dedupe[key][0]]
+        camp = self.campaigns.get(campaign)
+        if camp is not None and camp.cancelled:
+            # Refused, not queued-then-cancelled: the client hears it at DATA.
+            self.stats["cancelled_refused"] = self.stats.get("cancelled_refused", 0) + 1
+            return ["cancelled", campaign]
+        hashes = [_rcpt_hash(r) for r in rcpts]
+        entry = self.dedupe.get(key) if key is not None else None
+        if entry is not None:
+            if len(entry) < 3:  # a key from a snapshot without recipients: the whole message
+                self.stats["duplicates_refused"] += 1
+                return ["duplicate", entry[0]]
+            known = {entry[2][i:i + 8] for i in range(0, len(entry[2]), 8)}
+            fresh = [i for i, h in enumerate(hashes) if h not in known]
+            if not fresh:
+                self.stats["duplicates_refused"] += 1
+                return ["duplicate", entry[0]]
+        else:
+            fresh = list(range(len(rcpts)))
         if sid in self.submissions or sid in self.archived:
             return ["duplicate", sid]
         queued = self.counts[PENDING] + self.counts[DEFERRED] + self.counts[IN_FLIGHT]
-        if queued + len(rcpts) > max_queued:
+        if queued + len(fresh) > max_queued:
             return ["full", None]
-        sub = Submission(sid, campaign, sender, body, size, now, list(rcpts))
-        camp = self.campaigns.get(campaign)
+        sub = Submission(sid, campaign, sender, body, size, now, [rcpts[i] for i in fresh])
         if camp is None:
             camp = self.campaigns[campaign] = Campaign(campaign, now)
-        camp.submissions.append(sid)
+        sub.campaign = camp.id  # one string object per campaign, not one per submission
+        camp.submissions[sid] = None
+        camp.total += 1
         self.submissions[sid] = sub
-        camp.counts[PENDING] += len(rcpts)
-        self.counts[PENDING] += len(rcpts)
+        self.body_refs[body] = self.body_refs.get(body, 0) + 1
+        camp.counts[PENDING] += len(sub.rcpts)
+        self.counts[PENDING] += len(sub.rcpts)
         self.open[sid] = None
         for idx, rcpt in enumerate(sub.rcpts):
             if rcpt.lower() in self.suppressed:
                 self._set(sub, idx, SUPPRESSED, now)
                 self._event(now, SUPPRESSED, sub, idx)
-            elif camp.cancelled:
-                self._set(sub, idx, CANCELLED, now)
-                self._event(now, CANCELLED, sub, idx)
         if key is not None:
-            self.dedupe[key] = [sid, now]
+            added = b"".join(hashes[i] for i in fresh)
+            if entry is not None:
+                del self.dedupe[key]  # renewed: it moves to the newest end, with a new window
+                self.dedupe_size -= len(entry[2]) // 8
+                added = entry[2] + added
+            self.dedupe[key] = [sid, now, added]
+            self.dedupe_size += len(added) // 8
+            if max_dedupe is not None:
+                self._prune_dedupe(None, max_dedupe)
+        if len(fresh) < len(rcpts):
+            self.stats["duplicates_refused"] += 1
+            return ["ok", sid, len(fresh), len(rcpts) - len(fresh)]
         return ["ok", sid]
 
-    def _prune_dedupe(self, cutoff: float) -> None:
-        # Keys are inserted in commit order; proposers' clocks differ a little, which only delays pruning.
-        while self.dedupe:
+    def _prune_dedupe(self, cutoff: float | None, max_size: int | None = None) -> int:
+        """Forget keys older than `cutoff`, and the oldest keys while more than `max_size`
+        recipients are remembered; at most MAX_PRUNE_PER_COMMAND keys per call."""
+        # Keys are kept in commit order; proposers' clocks differ a little, which only delays pruning.
+        forgotten = 0
+        while self.dedupe and forgotten < MAX_PRUNE_PER_COMMAND:
             key = next(iter(self.dedupe))
-            if self.dedupe[key][1] >= cutoff:
+            entry = self.dedupe[key]
+            if (cutoff is None or entry[1] >= cutoff) and (max_size is None or self.dedupe_size <= max_size):
                 break
             del self.dedupe[key]
+            self.dedupe_size -= len(entry[2]) // 8 if len(entry) > 2 else 0
+            forgotten += 1
+        return forgotten
 
     def _op_assign(self, c: dict) -> dict:
         node, domain = _str(c, "node"), _str(c, "domain")
@@ -668,34 +725,78 @@ class MailState:
         return {"ok": True}
 
     def _op_prune(self, c: dict) -> dict:
-        """Bounded state: finished submissions past `retention` keep only a compressed record of
-        each recipient's final state; archives past `archive_retention` are dropped. Campaign
-        counts stay."""
+        """Bounded state: finished submissions past `retention`, or beyond `max_finished`, keep
+        only a compressed record of each recipient's final state; archives past
+        `archive_retention`, or beyond `max_archived`, are dropped; the oldest suppressions beyond
+        `max_suppressed` and de-duplication keys past `dedupe_window` or beyond `max_dedupe` are
+        forgotten. Campaign counts stay while the campaign holds a submission. Each step does at
+        most MAX_PRUNE_PER_COMMAND records, oldest first; "more" says work was left."""
         now, retention, keep = _num(c, "now"), _num(c, "retention"), _num(c, "archive_retention")
+        max_finished, max_archived, max_suppressed, max_dedupe = (
+            int(_num(c, k)) if k in c else None
+            for k in ("max_finished", "max_archived", "max_suppressed", "max_dedupe"))
+        window = _num(c, "dedupe_window") if "dedupe_window" in c else None
+        more = False
         archived = 0
-        for sid in [sid for sid, sub in self.submissions.items()
-                    if sub.finished_at is not None and sub.finished_at < now - retention]:
-            sub = self.submissions.pop(sid)
+        while self.finished:
+            sid = next(iter(self.finished))
+            sub = self.submissions[sid]
+            if not (sub.finished_at < now - retention or max_finished is not None and len(self.finished) > max_finished):
+                break
+            if archived >= MAX_PRUNE_PER_COMMAND:
+                more = True
+                break
+            del self.finished[sid]
+            del self.submissions[sid]
+            n = self.body_refs.get(sub.body, 0) - 1
+            if n > 0:
+                self.body_refs[sub.body] = n
+            else:
+                self.body_refs.pop(sub.body, None)
             blob = zlib.compress(msgpack.packb([sub.rcpts, bytes(sub.states)], use_bin_type=True), 1)
             self.archived[sid] = [sub.campaign, sub.finished_at, blob, sub.body]
             archived += 1
-        dropped = [sid for sid, a in self.archived.items() if a[1] < now - keep]
-        for sid in dropped:
+        dropped = 0
+        while self.archived:
+            sid = next(iter(self.archived))
+            a = self.archived[sid]
+            if not (a[1] < now - keep or max_archived is not None and len(self.archived) > max_archived):
+                break
+            if dropped >= MAX_PRUNE_PER_COMMAND:
+                more = True
+                break
             campaign, _, blob, _body = self.archived.pop(sid)
+            dropped += 1
             _rcpts, states = msgpack.unpackb(zlib.decompress(blob), raw=False)
             camp = self.campaigns.get(campaign)
             for st in states:  # counts cover what the state still holds
                 self.counts[st] -= 1
                 if camp is not None:
                     camp.counts[st] -= 1
-        for camp in [c for c in self.campaigns.values()
-                     if all(s not in self.submissions for s in c.submissions)
-                     and all(s not in self.archived for s in c.submissions)]:
-            del self.campaigns[camp.id]
+            if camp is not None:
+                camp.submissions.pop(sid, None)
+                if not camp.submissions:
+                    del self.campaigns[campaign]
+        if max_suppressed is not None:
+            forgotten = 0
+            while len(self.suppressed) > max_suppressed:
+                if forgotten >= MAX_PRUNE_PER_COMMAND:
+                    more = True
+                    break
+                del self.suppressed[next(iter(self.suppressed))]  # the oldest
+                forgotten += 1
+        if window is not None or max_dedupe is not None:
+            self._prune_dedupe(None if window is None else now - window, max_dedupe)
+            if self.dedupe and ((window is not None and next(iter(self.dedupe.values()))[1] < now - window)
+                                or (max_dedupe is not None and self.dedupe_size > max_dedupe)):
+                more = True
         hour_ago = int(now // 60) - 60
         for minute in [m for m in self.delivered_minutes if m < hour_ago]:
             del self.delivered_minutes[minute]
-        return {"archived": archived, "dropped": len(dropped)}
+        result: dict[str, Any] = {"archived": archived, "dropped": dropped}
+        if more:
+            result["more"] = True
+        return result
 
     def _op_group(self, c: dict) -> list:
         """Commands one node proposed together in one Raft entry (the bridge's group commit):
@@ -768,7 +869,7 @@ class MailState:
         total = sum(camp.counts)
         final = sum(camp.counts[s] for s in FINAL_STATES)
         return {"id": camp.id, "created_at": camp.created_at, "paused": camp.paused,
-                "cancelled": camp.cancelled, "submissions": len(camp.submissions), "recipients": total,
+                "cancelled": camp.cancelled, "submissions": camp.total, "recipients": total,
                 "counts": {STATE_NAMES[i]: n for i, n in enumerate(camp.counts)},
                 "percent_done": round(100.0 * final / total, 1) if total else 100.0}
 
@@ -803,6 +904,7 @@ class MailState:
             "members": self.members,
             "incarnations": self.incarnations,
             "archived": self.archived,
+            "finished": list(self.finished),
             "applied": self.applied,
         }, use_bin_type=True)
 
@@ -832,6 +934,17 @@ class MailState:
         st.incarnations = dict(w.get("incarnations", {}))
         st.archived = dict(w["archived"])
         st.applied = w["applied"]
+        if "finished" in w:
+            st.finished = dict.fromkeys(w["finished"])
+        else:  # a snapshot from before the finish order was kept: rebuild it the same way everywhere
+            done = [s for s in st.submissions.values() if s.finished_at is not None]
+            st.finished = dict.fromkeys(s.id for s in sorted(done, key=lambda s: s.finished_at))
+        for sub in st.submissions.values():
+            st.body_refs[sub.body] = st.body_refs.get(sub.body, 0) + 1
+            camp = st.campaigns.get(sub.campaign)
+            if camp is not None:
+                sub.campaign = camp.id
+        st.dedupe_size = sum(len(e[2]) // 8 for e in st.dedupe.values() if len(e) > 2)
         return st
 
     def digest(self) -> str:
@@ -854,6 +967,11 @@ def _num(c: dict, key: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise CommandRefused(f"{key} must be a finite number")
     return v
+
+
+def _rcpt_hash(address: str) -> bytes:
+    """8 bytes per recipient for the idempotency record (case-insensitive, as suppression is)."""
+    return hashlib.blake2b(address.lower().encode("utf-8", "surrogateescape"), digest_size=8).digest()
 
 
 def _is_item(x: Any) -> bool:

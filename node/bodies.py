@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Collection, Iterable, Iterator
 
 from raftmail.consensus.raft import fsync_dir
 
@@ -29,6 +29,11 @@ _SHARD_RE = re.compile(r"[0-9a-f]{2}")
 # Temp files start with a dot so they can never be mistaken for a digest.
 _TEMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 1 << 20
+# The repair pass re-reads and re-hashes at most this many held bodies per pass, oldest checked
+# first, so a body deleted or rotted after it was first seen is fetched again, at bounded cost.
+BODY_RECHECK_PER_PASS = 50
+# Bodies looked for on disk (new ones) per repair pass, and fetched per pass.
+BODY_REPAIR_MAX = 1000
 
 
 def is_digest(s: str) -> bool:
@@ -187,10 +192,12 @@ class BodyStore:
         path = self._path(digest)
         shard = os.path.dirname(path)
         if _file_matches(path, digest, len(data)):
-            # Refresh the mtime: age_seconds() is what orphan collection looks at, and a body
-            # that was just submitted again must not look old.
+            # Refresh the mtime: collection deletes an unreferenced body only once it is older
+            # than its grace, and a body just submitted again (not yet committed) must not look
+            # old. Under the swap lock: delete_if_idle() checks the age and unlinks under it.
             try:
-                os.utime(path)
+                with self._swap_lock:
+                    os.utime(path)
                 # Another writer may have renamed it in and not yet synced the directory
                 # (a batch syncs its directories at the end): sync it before we answer too.
                 touched.add(shard)
@@ -306,6 +313,39 @@ class BodyStore:
             return False
         return True
 
+    def delete_if_idle(self, digest: str, min_age: float) -> bool:
+        """Remove the body if its file was last stored at least *min_age* seconds ago; True if
+        removed. The age check and the unlink are one step against a put refreshing the file."""
+        path = self._path(digest)
+        with self._swap_lock:
+            try:
+                if time.time() - os.stat(path).st_mtime < min_age:
+                    return False
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+        self._forget(digest)
+        return True
+
+    def verify(self, digest: str) -> bool:
+        """Whether the file for *digest* exists and hashes to it; a corrupt one is removed. Reads
+        the disk, not the cache, and caches nothing."""
+        path = self._path(digest)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                h = hashlib.sha256()
+                while chunk := f.read(_HASH_CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError:
+            self._forget(digest)
+            return False
+        if h.hexdigest() == digest:
+            return True
+        self._forget(digest)
+        self._remove_corrupt(path, st, h.hexdigest())
+        return False
+
     def digests(self) -> Iterator[str]:
         """Digests of all stored bodies (unverified), in no particular order."""
         for shard in self._shard_dirs():
@@ -331,3 +371,55 @@ class BodyStore:
         except FileNotFoundError:
             return None
         return max(0.0, time.time() - mtime)
+
+
+def collect_unreferenced(store: BodyStore, referenced: Collection[str], grace: float) -> int:
+    """Delete the bodies that no live submission references (*referenced*: the replicated
+    state's body references) and that were last stored more than *grace* seconds ago. The grace
+    covers a body stored for a submission that is not committed yet; returns how many went."""
+    removed = 0
+    for digest in list(store.digests()):
+        if digest not in referenced and store.delete_if_idle(digest, grace):
+            removed += 1
+    return removed
+
+
+class BodyRepair:
+    """Which bodies this node must fetch: those that unfinished submissions need and it lacks.
+
+    A body seen on disk is remembered, and re-checked (read and hashed) later in turn,
+    BODY_RECHECK_PER_PASS per pass: one deleted or rotted since is fetched again."""
+
+    def __init__(self, store: BodyStore, recheck_per_pass: int = BODY_RECHECK_PER_PASS,
+                 max_fetch: int = BODY_REPAIR_MAX) -> None:
+        self.store = store
+        self.recheck_per_pass = recheck_per_pass
+        self.max_fetch = max_fetch
+        self.held: collections.OrderedDict[str, None] = collections.OrderedDict()  # oldest check first
+        self.rechecked = 0  # bodies re-verified, for tests and metrics
+
+    def missing(self, wanted: Collection[str]) -> list[str]:
+        """One pass (blocking disk reads: run it in a thread); the digests to fetch."""
+        for digest in [d for d in self.held if d not in wanted]:
+            del self.held[digest]
+        lacking = []
+        looked = 0
+        for digest in wanted:
+            if digest in self.held:
+                continue
+            if looked >= self.max_fetch:
+                break
+            looked += 1
+            if self.store.has(digest):
+                self.held[digest] = None
+            else:
+                lacking.append(digest)
+        for digest in list(itertools.islice(self.held, self.recheck_per_pass)):
+            self.rechecked += 1
+            if self.store.verify(digest):
+                self.held.move_to_end(digest)
+            else:
+                del self.held[digest]
+                log.warning("body %s that this node held is gone or corrupt: fetching it again", digest[:12])
+                lacking.append(digest)
+        return lacking[:self.max_fetch]

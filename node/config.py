@@ -168,6 +168,9 @@ class IntakeSection:
     max_recipients: int = 1000
     commit_timeout: float = 5.0
     dedupe_window_seconds: float = 86400.0
+    # Idempotency keys (envelope sender, Message-ID, recipient) remembered at most, oldest
+    # forgotten first, so a key table never outgrows memory within the window.
+    dedupe_max_keys: int = 2000000
     max_connections: int = 200
     # Clients outside allow_networks: connections at once per IPv4 address or IPv6 /64, so one
     # stranger cannot take every slot.
@@ -270,6 +273,15 @@ class StorageSection:
     archive_retention_seconds: float = 2592000.0
     # How often the leader applies the retention and each node deletes expired bodies.
     maintenance_interval_seconds: float = 60.0
+    # Count bounds, whatever the retention: finished submissions with per-recipient detail ...
+    max_finished_submissions: int = 200000
+    # ... compact final-state records (the oldest are archived or dropped first) ...
+    max_archived_submissions: int = 1000000
+    # ... and addresses on the suppression list (the oldest entry is forgotten first).
+    max_suppressed_addresses: int = 1000000
+    # A body no live submission references is deleted only once its file is this old: a new
+    # submission of the same bytes, stored but not yet committed, refreshes it.
+    body_gc_grace_seconds: float = 3600.0
     # Recently written or read bodies kept in memory for the sender (0: none; no body over a
     # quarter of it is kept).
     body_cache_bytes: int = 64 * 2**20

@@ -42,6 +42,7 @@ R_TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address, try 
 R_TOO_MANY_STRANGERS = ("421 4.7.0 Too many connections from outside the allowed networks, "
                         "try again later")
 R_REFUSED = "554 5.3.0 Submission refused: {}"
+R_CAMPAIGN_CANCELLED = "554 5.7.1 Campaign {} is cancelled: submission refused, nothing was queued"
 R_AUTH_REQUIRED = "530 5.7.0 Authentication required: this address may submit only after AUTH"
 R_AUTH_NEEDS_TLS = "538 5.7.11 Encryption required for requested authentication mechanism: STARTTLS first"
 R_AUTH_UNAVAILABLE = "502 5.5.1 AUTH is not available: no users are configured"
@@ -94,7 +95,10 @@ def campaign_of(message: bytes) -> str | None:
 
 
 def dedupe_key(sender: str, message_id: str | None) -> str | None:
-    """Same Message-ID from the same envelope sender = the same submission, retried."""
+    """Same Message-ID from the same envelope sender = the same message. The state machine
+    remembers which recipients were queued under it, so each is queued once per key: a retry
+    queues nothing again, a later transaction for new recipients (after a 452 for too many
+    recipients) queues those."""
     if not message_id:
         return None
     return hashlib.sha256(f"{sender.lower()}\0{message_id}".encode()).hexdigest()[:32]
@@ -106,8 +110,12 @@ class Intake:
     def __init__(self, config: Config, node_id: str, store: BodyStore,
                  commit_submission: Callable[[dict, float], Awaitable[list]],
                  replicate_body: Callable[[str, bytes, float], Awaitable[int]],
-                 majority: Callable[[], int]) -> None:
+                 majority: Callable[[], int],
+                 campaign_cancelled: Callable[[str], bool] | None = None) -> None:
         self.config = config
+        # Asked of the applied state before a body is stored: a submission to a cancelled
+        # campaign is refused at once (the state machine refuses it too, whatever the race).
+        self.campaign_cancelled = campaign_cancelled or (lambda campaign: False)
         self.node_id = node_id
         self.store = store
         self.commit_submission = commit_submission
@@ -212,6 +220,9 @@ class Intake:
             self.counters["refused_content"] += 1
             log.info("submission from %s refused: %s", sender, refusal)
             return refusal
+        campaign = campaign_of(message)
+        if campaign is not None and self.campaign_cancelled(campaign):
+            return self._cancelled(sender, campaign)
         timeout = self.limits.commit_timeout
         deadline = time.monotonic() + timeout
         # Our own copy and the peers' copies are written at the same time; the metadata is
@@ -232,25 +243,45 @@ class Intake:
                         self.majority())
             return R_NO_QUORUM
         sid = self.new_submission_id()
-        entry = {"id": sid, "campaign": campaign_of(message) or sid, "sender": sender, "body": digest,
+        entry = {"id": sid, "campaign": campaign or sid, "sender": sender, "body": digest,
                  "size": len(message), "rcpts": list(recipients),
                  "key": dedupe_key(sender, message_id_of(message))}
         try:
-            status, detail = await self.commit_submission(entry, max(0.05, deadline - time.monotonic()))
+            result = await self.commit_submission(entry, max(0.05, deadline - time.monotonic()))
         except ProposalFailed as e:
             self.counters["refused_451"] += 1
             log.warning("submission %s not committed (%s): 451", sid, e.reason)
             return R_NO_QUORUM
+        return self._reply(sender, len(recipients), len(message), result)
+
+    def _cancelled(self, sender: str, campaign: str) -> str:
+        self.counters["refused_5xx"] += 1
+        log.info("submission from %s refused: campaign %s is cancelled", sender, campaign)
+        return R_CAMPAIGN_CANCELLED.format(campaign)
+
+    def _reply(self, sender: str, n_rcpts: int, size: int, result: list) -> str:
+        """The SMTP reply for the state machine's answer to one submission."""
+        status, detail = result[0], result[1]
         if status == "ok":
+            new, already = (result[2], result[3]) if len(result) >= 4 else (None, 0)
             self.counters["accepted"] += 1
-            self.counters["recipients_accepted"] += len(recipients)
-            log.info("accepted submission %s from %s: %d recipients, %d bytes", sid, sender,
-                     len(recipients), len(message))
-            return f"250 2.0.0 Queued as {sid}: committed on a majority"
+            if new is None:
+                self.counters["recipients_accepted"] += n_rcpts
+                log.info("accepted submission %s from %s: %d recipients, %d bytes", detail, sender, n_rcpts, size)
+                return f"250 2.0.0 Queued as {detail}: committed on a majority"
+            self.counters["recipients_accepted"] += new
+            log.info("accepted submission %s from %s: %d new recipients, %d already queued under the same "
+                     "Message-ID, %d bytes", detail, sender, new, already, size)
+            return (f"250 2.0.0 Queued as {detail}: {new} new recipient{'s' if new != 1 else ''} committed on "
+                    f"a majority; {already} already queued under this Message-ID, not queued again")
+        if status == "cancelled":
+            return self._cancelled(sender, detail)
         if status == "duplicate":
             self.counters["duplicates"] += 1
-            log.info("duplicate of submission %s (same sender and Message-ID): not queued again", detail)
-            return f"250 2.0.0 Already queued as {detail}: duplicate not queued again"
+            log.info("duplicate of submission %s (same sender, Message-ID and recipients): not queued again",
+                     detail)
+            return (f"250 2.0.0 Already queued as {detail}: every recipient is already queued under this "
+                    "Message-ID, none queued again")
         if status == "full":
             self.counters["refused_452"] += 1
             return R_QUEUE_FULL

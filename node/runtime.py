@@ -13,7 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from raftmail.consensus.raft import RaftNode
-from raftmail.node.bodies import BodyStore, is_digest
+from raftmail.node.bodies import BodyRepair, BodyStore, collect_unreferenced, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer
 from raftmail.node.config import Config, ConfigError
 from raftmail.node.intake import Intake, check_aiosmtpd, start_smtp_server
@@ -25,11 +25,9 @@ from raftmail.node.webhook import event_dict, poster_for
 log = logging.getLogger("raftmail.node")
 
 BODY_REPAIR_INTERVAL = 1.0  # seconds between scans for bodies this node lacks
-BODY_REPAIR_MAX = 1000  # bodies fetched per scan
 BODY_REPAIR_PARALLEL = 16  # fetches in flight at once
 ADMIN_SHUTDOWN_SECONDS = 2.0  # requests still running at stop get this long to finish
 PEER_PROBE_INTERVAL = 5.0  # seconds between checks that every peer shares our cluster secret
-ORPHAN_BODY_AGE = 3600.0  # a body never committed (its submission got 451) is kept this long
 MEMBER_LEAVE_MAX_WAIT = 3600.0  # seconds a leave may wait for the leaving node's batches to move
 
 
@@ -471,24 +469,23 @@ class MailNode:
     # ---------------------------------------------------------------- maintenance
 
     async def repair_bodies(self) -> None:
-        """Fetch bodies of unfinished submissions that this node lacks (it was down, or restored
-        from a snapshot), so any node can deliver any batch."""
+        """Fetch bodies of unfinished submissions that this node lacks (it was down, restored
+        from a snapshot, or a body it held was lost), so any node can deliver any batch."""
         slots = asyncio.Semaphore(BODY_REPAIR_PARALLEL)
+        repair = BodyRepair(self.store)
 
         async def fetch(digest: str) -> None:
             async with slots:
                 await self.body(digest)
-        present: set[str] = set()  # bodies already seen on disk: each is checked once, not every scan
         while True:
             await asyncio.sleep(BODY_REPAIR_INTERVAL)
             try:
-                wanted = self.raft.read(lambda st: {s.body for s in st.submissions.values()
-                                                    if s.finished_at is None})
-                present &= wanted
-                unseen = list(wanted - present)
-                have = await asyncio.to_thread(lambda: [d for d in unseen if self.store.has(d)])
-                present.update(have)
-                missing = [d for d in unseen if d not in present][:BODY_REPAIR_MAX]
+                # Unfinished = waiting (st.open) or in flight (held by a batch): no scan of the
+                # finished ones, which may be many.
+                wanted = self.raft.read(lambda st: {st.submissions[sid].body for sid in st.open}
+                                        | {st.submissions[sid].body for b in st.batches.values()
+                                           for sid, _ in b.items})
+                missing = await asyncio.to_thread(repair.missing, wanted)
                 await asyncio.gather(*(fetch(d) for d in missing))
             except Exception:
                 log.exception("body repair failed")
@@ -508,30 +505,14 @@ class MailNode:
             self.peers_rejecting = rejecting
 
     async def collect_bodies(self) -> None:
-        """Delete bodies whose submissions all finished longer than the retention ago."""
-        retention = self.config.storage.body_retention_seconds
+        """Delete bodies that no live submission references (counted in the replicated state)
+        once they are older than [storage] body_gc_grace_seconds."""
         while True:
             await asyncio.sleep(self.config.storage.maintenance_interval_seconds)
             try:
-                now = time.time()
-
-                def read(st):
-                    keep, done = set(), {}
-                    for s in st.submissions.values():
-                        if s.finished_at is None or now - s.finished_at < retention:
-                            keep.add(s.body)
-                        else:
-                            done[s.body] = None
-                    for a in st.archived.values():
-                        done[a[3]] = None
-                    return keep, done
-                keep, done = self.raft.read(read)
-                for digest in list(self.store.digests()):
-                    if digest in keep:
-                        continue
-                    age = self.store.age_seconds(digest) or 0.0
-                    if digest in done or age > max(ORPHAN_BODY_AGE, retention):
-                        self.store.delete(digest)
+                referenced = self.raft.read(lambda st: set(st.body_refs))
+                await asyncio.to_thread(collect_unreferenced, self.store, referenced,
+                                        self.config.storage.body_gc_grace_seconds)
             except Exception:
                 log.exception("body collection failed")
 
@@ -548,7 +529,7 @@ class MailNode:
         self.proposer = Proposer(self.raft, loop, r.max_commands_in_flight + self.config.intake.max_connections,
                                  max_entries_in_flight=r.max_entries_in_flight, max_entry_bytes=r.max_entry_bytes)
         self.intake = Intake(self.config, self.id, self.store, self.commit_submission, self.replicate_body,
-                             self.majority)
+                             self.majority, campaign_cancelled=self.campaign_cancelled)
         self.metrics.watch_intake(self.intake)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -607,12 +588,20 @@ class MailNode:
                 stop.set()
                 return
 
+    def campaign_cancelled(self, campaign: str) -> bool:
+        """From the applied state: whether `campaign` exists and is cancelled."""
+        def read(st):
+            camp = st.campaigns.get(campaign)
+            return camp is not None and camp.cancelled
+        return bool(self.raft.read(read))
+
     async def commit_submission(self, entry: dict, timeout: float) -> list:
         """Commit one submission; [status, detail]. The proposer's group commit packs it with
         whatever else this node proposes meanwhile."""
         result = await self.proposer.propose(
             {"op": "submit", "subs": [entry], "now": time.time(),
              "window": self.config.intake.dedupe_window_seconds,
+             "max_dedupe": self.config.intake.dedupe_max_keys,
              "max_queued": self.config.intake.max_queued_recipients}, timeout)
         if not isinstance(result, list) or len(result) != 1:
             raise ProposalFailed(f"unexpected result {result!r}", unknown=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from raftmail.node.bridge import ProposalFailed
 
 if TYPE_CHECKING:
+    from raftmail.node.config import Config
     from raftmail.node.runtime import MailNode
 
 log = logging.getLogger("raftmail.scheduler")
@@ -22,6 +23,15 @@ log = logging.getLogger("raftmail.scheduler")
 SCHEDULE_INTERVAL = 0.1  # seconds between scheduling rounds on the leader
 MAX_EXPIRE = 1000  # batches named in one expire command
 UNSENT_CHECK_INTERVAL = 1.0  # seconds between the leader's scans for waiting recipients past max_age
+
+
+def prune_command(config: "Config", now: float) -> dict:
+    """The retention and count bounds, as the command every replica applies the same way."""
+    st = config.storage
+    return {"op": "prune", "now": now, "retention": st.body_retention_seconds,
+            "archive_retention": st.archive_retention_seconds, "max_finished": st.max_finished_submissions,
+            "max_archived": st.max_archived_submissions, "max_suppressed": st.max_suppressed_addresses,
+            "dedupe_window": config.intake.dedupe_window_seconds, "max_dedupe": config.intake.dedupe_max_keys}
 
 
 class Scheduler:
@@ -32,6 +42,7 @@ class Scheduler:
         self._rr = 0  # round-robin start, so idle nodes share batches evenly
         self._last_prune = 0.0
         self._last_unsent_check = -UNSENT_CHECK_INTERVAL
+        self._prune_more = False
         self.stopping = False  # a node shutting down hands out nothing more
 
     async def run(self) -> None:
@@ -53,11 +64,11 @@ class Scheduler:
         self.rounds += 1
         await self.expire_leases()
         await self.expire_unsent(now)
-        if now - self._last_prune > node.config.storage.maintenance_interval_seconds:
+        if now - self._last_prune > node.config.storage.maintenance_interval_seconds or self._prune_more:
             self._last_prune = now
-            st = node.config.storage
-            res = await node.proposer.propose({"op": "prune", "now": now, "retention": st.body_retention_seconds,
-                                               "archive_retention": st.archive_retention_seconds}, timeout)
+            res = await node.proposer.propose(prune_command(node.config, now), timeout)
+            # Each prune does bounded work in the tick thread; a backlog is worked off a round at a time.
+            self._prune_more = bool(res.get("more"))
             if res.get("archived") or res.get("dropped"):
                 log.info("retention: %d finished submissions archived, %d archives dropped",
                          res["archived"], res["dropped"])

@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
 def test_finished_submissions_are_archived_and_their_bodies_removed(make_cluster) -> None:
     c = make_cluster(start=False)
-    set_config(c, "storage", body_retention_seconds=2.0, maintenance_interval_seconds=1.0)
+    set_config(c, "storage", body_retention_seconds=2.0, maintenance_interval_seconds=1.0,
+               body_gc_grace_seconds=1.0)
     leader = c.start_all_and_wait()
     code, text = c.submit(leader, ["a@example.com", "b@example.com"], make_message(message_id="<ret@x>"))
     assert code == 250, text

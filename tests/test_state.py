@@ -765,9 +765,10 @@ def test_cancel_stops_waiting_recipients_and_lets_in_flight_ones_finish() -> Non
     counts = state.queue_counts()
     assert counts["pending"] == counts["in_flight"] == counts["deferred"] == 0
     assert state.campaign_summary(state.campaigns["promo"])["percent_done"] == 100.0
-    # Later submissions to a cancelled campaign are cancelled on arrival.
-    run(state, submit_cmd(T0 + 300, submission("s2", ["late@x.test"], campaign="promo")))
-    assert state_of(state, "s2", 0) == "cancelled"
+    # Later submissions to a cancelled campaign are refused, not queued and then cancelled.
+    assert run(state, submit_cmd(T0 + 300, submission("s2", ["late@x.test"], campaign="promo"))) \
+        == [["cancelled", "promo"]]
+    assert "s2" not in state.submissions
     assert_leases_consistent(state)
 
 
