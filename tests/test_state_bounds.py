@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from raftmail.consensus.state import MAX_PRUNE_PER_COMMAND, MailState
+from raftmail.consensus import state as state_machine
+from raftmail.consensus.state import MailState
 from test_state import (BODY, DAY, HOUR, T0, assign_cmd, campaign_cmd, outcome, prune_cmd, report_cmd, restored,
                         run, state_of, submission, submit_cmd)
 
@@ -65,7 +66,7 @@ def test_the_key_table_is_bounded_by_count_oldest_forgotten_first() -> None:
 
 def test_prune_forgets_expired_keys_a_bounded_number_per_command() -> None:
     state = MailState()
-    n = MAX_PRUNE_PER_COMMAND + 10
+    n = state_machine.MAX_PRUNE_PER_COMMAND + 10
     for i in range(0, n, 1000):
         run(state, submit_cmd(T0, *[submission(f"s{j}", ["a@x.test"], key=f"k{j}") for j in range(i, min(n, i + 1000))]))
     cmd = prune_cmd(T0 + 2 * HOUR)
@@ -143,7 +144,7 @@ def test_count_bounds_on_finished_archived_and_suppressed() -> None:
 
 def test_prune_work_is_bounded_per_command_and_finishes_over_several() -> None:
     state = MailState()
-    n = MAX_PRUNE_PER_COMMAND + 500
+    n = state_machine.MAX_PRUNE_PER_COMMAND + 500
     for i in range(0, n, 1000):
         run(state, submit_cmd(T0, *[submission(f"s{j}", ["a@x.test"]) for j in range(i, min(n, i + 1000))]))
     sids = list(state.submissions)
@@ -152,7 +153,7 @@ def test_prune_work_is_bounded_per_command_and_finishes_over_several() -> None:
         bid = state.apply(assign_cmd("mx-a", "x.test", chunk, T0 + 1, max_connections=100))["batch"]
         state.apply(report_cmd("mx-a", bid, T0 + 2, [outcome(sid, 0, 250) for sid, _ in chunk]))
     first = state.apply(prune_cmd(T0 + 2 * HOUR))
-    assert first == {"archived": MAX_PRUNE_PER_COMMAND, "dropped": 0, "more": True}
+    assert first == {"archived": state_machine.MAX_PRUNE_PER_COMMAND, "dropped": 0, "more": True}
     assert state.apply(prune_cmd(T0 + 2 * HOUR)) == {"archived": 500, "dropped": 0}
     assert state.submissions == {} and len(state.archived) == n
 
