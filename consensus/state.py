@@ -44,7 +44,7 @@ APPLY_ERROR_LOG_CHARS = 2000  # of a command whose apply raised (a bug), in the 
 # Records one prune (or one submit's de-duplication upkeep) may archive, drop or forget: the tick
 # thread applies it, so its work is bounded whatever the backlog; the leader prunes again soon
 # while a prune answers "more". A protocol constant: every replica does the same work.
-MAX_PRUNE_PER_COMMAND = 5000
+MAX_PRUNE_PER_COMMAND = 2000
 # Recipient outcome events kept in the replicated state, for `raftmail events` and webhooks. A
 # protocol constant, not a setting: every replica must drop the same oldest event.
 EVENT_RING = 20000
@@ -196,11 +196,14 @@ class MailState:
         # Members added or removed at run time (the cluster file lists the founding members):
         # id -> {"raft", "smtp", "admin", "status": "active" | "leaving" | "removed"}
         self.members: dict[str, dict] = {}
-        # Finished submissions past their retention:
-        # id -> [campaign, finished_at, zlib(msgpack([rcpts, states])), body digest]
+        # Finished submissions past their retention, in the order they were archived:
+        # id -> [campaign, finished_at, zlib(msgpack([rcpts, states])), body digest, recipients]
         self.archived: dict[str, list] = {}
-        # Finished, not yet archived submissions in the order they finished (prune's scan list).
+        # Finished, not yet archived submissions in the order they finished (prune's scan list),
+        # and the recipients they hold (derived).
         self.finished: dict[str, None] = {}
+        self.finished_rcpts = 0
+        self.archived_rcpts = 0  # recipients in the archives (derived)
         # Body digest -> live (not archived) submissions referencing it. Derived from submissions,
         # so the same on every replica: a body is collected only when this has no entry for it.
         self.body_refs: dict[str, int] = {}
@@ -258,8 +261,9 @@ class MailState:
             self.open.pop(sub.id, None)
         if new in FINAL_STATES and sub.counts[IN_FLIGHT] == 0 and not sub.waiting():
             sub.finished_at = now
-            self.finished.pop(sub.id, None)
-            self.finished[sub.id] = None
+            if sub.id not in self.finished:
+                self.finished[sub.id] = None
+                self.finished_rcpts += len(sub.rcpts)
         if new == DELIVERED:
             minute = int(now // 60)
             self.delivered_minutes[minute] = self.delivered_minutes.get(minute, 0) + 1
@@ -725,12 +729,15 @@ class MailState:
         return {"ok": True}
 
     def _op_prune(self, c: dict) -> dict:
-        """Bounded state: finished submissions past `retention`, or beyond `max_finished`, keep
-        only a compressed record of each recipient's final state; archives past
-        `archive_retention`, or beyond `max_archived`, are dropped; the oldest suppressions beyond
-        `max_suppressed` and de-duplication keys past `dedupe_window` or beyond `max_dedupe` are
-        forgotten. Campaign counts stay while the campaign holds a submission. Each step does at
-        most MAX_PRUNE_PER_COMMAND records, oldest first; "more" says work was left."""
+        """Bounded state: finished submissions past `retention`, or while they hold more than
+        `max_finished` recipients, keep only a compressed record of each recipient's final
+        state; archives past `archive_retention`, or while they hold more than `max_archived`
+        recipients, are dropped; the oldest suppressions beyond `max_suppressed` and
+        de-duplication keys past `dedupe_window` or beyond `max_dedupe` recipients are
+        forgotten. Campaign counts stay while the campaign holds a submission. Oldest first, and
+        at most MAX_PRUNE_PER_COMMAND records per kind per command; "more" says work was left.
+        Bounds are counted in recipients because memory follows them (a submission has one or
+        more), and absent bounds are not applied."""
         now, retention, keep = _num(c, "now"), _num(c, "retention"), _num(c, "archive_retention")
         max_finished, max_archived, max_suppressed, max_dedupe = (
             int(_num(c, k)) if k in c else None
@@ -741,33 +748,38 @@ class MailState:
         while self.finished:
             sid = next(iter(self.finished))
             sub = self.submissions[sid]
-            if not (sub.finished_at < now - retention or max_finished is not None and len(self.finished) > max_finished):
+            if not (sub.finished_at < now - retention
+                    or max_finished is not None and self.finished_rcpts > max_finished):
                 break
             if archived >= MAX_PRUNE_PER_COMMAND:
                 more = True
                 break
             del self.finished[sid]
             del self.submissions[sid]
+            self.finished_rcpts -= len(sub.rcpts)
+            self.archived_rcpts += len(sub.rcpts)
             n = self.body_refs.get(sub.body, 0) - 1
             if n > 0:
                 self.body_refs[sub.body] = n
             else:
                 self.body_refs.pop(sub.body, None)
             blob = zlib.compress(msgpack.packb([sub.rcpts, bytes(sub.states)], use_bin_type=True), 1)
-            self.archived[sid] = [sub.campaign, sub.finished_at, blob, sub.body]
+            self.archived[sid] = [sub.campaign, sub.finished_at, blob, sub.body, len(sub.rcpts)]
             archived += 1
         dropped = 0
         while self.archived:
             sid = next(iter(self.archived))
             a = self.archived[sid]
-            if not (a[1] < now - keep or max_archived is not None and len(self.archived) > max_archived):
+            if not (a[1] < now - keep or max_archived is not None and self.archived_rcpts > max_archived):
                 break
             if dropped >= MAX_PRUNE_PER_COMMAND:
                 more = True
                 break
-            campaign, _, blob, _body = self.archived.pop(sid)
+            campaign, blob = a[0], a[2]
+            del self.archived[sid]
             dropped += 1
             _rcpts, states = msgpack.unpackb(zlib.decompress(blob), raw=False)
+            self.archived_rcpts -= len(states)
             camp = self.campaigns.get(campaign)
             for st in states:  # counts cover what the state still holds
                 self.counts[st] -= 1
@@ -939,6 +951,11 @@ class MailState:
         else:  # a snapshot from before the finish order was kept: rebuild it the same way everywhere
             done = [s for s in st.submissions.values() if s.finished_at is not None]
             st.finished = dict.fromkeys(s.id for s in sorted(done, key=lambda s: s.finished_at))
+        st.finished_rcpts = sum(len(st.submissions[sid].rcpts) for sid in st.finished)
+        for sid, a in st.archived.items():
+            if len(a) < 5:  # an archive from before the count was kept
+                a.append(len(msgpack.unpackb(zlib.decompress(a[2]), raw=False)[1]))
+            st.archived_rcpts += a[4]
         for sub in st.submissions.values():
             st.body_refs[sub.body] = st.body_refs.get(sub.body, 0) + 1
             camp = st.campaigns.get(sub.campaign)

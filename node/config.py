@@ -273,10 +273,11 @@ class StorageSection:
     archive_retention_seconds: float = 2592000.0
     # How often the leader applies the retention and each node deletes expired bodies.
     maintenance_interval_seconds: float = 60.0
-    # Count bounds, whatever the retention: finished submissions with per-recipient detail ...
-    max_finished_submissions: int = 200000
-    # ... compact final-state records (the oldest are archived or dropped first) ...
-    max_archived_submissions: int = 1000000
+    # Count bounds, whatever the retention, in recipients (oldest first): finished submissions
+    # keep per-recipient detail for at most this many recipients (then they are archived) ...
+    max_finished_recipients: int = 200000
+    # ... and the compact final-state records at most this many (then they are dropped) ...
+    max_archived_recipients: int = 2000000
     # ... and addresses on the suppression list (the oldest entry is forgotten first).
     max_suppressed_addresses: int = 1000000
     # A body no live submission references is deleted only once its file is this old: a new

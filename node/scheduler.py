@@ -29,8 +29,8 @@ def prune_command(config: "Config", now: float) -> dict:
     """The retention and count bounds, as the command every replica applies the same way."""
     st = config.storage
     return {"op": "prune", "now": now, "retention": st.body_retention_seconds,
-            "archive_retention": st.archive_retention_seconds, "max_finished": st.max_finished_submissions,
-            "max_archived": st.max_archived_submissions, "max_suppressed": st.max_suppressed_addresses,
+            "archive_retention": st.archive_retention_seconds, "max_finished": st.max_finished_recipients,
+            "max_archived": st.max_archived_recipients, "max_suppressed": st.max_suppressed_addresses,
             "dedupe_window": config.intake.dedupe_window_seconds, "max_dedupe": config.intake.dedupe_max_keys}
 
 

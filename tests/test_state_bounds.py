@@ -127,6 +127,19 @@ def test_a_reused_campaign_id_does_not_grow_with_history() -> None:
     assert restored(state).digest() == state.digest()
 
 
+def test_finished_and_archived_bounds_count_recipients() -> None:
+    state = MailState()
+    for i in range(4):
+        rcpts = [f"r{i}-{k}@x.test" for k in range(5)]
+        run(state, submit_cmd(T0 + i, submission(f"s{i}", rcpts)))
+        deliver(state, f"s{i}", 5, T0 + i)
+    assert state.finished_rcpts == 20
+    run(state, {**prune_cmd(T0 + 5, retention=DAY), "max_finished": 12, "max_archived": 6})
+    assert list(state.finished) == ["s2", "s3"] and state.finished_rcpts == 10
+    assert list(state.archived) == ["s1"] and state.archived_rcpts == 5
+    assert restored(state).digest() == state.digest()
+
+
 def test_count_bounds_on_finished_archived_and_suppressed() -> None:
     state = MailState()
     bounds = {"max_finished": 3, "max_archived": 4, "max_suppressed": 2}
@@ -162,13 +175,19 @@ def test_old_snapshots_without_the_new_records_load_the_same_on_every_replica() 
     import msgpack
     import zlib
     state = MailState()
-    run(state, submit_cmd(T0, submission("s1", ["a@x.test"], key="k")))
-    deliver(state, "s1", 1, T0 + 1)
+    run(state, submit_cmd(T0, submission("s1", ["a@x.test"], key="k"), submission("s0", ["b@x.test", "c@x.test"])))
+    run(state, assign_cmd("mx-a", "x.test", [("s0", 0), ("s0", 1)], T0 + 1))
+    run(state, report_cmd("mx-a", "b1", T0 + 1, [outcome("s0", 0, 250), outcome("s0", 1, 250)]))
+    run(state, prune_cmd(T0 + 2, retention=0))
+    deliver(state, "s1", 1, T0 + 3)
+    assert state.archived_rcpts == 2
     w = msgpack.unpackb(zlib.decompress(state.to_snapshot()), raw=False, strict_map_key=False)
     del w["finished"]
     w["dedupe"] = {k: v[:2] for k, v in w["dedupe"].items()}  # [submission id, accepted_at]
     w["campaigns"] = [c[:6] for c in w["campaigns"]]
+    w["archived"] = {k: v[:4] for k, v in w["archived"].items()}
     old = MailState.from_snapshot(zlib.compress(msgpack.packb(w, use_bin_type=True)))
     assert list(old.finished) == ["s1"] and old.body_refs == {BODY: 1}
+    assert old.archived_rcpts == 2 and old.finished_rcpts == 1
     assert old.apply(submit_cmd(T0 + 2, submission("s2", ["b@x.test"], key="k"))) == [["duplicate", "s1"]]
     assert state_of(old, "s1", 0) == "delivered"
