@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import os
+import shutil
 import smtplib
 import sys
 import tempfile
@@ -123,8 +123,9 @@ def run_state(args: argparse.Namespace) -> bool:
                                     "lease_until": now + 30, "term": 1, "max_connections": 1000,
                                     "max_per_minute": 0})
                 bid = got["batch"]
-                results = [[sid, idx, 550, "5.1.1", "no such user", None, "mx"] if args.bounce_every and
-                           int(sid.rsplit("-", 1)[1]) % args.bounce_every == 0 else [sid, idx, 250, "2.0.0", "ok", None, "mx"] for sid, idx in chunk]
+                results = [[sid, idx, 550, "5.1.1", "no such user", None, "mx"]
+                           if args.bounce_every and int(sid.rsplit("-", 1)[1]) % args.bounce_every == 0
+                           else [sid, idx, 250, "2.0.0", "ok", None, "mx"] for sid, idx in chunk]
                 apply(state, {"op": "report", "node": "n1", "batch": bid, "now": now + 0.5, "max_age": 259200,
                               "results": results, "release": []})
         while now >= next_prune:
@@ -142,8 +143,8 @@ def run_state(args: argparse.Namespace) -> bool:
             rss = rss_mb()
             trimmed = trimmed_rss_mb()
             camp = state.campaigns.get(CAMPAIGN)
-            row = (done, (now - t0) / 3600, rss, trimmed or 0.0, len(state.submissions), len(state.finished), len(state.archived),
-                   len(state.dedupe), len(state.suppressed), len(camp.submissions) if camp else 0,
+            row = (done, (now - t0) / 3600, rss, trimmed or 0.0, len(state.submissions), len(state.finished),
+                   len(state.archived), len(state.dedupe), len(state.suppressed), len(camp.submissions) if camp else 0,
                    sys.getallocatedblocks() / 1000, slowest_prune * 1000)
             rows.append(row)
             print(f"{row[0]:>10,} {row[1]:>6.2f} {row[2]:>7.1f} {row[3]:>7.1f} {row[4]:>7,} {row[5]:>8,} {row[6]:>8,} "
@@ -194,7 +195,7 @@ def run_cluster(args: argparse.Namespace) -> bool:
         "delivery": {"report_interval": 0.1}})
     cluster = Cluster(root / "cluster", spec)
     print(f"real cluster: {args.cluster_rounds} rounds of {args.cluster_per_round:,} one-recipient submissions "
-          f"under campaign {CAMPAIGN!r} (data in {root})")
+          f"under campaign {CAMPAIGN!r}")
     ok = True
     try:
         wait_port(sink_port, 15, "the capture sink")
@@ -251,6 +252,10 @@ def run_cluster(args: argparse.Namespace) -> bool:
     finally:
         cluster.stop()
         sink.stop()
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     return ok
 
 
@@ -273,6 +278,7 @@ def main() -> int:
     p.add_argument("--cluster-rounds", type=int, default=5)
     p.add_argument("--cluster-per-round", type=int, default=6000)
     p.add_argument("--cluster-clients", type=int, default=6)
+    p.add_argument("--keep", action="store_true", help="keep the cluster's data and logs")
     p.add_argument("--settle", type=float, default=5.0, help="seconds after each round before RSS is read")
     args = p.parse_args()
     ok = True

@@ -44,7 +44,7 @@ APPLY_ERROR_LOG_CHARS = 2000  # of a command whose apply raised (a bug), in the 
 # Records one prune (or one submit's de-duplication upkeep) may archive, drop or forget: the tick
 # thread applies it, so its work is bounded whatever the backlog; the leader prunes again soon
 # while a prune answers "more". A protocol constant: every replica does the same work.
-MAX_PRUNE_PER_COMMAND = 2000
+MAX_PRUNE_PER_COMMAND = 1000
 # Recipient outcome events kept in the replicated state, for `raftmail events` and webhooks. A
 # protocol constant, not a setting: every replica must drop the same oldest event.
 EVENT_RING = 20000
