@@ -307,9 +307,9 @@ def test_cancel_stops_the_rest_of_the_campaign(make_cluster) -> None:
     hold_steady(lambda: sink_count(c), sent, 1.5, "messages sent after the cancel settled")
     print(f"sent {at_cancel} before the cancel returned, {sent - at_cancel} more from batches in flight")
 
-    # A late submission to the cancelled campaign is cancelled on acceptance.
-    late = submit_ok(c, nid, ["late@example.com"], make_message(campaign="autumn"))
-    assert recipients(c, nid, late)["late@example.com"]["state"] == "cancelled"
+    # A late submission to the cancelled campaign is refused at DATA, not queued and cancelled.
+    code, text = c.submit(nid, ["late@example.com"], make_message(campaign="autumn"))
+    assert code == 554 and "autumn is cancelled" in text, text
 
     delivered = {a for a, k in deliveries_per_recipient(c.sink).items()}
     assert len(delivered) == sent == counts["delivered"]  # each delivered exactly once
