@@ -1,4 +1,5 @@
-"""Test harness: real raftmail node processes, a real capture sink, free ports on 127.0.0.1."""
+"""Test harness: real raftmail node processes, a real capture sink, free ports on 127.0.0.1 (or on
+addresses of network namespaces a test makes: `hosts` and `launch` of Cluster, `host` of Sink)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +18,9 @@ from typing import Any, Callable
 
 PY = sys.executable
 SECRET = "test-cluster-secret-0123456789abcdef"
+LOCAL = "127.0.0.1"
+# Admin calls go straight to the node: never through a proxy named in the environment.
+ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def free_ports(n: int) -> list[int]:
@@ -66,20 +70,24 @@ def make_message(subject: str = "Hello", message_id: str | None = None, body: st
 class Sink:
     """`raftmail sink` as its own process."""
 
-    def __init__(self, root: Path, replies: list[str] | None = None) -> None:
+    def __init__(self, root: Path, replies: list[str] | None = None, host: str = LOCAL) -> None:
         self.port = free_ports(1)[0]
+        self.host = host
         self.maildir = root / "sink"
         self.replies = replies or []
         self.proc: subprocess.Popen | None = None
         self.root = root
 
-    def start(self) -> None:
-        cmd = [PY, "-m", "raftmail.cli", "sink", "--listen", f"127.0.0.1:{self.port}", "--maildir", str(self.maildir)]
+    def command(self) -> list[str]:
+        cmd = [PY, "-m", "raftmail.cli", "sink", "--listen", f"{self.host}:{self.port}", "--maildir", str(self.maildir)]
         for r in self.replies:
             cmd += ["--reply", r]
+        return cmd
+
+    def start(self) -> None:
         self.log = open(self.root / "sink.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
-        wait_for(lambda: _port_open(self.port), 15, "sink to listen")
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=self.log)
+        wait_for(lambda: _port_open(self.port, self.host), 15, "sink to listen")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -100,18 +108,23 @@ class Sink:
         return self.events("message")
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, host: str = LOCAL) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((host, port)) == 0
 
 
 class Cluster:
     def __init__(self, root: Path, n: int = 3, *, sink: Sink | None = None, extra_toml: str = "",
                  lease_seconds: float = 4.0, retry_first: float = 1.0, batch_size: int = 50,
-                 compaction_min_entries: int = 5000, commit_timeout: float = 3.0) -> None:
+                 compaction_min_entries: int = 5000, commit_timeout: float = 3.0,
+                 hosts: dict[str, str] | None = None, launch: dict[str, list[str]] | None = None) -> None:
         self.root = root
         self.ids = [f"n{i + 1}" for i in range(n)]
+        # Each node's address (127.0.0.1 unless a test gives it a namespace's), and the command
+        # prefix that starts it there (e.g. `ip netns exec NAME`).
+        self.hosts = {nid: (hosts or {}).get(nid, LOCAL) for nid in self.ids}
+        self.launch = {nid: (launch or {}).get(nid, []) for nid in self.ids}
         # All at once (so they differ), and never the sink's port, which was picked earlier.
         ports = [p for p in free_ports(3 * n + 2) if sink is None or p != sink.port]
         self.raft = {nid: ports[3 * i] for i, nid in enumerate(self.ids)}
@@ -122,8 +135,9 @@ class Cluster:
         self.config_path = root / "cluster.toml"
         lines = ["[cluster]", 'name = "test"', f'secret = "{SECRET}"', 'data_dir = "data"', ""]
         for nid in self.ids:
-            lines += ["[[node]]", f'id = "{nid}"', f'raft = "127.0.0.1:{self.raft[nid]}"',
-                      f'smtp = "127.0.0.1:{self.smtp[nid]}"', f'admin = "127.0.0.1:{self.admin[nid]}"', ""]
+            host = self.hosts[nid]
+            lines += ["[[node]]", f'id = "{nid}"', f'raft = "{host}:{self.raft[nid]}"',
+                      f'smtp = "{host}:{self.smtp[nid]}"', f'admin = "{host}:{self.admin[nid]}"', ""]
         lines += ["[raft]", f"compaction_min_entries = {compaction_min_entries}", "",
                   "[intake]", f"commit_timeout = {commit_timeout}", "max_recipients = 1000", ""]
         lines += ["[delivery]", f"lease_seconds = {lease_seconds}", f"retry_first = {retry_first}",
@@ -131,8 +145,8 @@ class Cluster:
                   "command_timeout = 10"]
         # Always a local relay: without one the sender would look up MX records on the internet.
         # With no sink, the relay is a port nobody listens on (deliveries defer).
-        relay_port = sink.port if sink is not None else ports[3 * n]
-        lines += [f'relay = "127.0.0.1:{relay_port}"']
+        relay = f"{sink.host}:{sink.port}" if sink is not None else f"{LOCAL}:{ports[3 * n]}"
+        lines += [f'relay = "{relay}"']
         lines += ["", extra_toml]
         self.config_path.write_text("\n".join(lines))
 
@@ -142,8 +156,8 @@ class Cluster:
         for node in [nid] if nid else self.ids:
             log = open(self.root / f"{node}.log", "ab")
             self.procs[node] = subprocess.Popen(
-                [PY, "-m", "raftmail.cli", "start", "--config", str(self.config_path), "--node", node],
-                stdout=log, stderr=log)
+                [*self.launch[node], PY, "-m", "raftmail.cli", "start", "--config", str(self.config_path),
+                 "--node", node], stdout=log, stderr=log)
 
     def start_all_and_wait(self, timeout: float = 30.0) -> str:
         if self.sink is not None and self.sink.proc is None:
@@ -198,7 +212,7 @@ class Cluster:
     # -- admin API
 
     def get(self, nid: str, path: str, timeout: float = 2.0) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin[nid]}{path}", timeout=timeout) as r:
+        with ADMIN_OPENER.open(f"http://{self.hosts[nid]}:{self.admin[nid]}{path}", timeout=timeout) as r:
             return json.loads(r.read())
 
     def status(self, nid: str) -> dict | None:
@@ -256,7 +270,7 @@ class Cluster:
         """One SMTP transaction; returns the reply to the final dot (or to the first refusal)."""
         message = message if message is not None else make_message()
         try:
-            with smtplib.SMTP("127.0.0.1", self.smtp[nid], timeout=timeout) as s:
+            with smtplib.SMTP(self.hosts[nid], self.smtp[nid], timeout=timeout) as s:
                 s.ehlo("client.test")
                 code, text = s.mail(sender)
                 if code != 250:
@@ -319,18 +333,12 @@ class SlowSink(Sink):
     """A capture sink that waits `delay` seconds before accepting each message (`raftmail sink
     --delay`), so a test can catch a batch while it is being delivered."""
 
-    def __init__(self, root: Path, replies: list[str] | None = None, delay: float = 0.0) -> None:
-        super().__init__(root, replies)
+    def __init__(self, root: Path, replies: list[str] | None = None, delay: float = 0.0, host: str = LOCAL) -> None:
+        super().__init__(root, replies, host)
         self.delay = delay
 
-    def start(self) -> None:
-        cmd = [PY, "-m", "raftmail.cli", "sink", "--listen", f"127.0.0.1:{self.port}", "--maildir",
-               str(self.maildir), "--delay", str(self.delay)]
-        for r in self.replies:
-            cmd += ["--reply", r]
-        self.log = open(self.root / "sink.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
-        wait_for(lambda: _port_open(self.port), 15, "sink to listen")
+    def command(self) -> list[str]:
+        return super().command() + ["--delay", str(self.delay)]
 
 
 def deliveries_per_recipient(sink: Sink) -> dict[str, int]:
@@ -366,7 +374,7 @@ class SMTPSession:
         """One transaction; the reply to the final dot or to the first refusal, 0 for no reply."""
         try:
             if self._smtp is None:
-                self._smtp = smtplib.SMTP("127.0.0.1", self.c.smtp[self.nid], timeout=self.timeout)
+                self._smtp = smtplib.SMTP(self.c.hosts[self.nid], self.c.smtp[self.nid], timeout=self.timeout)
                 self._smtp.ehlo("client.test")
             s = self._smtp
             code, text = s.mail(sender)

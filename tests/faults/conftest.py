@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import Cluster
+from cluster import Cluster, set_config
 
-from . import driver
+from . import driver, netns
 
 
 @pytest.fixture
@@ -26,6 +26,39 @@ def fault_cluster(tmp_path: Path):
     yield factory
     for c in made:
         c.close()
+
+
+@pytest.fixture
+def partition_cluster(tmp_path: Path):
+    """Clusters whose nodes each run in a network namespace of their own (see netns.py), with
+    the sink and the clients in the root namespace: factory(n) -> (cluster, network). Every
+    node process is killed and every namespace removed afterwards, whatever happens."""
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(reason)
+    made: list[tuple[Cluster | None, netns.Network]] = []
+
+    def factory(n: int = 3, **kw) -> tuple[Cluster, netns.Network]:
+        root = tmp_path / f"c{len(made)}"
+        root.mkdir()
+        net = netns.Network([f"n{i + 1}" for i in range(n)])
+        made.append((None, net))
+        net.up()
+        c = driver.make_fault_cluster(root, n, sink_host=net.gateway, hosts=net.hosts,
+                                      launch={nid: net.launch(nid) for nid in net.ids}, **kw)
+        # The clients submit from the root namespace's address on the bridge.
+        set_config(c, "intake", allow_networks=[str(net.subnet)])
+        made[-1] = (c, net)
+        c.start_all_and_wait()
+        return c, net
+
+    yield factory
+    for c, net in reversed(made):
+        try:
+            if c is not None:
+                c.close()
+        finally:
+            net.close()
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -20,7 +20,8 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Callable
 
-from cluster import Cluster, SlowSink, make_message, queued_as, wait_converged_explained, wait_for
+from cluster import (ADMIN_OPENER, LOCAL, Cluster, SlowSink, make_message, queued_as, wait_converged_explained,
+                     wait_for)
 
 # ---------------------------------------------------------------- parameters
 
@@ -52,6 +53,8 @@ CATCH_UP_TIMEOUT = 40.0
 DRAIN_TIMEOUT = 120.0  # seconds for every accepted recipient to reach a final state
 KILL_SLACK = 0.5  # seconds a killed node's last send may reach the sink after the signal
 FINAL_STATES = {"delivered", "bounced", "suppressed", "cancelled", "expired"}
+INTAKE_WAIT = 40.0  # seconds to wait for the campaign to reach a fault's trigger point
+TAIL = "tail"  # a campaign held back during intake, delivered afterwards (faults "during delivery")
 
 _RCPT_MESSAGE_ID = re.compile(r"^<(?P<sid>[^.<>]+)\.(?P<idx>\d+)\.rm@[^>]+>$")
 _OUTCOME_LINE = re.compile(r"^(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO raftmail\.sender: outcome "
@@ -77,13 +80,13 @@ def seeds() -> list[int]:
     return [base + i for i in range(max(1, n))]
 
 
-def make_fault_cluster(root: Path, n: int, **kw) -> Cluster:
+def make_fault_cluster(root: Path, n: int, sink_host: str = LOCAL, sink_delay: float = SINK_DELAY, **kw) -> Cluster:
     """A cluster configured for the fault scenarios, delivering into a slow accept-all sink with
     one bouncing and one greylisting address. Not started."""
     extra = f"[delivery.domains.default]\nmax_connections = {DOMAIN_CONNECTIONS}\n"
     kw = {"lease_seconds": LEASE_SECONDS, "batch_size": BATCH_SIZE, "retry_first": RETRY_FIRST,
           "extra_toml": extra, **kw}
-    c = Cluster(root, n, sink=SlowSink(root, SINK_RULES, SINK_DELAY), **kw)
+    c = Cluster(root, n, sink=SlowSink(root, SINK_RULES, sink_delay, host=sink_host), **kw)
     c.stopped_at = {nid: [] for nid in c.ids}  # when each node process was killed or stopped
     return c
 
@@ -251,10 +254,27 @@ def stats(c: Cluster, among: list[str] | None = None) -> dict[str, int]:
 
 
 def admin_post(c: Cluster, nid: str, path: str, timeout: float = 10.0) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{c.admin[nid]}{path}", data=b"{}", method="POST",
+    req = urllib.request.Request(f"http://{c.hosts[nid]}:{c.admin[nid]}{path}", data=b"{}", method="POST",
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
+    with ADMIN_OPENER.open(req, timeout=timeout) as r:
         return json.loads(r.read())
+
+
+def wait_acked(traffic: Traffic, n: int) -> bool:
+    """Until `n` letters are acknowledged or the campaign's intake ended; True if still in intake."""
+    wait_for(lambda: traffic.acked() >= n or not traffic.running(), INTAKE_WAIT, f"{n} acknowledged letters")
+    return traffic.running()
+
+
+def hold_campaign(c: Cluster, traffic: Traffic, campaign: str = TAIL) -> None:
+    """Pause `campaign` as soon as it exists: its letters pile up while the others flow."""
+    wait_for(lambda: any(lt.sid for lt in traffic.letters if lt.campaign == campaign), INTAKE_WAIT,
+             f"a letter of campaign {campaign} to be acknowledged")
+    wait_for(lambda: admin_post(c, c.wait_leader(), f"/campaigns/{campaign}/pause"), 30, f"{campaign} to pause")
+
+
+def resume_campaign(c: Cluster, campaign: str = TAIL) -> None:
+    wait_for(lambda: admin_post(c, c.wait_leader(), f"/campaigns/{campaign}/resume"), 30, f"{campaign} to resume")
 
 
 def wait_holder(c: Cluster, choose: Callable[[dict[str, int], str | None], str | None],
@@ -371,12 +391,14 @@ class Verdict:
     causes: Counter = field(default_factory=Counter)  # excess copies by cause (classify_duplicates)
     stats: dict = field(default_factory=dict)
     failovers: list = field(default_factory=list)
+    recoveries: list = field(default_factory=list)  # seconds from a healed partition to a converged cluster
     notes: list = field(default_factory=list)
 
     def line(self) -> str:
         f = f"{statistics.median(self.failovers):.2f}" if self.failovers else "-"
+        r = f" recover_s={max(self.recoveries):.2f}" if self.recoveries else ""
         return (f"scenario={self.scenario} seed={self.seed} accepted={self.accepted} delivered={self.delivered} "
-                f"lost={len(self.lost)} skipped={len(self.skipped)} duplicates={self.duplicates} failover_s={f} "
+                f"lost={len(self.lost)} skipped={len(self.skipped)} duplicates={self.duplicates} failover_s={f}{r} "
                 f"nodes={self.nodes} submissions={self.submissions} retried={self.retried} "
                 f"deduped={self.deduped} refused={self.refused} "
                 f"bound={self.bound} lease_expiries={self.stats.get('lease_expiries', 0)}"

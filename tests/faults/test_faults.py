@@ -19,20 +19,19 @@ import pytest
 
 from cluster import Cluster, wait_for
 
-from .driver import (FINAL_STATES, LEASE_SECONDS, MAX_TRIES, Letter, Traffic, admin_post, assignments, check,
-                     holders, kill, make_letters, outcome_lines, record, restart, seeds, start_nodes, stats, stop,
-                     verify, wait_back, wait_caught_up, wait_holder, wipe)
+from .driver import (FINAL_STATES, LEASE_SECONDS, MAX_TRIES, TAIL, Letter, Traffic, admin_post, assignments, check,
+                     hold_campaign, holders, kill, make_letters, outcome_lines, record, restart, resume_campaign,
+                     seeds, start_nodes, stats, stop, verify, wait_acked, wait_back, wait_caught_up, wait_holder,
+                     wipe)
 
 SCENARIO_TIMEOUT = 150  # seconds per scenario and seed
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.timeout(SCENARIO_TIMEOUT)]
 
 SEEDS = seeds()
-INTAKE_WAIT = 40.0  # seconds to wait for the campaign to reach a fault's trigger point
 HOLDER_WAIT = 30.0  # seconds to wait for a node to hold batches
 KILL_ATTEMPTS = 3  # tries to catch a follower while it holds batches (a batch may finish first)
 COMPACTION_MIN_ENTRIES = 100  # low, so the wiped node can only come back from a snapshot
 COMPACTED_MARGIN = 20  # the leader's log must be this much shorter than its commit index
-TAIL = "tail"  # a campaign held back during intake, delivered afterwards (faults "during delivery")
 
 
 def start_campaign(c: Cluster, seed: int, tag: str, letters: int, pace: float,
@@ -41,23 +40,6 @@ def start_campaign(c: Cluster, seed: int, tag: str, letters: int, pace: float,
     rng = random.Random(seed)
     traffic = Traffic(c, make_letters(rng, f"{tag}{seed}", c.ids, letters, campaigns), seed, pace=pace).start()
     return rng, traffic
-
-
-def wait_acked(traffic: Traffic, n: int) -> bool:
-    """Until `n` letters are acknowledged or the campaign's intake ended; True if still in intake."""
-    wait_for(lambda: traffic.acked() >= n or not traffic.running(), INTAKE_WAIT, f"{n} acknowledged letters")
-    return traffic.running()
-
-
-def hold_campaign(c: Cluster, traffic: Traffic, campaign: str = TAIL) -> None:
-    """Pause `campaign` as soon as it exists: its letters pile up while the others flow."""
-    wait_for(lambda: any(lt.sid for lt in traffic.letters if lt.campaign == campaign), INTAKE_WAIT,
-             f"a letter of campaign {campaign} to be acknowledged")
-    wait_for(lambda: admin_post(c, c.wait_leader(), f"/campaigns/{campaign}/pause"), 30, f"{campaign} to pause")
-
-
-def resume_campaign(c: Cluster, campaign: str = TAIL) -> None:
-    wait_for(lambda: admin_post(c, c.wait_leader(), f"/campaigns/{campaign}/resume"), 30, f"{campaign} to resume")
 
 
 def resume_tail_and_wait_delivering(c: Cluster, traffic: Traffic) -> None:

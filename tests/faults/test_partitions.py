@@ -1,0 +1,339 @@
+"""Network partitions on real 3- and 5-node clusters: each node runs in a network namespace of its
+own on a private bridge (netns.py), and the test cuts and heals the links between nodes with
+packet filters while a seeded campaign is submitted to nodes on both sides. The clients and the
+capture sink stay reachable from every node throughout: only node-to-node traffic is cut.
+
+Beyond the fault suite's invariants (driver.verify: 0 accepted lost, 0 skipped, equal state
+digests, duplicates within the counted bound), while a minority is cut off no node of it answers
+`250`, and every try there gets `451` within `commit_timeout` (+ REPLY_SLACK); after each heal
+the whole cluster converges again (one leader followed by all, every node applied the leader's
+commit index), timed as recover_s in the summary line.
+
+Root, iproute2 and nftables are needed; otherwise the tests skip and say why. Seeds as in the
+rest of the fault suite: $RAFTMAIL_FAULT_SEED; $RAFTMAIL_FAULT_SEEDS=N runs N seeds and makes it
+a soak (every scenario on 3 and 5 nodes, longer schedules).
+
+    flock /tmp/raftmail-cluster.lock .venv/bin/pytest -q tests/faults/test_partitions.py -s
+    RAFTMAIL_FAULT_SEEDS=5 .venv/bin/pytest -q tests/faults/test_partitions.py
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from cluster import Cluster, wait_for
+
+from .driver import (LEASE_SECONDS, TAIL, Letter, Traffic, assignments, check, hold_campaign, holders, make_letters,
+                     outcome_lines, record, resume_campaign, seeds, stats, verify, wait_acked, wait_holder)
+from .netns import Network
+
+SCENARIO_TIMEOUT = 150  # seconds per scenario and seed
+pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.timeout(SCENARIO_TIMEOUT)]
+
+SEEDS = seeds()
+SOAK = len(SEEDS) > 1  # several seeds asked for: also the other cluster size, longer schedules
+COMMIT_TIMEOUT = 3.0  # [intake] commit_timeout of these clusters
+REPLY_SLACK = 1.0  # seconds over commit_timeout a cut-off node may take to answer 451
+HOLD = 5.0  # seconds a partition lasts at least: longer than commit_timeout, so tries there end inside it
+LETTERS = 30  # client letters per scenario
+MAX_RCPTS = 8  # recipients per letter at most: small campaigns, so the scenarios stay short
+PACE = 0.5  # seconds between one client's letters: intake spans the fault
+RECOVER_TIMEOUT = 40.0  # seconds from a heal until the cluster has converged
+HOLDER_SINK_DELAY = 0.3  # seconds per message: a backlog's batch takes longer than its lease
+HOLDER_WAIT = 30.0
+BIG_BATCH = 10  # recipients: the cut node is caught while sending a batch at least this large
+FOLLOWER_PREFERENCE = 3.0  # seconds to wait for a follower to get one before the leader will do
+FLAP_ROUNDS = 10 if SOAK else 3
+FLAP_CUT = (1.5, 3.5)  # seconds a flapping partition lasts, drawn per round
+FLAP_HEALED = (1.0, 2.5)  # seconds it stays healed between rounds
+ASYMMETRIC_HOLD = LEASE_SECONDS + 3.0  # longer than a lease: a stuck holder's batches must move
+MAX_MINORITY_LETTERS = 40  # per minority client thread
+
+
+def sizes(default: list[int]) -> list[int]:
+    return [3, 5] if SOAK else default
+
+
+# ---------------------------------------------------------------- helpers
+
+@dataclass
+class Cut:
+    """One partition: the nodes on the minority side and when it held (from `at` to `healed`)."""
+    minority: list[str]
+    at: float
+    healed: float = 0.0
+
+
+class MinorityClients:
+    """One client per node of a minority that keeps submitting one-try letters to that node
+    until stopped: proof that the cut-off side refuses, whatever the campaign's draws."""
+
+    def __init__(self, traffic: Traffic, nodes: list[str], tag: str) -> None:
+        self.traffic, self.nodes, self.tag = traffic, nodes, tag
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(nid,), daemon=True) for nid in nodes]
+
+    def _client(self, nid: str) -> None:
+        for k in range(MAX_MINORITY_LETTERS):
+            if self.stopping.is_set():
+                return
+            key = f"{self.tag}-{nid}-{k}"
+            self.traffic.send_extra(Letter(key=f"<{key}@client.example>", campaign="minority",
+                                           rcpts=[f"{key}@example.com"], targets=[nid]))
+
+    def __enter__(self) -> "MinorityClients":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()  # a try in flight finishes on its own; verify() joins the clients
+
+
+def hold(seconds: float) -> None:
+    """Keep a fault (or a healed spell) for its seeded duration: the schedule, not synchronisation."""
+    time.sleep(seconds)
+
+
+def inside(cut: Cut, traffic: Traffic) -> list:
+    """Every try made to the minority while the cut held (started after it, answered before the heal)."""
+    return [a for letter in traffic.all_letters() for a in letter.attempts
+            if a.node in cut.minority and a.started >= cut.at and a.ended <= cut.healed]
+
+
+def minority_problems(cuts: list[Cut], traffic: Traffic) -> tuple[list[str], str]:
+    """Tries on a cut-off minority answered other than 451 within commit_timeout + slack."""
+    problems, tries, slowest = [], 0, 0.0
+    for cut in cuts:
+        for a in inside(cut, traffic):
+            tries += 1
+            took = a.ended - a.started
+            slowest = max(slowest, took)
+            if a.code == 250:
+                problems.append(f"minority {cut.minority} answered 250 on {a.node} {a.started - cut.at:.2f}s into "
+                                f"the partition: {a.text}")
+            elif a.code != 451 or took > COMMIT_TIMEOUT + REPLY_SLACK:
+                problems.append(f"{a.node} (minority {cut.minority}) answered {a.code} after {took:.2f}s "
+                                f"(want 451 within {COMMIT_TIMEOUT + REPLY_SLACK}s): {a.text}")
+    return problems, f"minority side: {tries} tries while cut off, slowest answer {slowest:.2f}s"
+
+
+def acks_inside(cut: Cut, traffic: Traffic, nodes: list[str]) -> int:
+    return sum(1 for letter in traffic.all_letters() for a in letter.attempts
+               if a.code == 250 and a.node in nodes and a.started >= cut.at and a.ended <= cut.healed)
+
+
+def wait_recovered(c: Cluster, net: Network, healed: float, timeout: float = RECOVER_TIMEOUT) -> float:
+    """Seconds from the heal until one leader is followed by every node and every node has applied
+    the leader's commit index."""
+    def converged() -> bool:
+        ld = c.leader(c.ids)
+        if not ld:
+            return False
+        target = c.status(ld)["commit_index"]
+        return all((st := c.status(n)) and st["applied_index"] >= target for n in c.ids)
+    try:
+        wait_for(converged, timeout, "the cluster to converge after the heal", interval=0.05)
+    except AssertionError as e:
+        from cluster import describe
+        raise AssertionError(f"{e}\n{net.describe()}\n{describe(c)}") from None
+    return time.time() - healed
+
+
+def leaders_seen(c: Cluster, until: float) -> list[tuple[str, int]]:
+    """Poll every node until `until`: each (leader, term) some node reported, in order seen."""
+    seen: list[tuple[str, int]] = []
+    while time.time() < until:
+        for nid in c.ids:
+            st = c.status(nid)
+            if st and st["role"] == "leader" and (nid, st["term"]) not in seen:
+                seen.append((nid, st["term"]))
+        time.sleep(0.2)  # poll interval
+    return seen
+
+
+def tracebacks(c: Cluster) -> dict[str, int]:
+    """Tracebacks per node log (an exception nothing handled): noted in the summary, for the reader."""
+    out = {}
+    for nid in c.ids:
+        n = sum(1 for line in c.log_text(nid).splitlines() if line.startswith("Traceback"))
+        if n:
+            out[nid] = n
+    return out
+
+
+def start_campaign(c: Cluster, seed: int, tag: str, campaigns: tuple[str, ...] = ("main",),
+                   letters: int = LETTERS, pace: float = PACE) -> tuple[random.Random, Traffic]:
+    print(f"\nscenario {tag}: seed {seed} ({len(c.ids)} nodes)", flush=True)
+    rng = random.Random(f"{tag}-{seed}")
+    plan = make_letters(rng, f"{tag}{seed}", c.ids, letters, campaigns, max_rcpts=MAX_RCPTS)
+    return rng, Traffic(c, plan, seed, pace=pace).start()
+
+
+def finish(c: Cluster, traffic: Traffic, name: str, seed: int, cuts: list[Cut], failovers: list[float],
+           recoveries: list[float], notes: list[str], extra_problems: list[str] = ()) -> None:
+    """verify(), then the partition checks on top, one summary line, and the verdict."""
+    v = verify(c, traffic, name, seed, failovers)
+    v.recoveries = list(recoveries)
+    problems, summary = minority_problems(cuts, traffic)
+    v.notes += notes + [summary]
+    if len(recoveries) > 1:
+        v.notes.append(f"recovery after each heal: {', '.join(f'{r:.2f}' for r in recoveries)} s")
+    errors = tracebacks(c)
+    if errors:
+        v.notes.append(f"tracebacks in node logs: {errors}")
+    record(v)
+    problems += list(extra_problems)
+    assert not problems, f"seed {seed} scenario {name}: " + "; ".join(problems[:10])
+    check(v, c)
+
+
+# ---------------------------------------------------------------- 1. the leader alone in the minority
+
+@pytest.mark.parametrize("n", sizes([3, 5]))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_leader_cut_off_in_the_minority(partition_cluster, seed: int, n: int) -> None:
+    """The leader (with one more node of five) is cut off from the majority while the campaign is
+    submitted to every node: the minority answers only 451, the majority elects a leader and
+    goes on accepting; after the heal the old leader follows and every replica agrees."""
+    c, net = partition_cluster(n, commit_timeout=COMMIT_TIMEOUT)
+    name = f"partition_leader_{n}"
+    rng, traffic = start_campaign(c, seed, name)
+    wait_acked(traffic, 6)
+    ld = c.wait_leader()
+    others = rng.sample([x for x in c.ids if x != ld], n - 1)
+    minority = [ld] + others[:(n - 1) // 2 - 1]
+    majority = [x for x in c.ids if x not in minority]
+    cut = Cut(minority, net.partition(minority, majority))
+    with MinorityClients(traffic, minority, f"m{seed}"):
+        failover = traffic.failover(cut.at, majority)
+        new_leader = c.wait_leader(among=majority)
+        wait_for(lambda: time.time() >= cut.at + HOLD and all(
+            any(a.node == m for a in inside(Cut(minority, cut.at, time.time()), traffic)) for m in minority),
+            HOLD + 3 * COMMIT_TIMEOUT, "a finished try on every minority node while cut off", interval=0.1)
+        old_role = (c.status(ld) or {}).get("role")
+        cut.healed = net.heal()
+    recovered = wait_recovered(c, net, cut.healed)
+    print(f"  cut off {minority} (leader {ld}) for {cut.healed - cut.at:.1f}s; {new_leader} led the majority "
+          f"after {failover:.2f}s; converged {recovered:.2f}s after the heal", flush=True)
+    notes = [f"cut off {minority} (leader {ld}) for {cut.healed - cut.at:.1f}s; majority {majority} "
+             f"acknowledged {acks_inside(cut, traffic, majority)} tries meanwhile; the old leader's role "
+             f"before the heal: {old_role}"]
+    finish(c, traffic, name, seed, [cut], [failover], [recovered], notes)
+
+
+# ---------------------------------------------------------------- 2. a batch holder cut off past its lease
+
+@pytest.mark.parametrize("n", sizes([3]))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_batch_holder_cut_off_longer_than_its_lease(partition_cluster, seed: int, n: int) -> None:
+    """A node sending a large batch loses every peer (the receiver still answers it) for longer
+    than its lease: it stops sending before its lease ends, the others expire and finish its
+    batches, and after the heal it rejoins; duplicates stay within the counted bound."""
+    c, net = partition_cluster(n, commit_timeout=COMMIT_TIMEOUT, sink_delay=HOLDER_SINK_DELAY)
+    name = f"partition_holder_{n}"
+    rng, traffic = start_campaign(c, seed, name, campaigns=("main", TAIL))
+    # One campaign is held back during intake and released as one backlog: full batches, each
+    # taking longer than a lease to send, so the cut lands in the middle of one.
+    hold_campaign(c, traffic, TAIL)
+    traffic.join()
+    resumed = time.time()
+    resume_campaign(c, TAIL)
+    order = rng.sample(c.ids, n)
+
+    def big_batch_holder(held: dict[str, int], leader: str | None) -> str | None:
+        """The first follower in the seeded order sending a large batch of the backlog (the
+        leader too, if no follower got one soon)."""
+        big = {a["node"] for a in assignments(c) if a["t"] >= resumed - 1 and int(a["n"]) >= BIG_BATCH}
+        leader_too = time.time() > resumed + FOLLOWER_PREFERENCE
+        return next((x for x in order if x in big and x in held and (x != leader or leader_too)), None)
+    victim = wait_holder(c, big_batch_holder, HOLDER_WAIT, f"a node sending a batch of {BIG_BATCH}+ recipients")
+    was_leader = victim == c.leader()
+    others = [x for x in c.ids if x != victim]
+    before = stats(c)["lease_expiries"]
+    held = holders(c).get(victim, 0)
+    cut = Cut([victim], net.isolate(victim))
+    with MinorityClients(traffic, [victim], f"h{seed}"):
+        wait_for(lambda: stats(c, others)["lease_expiries"] > before and time.time() > cut.at + LEASE_SECONDS + 1,
+                 LEASE_SECONDS * 5, f"{victim}'s leases to expire while it is cut off", interval=0.1)
+        cut.healed = net.heal()
+    recovered = wait_recovered(c, net, cut.healed)
+    # Its lease can have been renewed at the latest just before the cut: from cut + lease on it
+    # may not send anything (it stops a margin before the end of its lease).
+    sends = [o for o in outcome_lines(c, victim) if cut.at <= o["t"] <= cut.healed]
+    late = [o for o in sends if o["t"] > cut.at + LEASE_SECONDS]
+    print(f"  cut off {victim} ({'leader' if was_leader else 'follower'}) holding {held} batches for {cut.healed - cut.at:.1f}s; converged "
+          f"{recovered:.2f}s after the heal", flush=True)
+    notes = [f"cut off {victim} ({'leader' if was_leader else 'follower'}) holding {held} batches for {cut.healed - cut.at:.1f}s; it sent {len(sends)} "
+             f"messages while cut off, the last {max((o['t'] for o in sends), default=cut.at) - cut.at:.2f}s "
+             f"after the cut (lease {LEASE_SECONDS}s)"]
+    problems = [f"{victim} sent {len(late)} messages after its lease ran out while cut off, e.g. "
+                f"{[(o['batch'], o['rcpt'], round(o['t'] - cut.at, 2)) for o in late[:5]]}"] if late else []
+    finish(c, traffic, name, seed, [cut], [], [recovered], notes, problems)
+    assert stats(c)["lease_expiries"] > before
+
+
+# ---------------------------------------------------------------- 3. a flapping partition
+
+@pytest.mark.parametrize("n", sizes([5]))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_flapping_partition(partition_cluster, seed: int, n: int) -> None:
+    """A partition that re-forms every few seconds around a seeded minority (the leader in it
+    half of the time) and heals in between; the campaign goes on throughout."""
+    c, net = partition_cluster(n, commit_timeout=COMMIT_TIMEOUT)
+    name = f"partition_flap_{n}"
+    rounds_span = FLAP_ROUNDS * (sum(FLAP_CUT) + sum(FLAP_HEALED)) / 2
+    rng, traffic = start_campaign(c, seed, name, letters=LETTERS if not SOAK else 3 * LETTERS,
+                                  pace=max(PACE, rounds_span / (LETTERS / 3)))
+    wait_acked(traffic, 4)
+    cuts: list[Cut] = []
+    recoveries: list[float] = []
+    for r in range(FLAP_ROUNDS):
+        ld = c.leader()
+        size = rng.randint(1, (n - 1) // 2)
+        if ld and rng.random() < 0.5:
+            minority = [ld] + rng.sample([x for x in c.ids if x != ld], size - 1)
+        else:
+            minority = rng.sample([x for x in c.ids if x != ld], size)
+        majority = [x for x in c.ids if x not in minority]
+        cut = Cut(minority, net.partition(minority, majority))
+        with MinorityClients(traffic, minority, f"f{seed}r{r}"):
+            hold(rng.uniform(*FLAP_CUT))
+            cut.healed = net.heal()
+        cuts.append(cut)
+        print(f"  round {r}: cut off {minority} (leader {ld}) for {cut.healed - cut.at:.1f}s", flush=True)
+        if r + 1 < FLAP_ROUNDS:
+            hold(rng.uniform(*FLAP_HEALED))
+    recoveries.append(wait_recovered(c, net, cuts[-1].healed))
+    notes = [f"{len(cuts)} partitions: " + "; ".join(f"{cut.minority} {cut.healed - cut.at:.1f}s" for cut in cuts)]
+    finish(c, traffic, name, seed, cuts, [], recoveries, notes)
+
+
+# ---------------------------------------------------------------- 4. asymmetric: hears the leader, cannot answer
+
+@pytest.mark.parametrize("n", sizes([3]))
+@pytest.mark.parametrize("seed", SEEDS)
+def test_follower_hears_the_leader_but_cannot_answer(partition_cluster, seed: int, n: int) -> None:
+    """Everything a follower sends to the leader is dropped (the leader's packets still reach
+    it; other links work), for longer than a lease: whatever the elections do meanwhile, no
+    accepted recipient is lost or skipped and after the heal every replica agrees."""
+    c, net = partition_cluster(n, commit_timeout=COMMIT_TIMEOUT)
+    name = f"partition_oneway_{n}"
+    rng, traffic = start_campaign(c, seed, name)
+    wait_acked(traffic, 6)
+    ld = c.wait_leader()
+    victim = rng.choice([x for x in c.ids if x != ld])
+    cut = Cut([], net.drop_one_way(victim, ld))
+    seen = leaders_seen(c, cut.at + ASYMMETRIC_HOLD)
+    cut.healed = net.heal()
+    recovered = wait_recovered(c, net, cut.healed)
+    acks = acks_inside(cut, traffic, c.ids)
+    print(f"  dropped {victim} -> {ld} for {cut.healed - cut.at:.1f}s: leaders seen {seen}, {acks} acknowledged "
+          f"meanwhile; converged {recovered:.2f}s after the heal", flush=True)
+    notes = [f"dropped {victim} -> leader {ld} for {cut.healed - cut.at:.1f}s; leaders (node, term) seen "
+             f"meanwhile {seen}; {acks} tries acknowledged meanwhile"]
+    finish(c, traffic, name, seed, [], [], [recovered], notes)
