@@ -21,6 +21,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import time
 
@@ -68,13 +69,19 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale() -> list[str]:
     """Delete the namespaces of earlier test processes that are no longer running (a crashed or
-    killed run leaves them mounted); their veths go with them. Returns the names removed."""
+    killed run leaves them mounted, maybe with its node processes still inside: those are
+    killed); their veths go with them. Returns the names removed."""
     p = _run("ip", "-j", "netns", "list", check=False)
     names = [e["name"] for e in json.loads(p.stdout or "[]")] if p.returncode == 0 else []
     removed = []
     for name in names:
         m = _STALE.match(name)
         if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+            for pid in _run("ip", "netns", "pids", name, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
             _run("ip", "netns", "del", name, check=False)
             removed.append(name)
     return removed
@@ -197,8 +204,10 @@ class Network:
         """Nodes on different sides hear nothing from each other; a node on no side is cut off
         from every other node. Replaces any earlier fault. Returns the moment it holds."""
         side_of = {nid: k for k, side in enumerate(sides) for nid in side}
-        return self._apply({nid: {o for o in self.ids if o != nid and (nid not in side_of or side_of.get(o) != side_of[nid])}
-                            for nid in self.ids})
+
+        def apart(a: str, b: str) -> bool:
+            return a != b and (a not in side_of or side_of.get(b) != side_of[a])
+        return self._apply({nid: {o for o in self.ids if apart(nid, o)} for nid in self.ids})
 
     def isolate(self, nid: str) -> float:
         """`nid` hears no other node and no other node hears it (clients and the sink still do)."""
