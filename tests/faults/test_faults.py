@@ -19,7 +19,7 @@ import pytest
 
 from cluster import Cluster, wait_for
 
-from .driver import (FINAL_STATES, LEASE_SECONDS, MAX_TRIES, TAIL, Letter, Traffic, admin_post, assignments, check,
+from .driver import (FINAL_STATES, LEASE_SECONDS, MAX_TRIES, TAIL, Letter, Traffic, assignments, check,
                      hold_campaign, holders, kill, make_letters, outcome_lines, record, restart, resume_campaign,
                      seeds, start_nodes, stats, stop, verify, wait_acked, wait_back, wait_caught_up, wait_holder,
                      wipe)
