@@ -1,0 +1,111 @@
+"""Fault scenario: nodes whose wall clocks disagree by 10 s each way (libfaketime, wall clock only:
+the monotonic clock, which leases use, is left alone). Campaigns go in while the leader runs ahead,
+a node running behind holds batches, a holder is SIGKILLed and restarted at once while the leader
+is ahead, and leadership moves from the skewed leader to another node. Same invariants as the
+other scenarios (driver.verify). Needs the `faketime` package (libfaketime).
+
+Seeds as in test_faults.py (RAFTMAIL_FAULT_SEED, RAFTMAIL_FAULT_SEEDS)."""
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cluster import PY, wait_for
+
+from .driver import (Traffic, admin_post, check, holders, kill, make_fault_cluster, make_letters, record,
+                     restart, seeds, verify, wait_back, wait_holder)
+from .test_faults import SCENARIO_TIMEOUT, wait_acked
+
+pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.timeout(SCENARIO_TIMEOUT)]
+
+SKEW_SECONDS = 10
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+HOLDER_WAIT = 30.0
+
+
+def libfaketime() -> Path | None:
+    for p in (LIBFAKETIME, Path("/usr/lib/faketime/libfaketime.so.1"), Path("/usr/local/lib/faketime/libfaketime.so.1")):
+        if p.exists():
+            return p
+    return None
+
+
+def skewed_env(offset: int) -> dict[str, str]:
+    """The environment that runs a process with its wall clock `offset` seconds off."""
+    lib = libfaketime()
+    assert lib is not None
+    return {**os.environ, "LD_PRELOAD": str(lib), "FAKETIME": f"{offset:+d}s",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
+
+
+def skew_cluster(c, skews: dict[str, int]) -> None:
+    """Every (re)start of a node in `skews` runs under libfaketime with that offset."""
+    def start(nid: str | None = None) -> None:
+        for node in [nid] if nid else c.ids:
+            log = open(c.root / f"{node}.log", "ab")
+            env = skewed_env(skews[node]) if skews.get(node) else None
+            c.procs[node] = subprocess.Popen(
+                [PY, "-m", "raftmail.cli", "start", "--config", str(c.config_path), "--node", node],
+                stdout=log, stderr=log, env=env)
+    c.start = start
+
+
+def transfer_to(c, target: str, timeout: float = 30.0) -> None:
+    """Ask the leader to hand leadership over until `target` leads (pysyncobj picks the successor)."""
+    def led():
+        ld = c.leader()
+        if ld == target:
+            return True
+        if ld:
+            try:
+                admin_post(c, ld, "/cluster/transfer")
+            except Exception:
+                pass
+        return False
+    wait_for(led, timeout, f"{target} to lead", interval=0.5)
+
+
+@pytest.mark.skipif(libfaketime() is None, reason="libfaketime (package faketime) is not installed")
+@pytest.mark.parametrize("seed", seeds())
+def test_clock_skew_leader_ahead_holder_behind(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    c = make_fault_cluster(tmp_path, 3)
+    ahead, behind, plain = rng.sample(c.ids, 3)
+    skews = {ahead: SKEW_SECONDS, behind: -SKEW_SECONDS, plain: 0}
+    skew_cluster(c, skews)
+    try:
+        c.start_all_and_wait()
+        print(f"\nscenario clock_skew: seed {seed}; {ahead} +{SKEW_SECONDS}s, {behind} -{SKEW_SECONDS}s, "
+              f"{plain} unskewed", flush=True)
+        transfer_to(c, ahead)
+        traffic = Traffic(c, make_letters(rng, f"skew{seed}", c.ids, 40), seed, pace=0.3).start()
+        wait_acked(traffic, 6)
+        # A node 10 s behind holds batches that the leader 10 s ahead assigned.
+        wait_holder(c, lambda h, ld: behind if ld == ahead and h.get(behind) else None, HOLDER_WAIT,
+                    f"{behind} (behind) to hold batches from {ahead} (ahead)")
+        # A holder SIGKILLed and restarted at once while the leader is ahead.
+        victim = wait_holder(c, lambda h, ld: next((n for n in (behind, plain) if h.get(n)), None)
+                             if ld == ahead else None, HOLDER_WAIT, "a follower holding batches")
+        kill(c, [victim])
+        restart(c, [victim])
+        print(f"  killed holder {victim} ({skews[victim]:+d}s) and restarted it at once; leader {ahead}", flush=True)
+        # Leadership moves off the skewed leader: kill it.
+        wait_acked(traffic, 20)
+        held = holders(c)
+        at = kill(c, [ahead])
+        survivors = [behind, plain]
+        failover = traffic.failover(at, survivors)
+        new = c.wait_leader(among=survivors)
+        print(f"  killed leader {ahead} (+{SKEW_SECONDS}s; batches held {held}); {new} "
+              f"({skews[new]:+d}s) leads; failover {failover:.2f}s", flush=True)
+        restart(c, [ahead])
+        v = verify(c, traffic, "clock_skew", seed, [failover])
+        v.notes.append(f"skews: {skews}; leadership {ahead} -> {new}")
+        record(v)
+        check(v, c)
+    finally:
+        c.close()
