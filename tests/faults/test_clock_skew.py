@@ -7,14 +7,12 @@ other scenarios (driver.verify). Needs the `faketime` package (libfaketime).
 Seeds as in test_faults.py (RAFTMAIL_FAULT_SEED, RAFTMAIL_FAULT_SEEDS)."""
 from __future__ import annotations
 
-import os
 import random
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from cluster import PY, wait_for
+from cluster import wait_for
 
 from .driver import (Traffic, admin_post, check, holders, kill, make_fault_cluster, make_letters, record,
                      restart, seeds, verify, wait_back, wait_holder)
@@ -34,24 +32,13 @@ def libfaketime() -> Path | None:
     return None
 
 
-def skewed_env(offset: int) -> dict[str, str]:
-    """The environment that runs a process with its wall clock `offset` seconds off."""
+def skewed_launch(offset: int) -> list[str]:
+    """The command prefix that runs a node with its wall clock `offset` seconds off (the
+    monotonic clock untouched)."""
     lib = libfaketime()
     assert lib is not None
-    return {**os.environ, "LD_PRELOAD": str(lib), "FAKETIME": f"{offset:+d}s",
-            "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
-
-
-def skew_cluster(c, skews: dict[str, int]) -> None:
-    """Every (re)start of a node in `skews` runs under libfaketime with that offset."""
-    def start(nid: str | None = None) -> None:
-        for node in [nid] if nid else c.ids:
-            log = open(c.root / f"{node}.log", "ab")
-            env = skewed_env(skews[node]) if skews.get(node) else None
-            c.procs[node] = subprocess.Popen(
-                [PY, "-m", "raftmail.cli", "start", "--config", str(c.config_path), "--node", node],
-                stdout=log, stderr=log, env=env)
-    c.start = start
+    return ["env", f"LD_PRELOAD={lib}", f"FAKETIME={offset:+d}s", "FAKETIME_DONT_FAKE_MONOTONIC=1",
+            "FAKETIME_NO_CACHE=1"]
 
 
 def transfer_to(c, target: str, timeout: float = 30.0) -> None:
@@ -73,10 +60,10 @@ def transfer_to(c, target: str, timeout: float = 30.0) -> None:
 @pytest.mark.parametrize("seed", seeds())
 def test_clock_skew_leader_ahead_holder_behind(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
-    c = make_fault_cluster(tmp_path, 3)
-    ahead, behind, plain = rng.sample(c.ids, 3)
+    ahead, behind, plain = rng.sample(["n1", "n2", "n3"], 3)
     skews = {ahead: SKEW_SECONDS, behind: -SKEW_SECONDS, plain: 0}
-    skew_cluster(c, skews)
+    # Every (re)start of a skewed node runs under libfaketime.
+    c = make_fault_cluster(tmp_path, 3, launch={n: skewed_launch(o) for n, o in skews.items() if o})
     try:
         c.start_all_and_wait()
         print(f"\nscenario clock_skew: seed {seed}; {ahead} +{SKEW_SECONDS}s, {behind} -{SKEW_SECONDS}s, "

@@ -8,14 +8,12 @@ the receiver took without answering are counted as maybe delivered and bound the
 Seeds as in test_faults.py (RAFTMAIL_FAULT_SEED, RAFTMAIL_FAULT_SEEDS)."""
 from __future__ import annotations
 
-import random
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from cluster import PY, SlowSink, _port_open, wait_for
+from cluster import SlowSink, wait_for
 
 from .driver import LEASE_SECONDS, check, holders, kill, record, restart, seeds, verify, wait_holder
 from .test_faults import SCENARIO_TIMEOUT, start_campaign
@@ -32,22 +30,13 @@ BEHAVIOURS = ("slow", "hang", "drop", "unavailable")
 class TurnSink(SlowSink):
     """The fault suite's sink, restartable with one misbehaviour (`raftmail sink` options)."""
 
-    def __init__(self, root: Path, replies: list[str], delay: float) -> None:
-        super().__init__(root, replies, delay)
+    def __init__(self, root: Path, replies: list[str], delay: float, host: str) -> None:
+        super().__init__(root, replies, delay, host=host)
         self.base_delay = delay
         self.options: list[str] = []
 
-    def start(self) -> None:
-        cmd = [*self.command_base(), "--delay", str(self.delay), *self.options]
-        self.log = open(self.root / "sink.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
-        wait_for(lambda: _port_open(self.port), 15, "sink to listen")
-
-    def command_base(self) -> list[str]:
-        cmd = [PY, "-m", "raftmail.cli", "sink", "--listen", f"127.0.0.1:{self.port}", "--maildir", str(self.maildir)]
-        for r in self.replies:
-            cmd += ["--reply", r]
-        return cmd
+    def command(self) -> list[str]:
+        return super().command() + self.options
 
     def turn(self, behaviour: str) -> None:
         """Restart as `behaviour` (open connections are cut, as when a receiver restarts)."""
@@ -76,7 +65,7 @@ def shown(sink: TurnSink, behaviour: str, since: float) -> bool:
 @pytest.mark.parametrize("seed", seeds())
 def test_receiver_misbehaves_in_turns_with_a_node_kill(fault_cluster, seed: int) -> None:
     c = fault_cluster(3)
-    sink = TurnSink(c.sink.root, c.sink.replies, c.sink.delay)
+    sink = TurnSink(c.sink.root, c.sink.replies, c.sink.delay, c.sink.host)
     sink.port, sink.proc, sink.log = c.sink.port, c.sink.proc, c.sink.log
     c.sink = sink  # the cluster's close() stops whichever sink process runs last
     rng, traffic = start_campaign(c, seed, "receivers", letters=48, pace=0.5)
