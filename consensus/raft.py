@@ -60,14 +60,23 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.monotonic import monotonic as pysyncobj_clock
 from pysyncobj.node import TCPNode
 
+from .journal import JournalFull, ReservedJournal, fsync_dir, is_no_space
 from .seal import SealError, Sealer
 from .state import MailState
 
 log = logging.getLogger("raftmail.raft")
 
 SNAPSHOT_MAGIC = b"RMSNAP1\n"
+SNAPSHOT_TEMP_SUFFIX = ".tmp"  # snapshot.bin.<pid>.tmp (written), snapshot.bin.incoming.tmp (received)
+SNAPSHOT_EXIT_NO_SPACE = 28  # the snapshot child's exit code when the disk is full (ENOSPC)
+SNAPSHOT_RETRY_FIRST = 2.0  # seconds before a failed snapshot is tried again, doubling
+SNAPSHOT_RETRY_MAX = 60.0
 
 ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+NO_OP_COMMAND = 1  # pysyncobj's _COMMAND_TYPE.NO_OP: the first entry of an empty log
+# Before its handshake a connection sends a sealed 32-byte key, then an address: tiny frames.
+PENDING_FRAME_BYTES = 4096
+SPACE_RETRY_SECONDS = 1.0  # while the disk is full, how often to try to reserve journal space again
 # PBKDF2 rounds from the cluster secret to the Raft frame key: once per process start.
 FRAME_KEY_ITERATIONS = 100_000
 
@@ -94,12 +103,15 @@ class SnapshotFile:
         self._peeked: tuple | None = None
         self.last_duration: float | None = None
         self._started = 0.0
+        self.no_space = False  # the last snapshot write failed for want of space
+        self._failures = 0
+        self._retry_at = 0.0
 
     # -- writing (log compaction)
 
     def serialize(self, data: tuple, entry_id: int) -> None:
-        if self._pid != 0:
-            return
+        if self._pid != 0 or time.monotonic() < self._retry_at:
+            return  # after a failure, pysyncobj would fork again on every tick
         _, last, prev, cluster = data
         self._current_id = entry_id
         self._started = time.monotonic()
@@ -109,8 +121,8 @@ class SnapshotFile:
             return
         # Child: only this thread exists. Never take locks other threads may have held at fork.
         code = 1
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}{SNAPSHOT_TEMP_SUFFIX}")
         try:
-            tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             _close_inherited_fds(keep=fd)
             blob = encode_snapshot(self._snapshot_state(), last, prev, [str(n) for n in cluster])
@@ -123,8 +135,12 @@ class SnapshotFile:
             if self._fsync:
                 fsync_dir(self.path.parent)
             code = 0
-        except BaseException:
-            code = 1
+        except BaseException as e:
+            code = SNAPSHOT_EXIT_NO_SPACE if is_no_space(e) else 1
+            try:
+                os.unlink(tmp)  # a failed snapshot leaves nothing behind
+            except OSError:
+                pass
         finally:
             os._exit(code)
 
@@ -139,11 +155,22 @@ class SnapshotFile:
         if rpid == 0:
             return SERIALIZER_STATE.SERIALIZING, self._current_id
         self._pid = 0
-        if os.waitstatus_to_exitcode(status) == 0:
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0:
             self._outgoing = {}
             self.last_duration = time.monotonic() - self._started
+            self.no_space = False
+            self._failures = 0
             return SERIALIZER_STATE.SUCCESS, self._current_id
-        log.error("snapshot child failed (status %s)", status)
+        self.no_space = code == SNAPSHOT_EXIT_NO_SPACE
+        self._failures += 1
+        delay = min(SNAPSHOT_RETRY_MAX, SNAPSHOT_RETRY_FIRST * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        if self.no_space:
+            log.error("disk full: no space to write the Raft snapshot %s; the log is not compacted "
+                      "until there is (next try in %.0f s)", self.path, delay)
+        else:
+            log.error("snapshot child failed (exit %s); next try in %.0f s", code, delay)
         return SERIALIZER_STATE.FAILED, self._current_id
 
     # -- reading
@@ -219,12 +246,30 @@ class SnapshotFile:
             os.replace(tmp, self.path)
             self._peeked = None
             return True
-        except Exception:
-            log.exception("received snapshot is unusable; waiting for the leader to resend")
+        except Exception as e:
+            if is_no_space(e):
+                self.no_space = True
+                log.error("disk full: no space for the snapshot the leader is sending (%s)", e)
+            else:
+                log.exception("received snapshot is unusable; waiting for the leader to resend")
             if self._incoming is not None:
                 self._incoming.close()
             self._incoming = None
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
             return False
+
+
+def remove_stale_snapshot_temps(path: Path) -> None:
+    """Temp files of snapshot writes that a kill interrupted: nothing refers to them."""
+    for tmp in path.parent.glob(path.name + ".*" + SNAPSHOT_TEMP_SUFFIX):
+        try:
+            tmp.unlink()
+            log.warning("removed %s left by an interrupted snapshot write", tmp)
+        except FileNotFoundError:
+            pass
 
 
 def encode_snapshot(state_blob: bytes, last: tuple, prev: tuple, cluster: list[str]) -> bytes:
@@ -245,70 +290,6 @@ def decode_snapshot(raw: bytes) -> tuple:
     return state_blob, tuple(last), tuple(prev), cluster
 
 
-class _DurableMetaStorer:
-    """pysyncobj's term/vote file writer, with fsync of the file and its directory."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def getMeta(self) -> dict:
-        return self._inner.getMeta()
-
-    def getPath(self) -> str:
-        return self._inner.getPath()
-
-    def storeMeta(self, meta: dict) -> None:
-        path = self._inner.getPath()
-        from pysyncobj.pickle import dumps  # pysyncobj's own format for its own file
-        with open(path + ".tmp", "wb") as f:
-            f.write(dumps(meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        fsync_dir(Path(path).parent)
-
-
-class DurableJournal:
-    """Wraps pysyncobj's FileJournal: remembers unsynced changes; `sync()` msyncs them."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.dirty = True
-        self.syncs = 0
-        inner._FileJournal__metaStorer = _DurableMetaStorer(inner._FileJournal__metaStorer)
-
-    def sync(self) -> None:
-        if self.dirty:
-            self.dirty = False
-            self._inner.flush()  # mmap.flush(): msync(MS_SYNC) of the journal file
-            self.syncs += 1
-
-    def add(self, command: bytes, idx: int, term: int) -> None:
-        self.dirty = True
-        self._inner.add(command, idx, term)
-
-    def clear(self) -> None:
-        self.dirty = True
-        self._inner.clear()
-
-    def deleteEntriesFrom(self, entry_from: int) -> None:
-        self.dirty = True
-        self._inner.deleteEntriesFrom(entry_from)
-
-    def deleteEntriesTo(self, entry_to: int) -> None:
-        self.dirty = True
-        self._inner.deleteEntriesTo(entry_to)
-
-    def __getitem__(self, item: Any) -> Any:
-        return self._inner[item]
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def __getattr__(self, name: str) -> Any:  # setRaftCommitIndex, setCurrentTerm, _destroy, ...
-        return getattr(self._inner, name)
-
-
 def _close_inherited_fds(keep: int) -> None:
     """In a fork child: release every socket and file of the node (keeps stdio and `keep`)."""
     try:
@@ -321,15 +302,6 @@ def _close_inherited_fds(keep: int) -> None:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FrameSealer:
@@ -381,7 +353,8 @@ class RaftNode(SyncObj):
                  compaction_min_entries: int = 5000, compaction_min_seconds: float = 300.0,
                  snapshot_chunk_bytes: int = 262144, commands_queue_size: int = 1000,
                  fsync_snapshots: bool = True, fsync_journal: bool = False,
-                 max_frame_bytes: int = 64 * 2**20,
+                 max_frame_bytes: int = 4 * 2**20, max_pending_connections: int = 16,
+                 handshake_timeout: float = 5.0, journal_reserve_bytes: int = 8 * 2**20,
                  on_role_change: Callable[[str, str], None] | None = None) -> None:
         if not password:
             raise ValueError("a cluster secret is required: pysyncobj unpickles what reaches its port")
@@ -403,11 +376,25 @@ class RaftNode(SyncObj):
         self.append_entry_rounds = 0
         self._append_entries_due = False
         self._last_auth_log = 0.0
+        self._last_port_log = 0.0
         self._max_frame_bytes = max_frame_bytes
+        self._max_pending = max_pending_connections
+        self._handshake_timeout = handshake_timeout
+        self._pending: dict[Any, float] = {}  # incoming connections before their handshake -> accepted at
+        self.refused_connections = 0
+        self._space_checked = 0.0
+        self._stepped_down_at = 0.0
         self.snapshot_path = data_dir / "snapshot.bin"
+        remove_stale_snapshot_temps(self.snapshot_path)
+        # Our journal replaces pysyncobj's FileJournal (see journal.py); opened before pysyncobj
+        # so a journal it cannot read stops the node before it binds its port.
+        self.journal = ReservedJournal(str(data_dir / "journal.bin"), reserve_bytes=journal_reserve_bytes,
+                                       fsync=fsync_journal, on_space_change=self._journal_space_changed)
+        self._fsync_journal = fsync_journal
         conf = SyncObjConf(
-            journalFile=str(data_dir / "journal.bin"),
-            # Always set with journalFile (report §3.4); SnapshotFile replaces the pickle writer.
+            journalFile=None,  # pysyncobj keeps an empty in-memory journal until we swap ours in
+            # Always set with a journal (else a restart loses the state, report §3.4);
+            # SnapshotFile replaces the pickle writer.
             fullDumpFile=str(self.snapshot_path),
             password=password,
             bindAddress=self_addr,
@@ -429,7 +416,9 @@ class RaftNode(SyncObj):
             onStateChanged=self._role_changed,
         )
         self._tick_period = min(0.05, heartbeat_interval / 2)
+        self._election_timeout_max = election_timeout_max
         super().__init__(self_addr, [p for p in peer_addrs if p != self_addr], conf)
+        self._use_journal(self.journal)
         self.snapshots = SnapshotFile(self.snapshot_path, snapshot_chunk_bytes,
                                       self._snapshot_state, self._load_state, fsync=fsync_snapshots)
         self._SyncObj__serializer = self.snapshots
@@ -439,11 +428,8 @@ class RaftNode(SyncObj):
             conn.encryptor = sealer
         server = self._SyncObj__transport._server
         accept = server._TcpServer__onNewConnectionCallback
-        server._TcpServer__onNewConnectionCallback = lambda conn: accept(self._bound_reads(conn))
-        self.journal: DurableJournal | None = None
+        server._TcpServer__onNewConnectionCallback = lambda conn: self._accept(conn, accept)
         if fsync_journal:
-            self.journal = DurableJournal(self._SyncObj__raftLog)
-            self._SyncObj__raftLog = self.journal
             transport = self._SyncObj__transport
             plain_send = transport.send
 
@@ -454,6 +440,82 @@ class RaftNode(SyncObj):
         self.addOnTickCallback(self._flush_append_entries)
         self._tick_thread = threading.Thread(target=self._tick_loop, name="raft-tick", daemon=True)
         self._tick_thread.start()
+
+    # -- the journal: ours in place of pysyncobj's, and what a node does when it cannot store
+
+    def _use_journal(self, journal: ReservedJournal) -> None:
+        """Swap our journal in and restore what pysyncobj's __init__ restores from its own."""
+        if len(journal) == 0:
+            journal.add(struct.pack("B", NO_OP_COMMAND), 1, 0)
+        self._SyncObj__raftLog = journal
+        self._SyncObj__raftCurrentTerm = max(journal.getCurrentTerm(), journal[-1][2])
+        self._SyncObj__votedForNodeId = journal.getVotedForNodeId()
+        self._SyncObj__raftCommitIndex = journal.getRaftCommitIndex()
+
+    def _SyncObj__setCurrentTerm(self, term: int, voted_for: Any) -> None:
+        """pysyncobj sets term and vote in memory before it stores them; a failed store (a full
+        disk) then left a vote acted on but not durable. Store first; on failure nothing changes
+        and the vote or term change is not sent."""
+        self.journal.setCurrentTerm(term, voted_for)
+        self._SyncObj__raftCurrentTerm = term
+        self._SyncObj__votedForNodeId = voted_for
+
+    def _journal_space_changed(self, old: str, new: str) -> None:
+        if new == "ok":
+            log.warning("disk space available again for the Raft journal: storing, voting and "
+                        "campaigning again")
+        else:
+            log.error("disk full: %s; this node stops taking submissions (452), does not campaign, "
+                      "hands leadership over, and acknowledges only entries it stored",
+                      self.journal.space_error)
+
+    def storage_problems(self) -> list[str]:
+        """What this node's Raft storage cannot do now (empty when it can store)."""
+        out = []
+        if self.journal.space != "ok":
+            out.append(f"raft journal: {self.journal.space_error}")
+        if self.snapshots.no_space:
+            out.append("raft snapshot: no space to write it")
+        return out
+
+    def _storage_guard(self) -> None:
+        """Runs before every tick. While the journal cannot store: never start an election, and
+        as leader hand leadership over (TimeoutNow to a caught-up follower; after an election
+        timeout without a successor, step down)."""
+        journal = self.journal
+        if journal.space == "ok":
+            self._stepped_down_at = 0.0
+            return
+        now = time.monotonic()
+        if now - self._space_checked >= SPACE_RETRY_SECONDS:
+            self._space_checked = now
+            if journal.retry_space():
+                return
+        if self._SyncObj__raftState == 2:
+            if not self._stepped_down_at:
+                self._stepped_down_at = now
+                log.error("disk full: handing Raft leadership over")
+                self.transferLeadership()
+            elif now - self._stepped_down_at > self._election_timeout_max:
+                log.error("disk full: no successor took over; stepping down")
+                self._SyncObj__raftLeader = None
+                self._SyncObj__setState(0)
+        else:
+            self._SyncObj__raftElectionDeadline = pysyncobj_clock() + self._election_timeout_max
+
+    def _checkCommandsToApply(self) -> None:
+        """A leader that cannot store proposes nothing: queued commands fail at once (NOT_LEADER:
+        not committed; the caller retries, by then with another leader)."""
+        if self.journal.space != "ok" and self._SyncObj__raftState == 2:
+            queue = self._SyncObj__commandsQueue
+            while True:
+                try:
+                    _command, callback = queue.get_nowait()
+                except Exception:  # queue.Empty
+                    break
+                self._SyncObj__callErrCallback(FAIL_REASON.NOT_LEADER, callback)
+            return
+        SyncObj._checkCommandsToApply(self)
 
     # -- follower log safety
 
@@ -500,23 +562,83 @@ class RaftNode(SyncObj):
             log.error("raft port: %s (wrong cluster secret, or not a raftmail node); connection "
                       "dropped; %d such frames so far", what, self.auth_failures)
 
+    def _accept(self, conn: Any, accept: Callable[[Any], None]) -> None:
+        """A new incoming connection on the Raft port. Until it completes pysyncobj's handshake
+        (a sealed key exchange, then the peer's address) it may hold only a few small frames:
+        at most `max_pending_connections` such connections at once, each for at most
+        `handshake_timeout` seconds (`_sweep_pending`); the newest is refused beyond that."""
+        self._sweep_pending()
+        if len(self._pending) >= self._max_pending:
+            self.refused_connections += 1
+            self._port_warning(f"refused a connection: {len(self._pending)} connections have not "
+                               "completed the handshake")
+            conn.disconnect()
+            return
+        self._pending[conn] = time.monotonic()
+        self._bound_reads(conn)
+        accept(conn)
+
+    def _sweep_pending(self) -> None:
+        """Forget connections that finished the handshake; drop those past the timeout.
+        pysyncobj times a connection out only when it has an event, so one that sends nothing
+        would otherwise stay open for good."""
+        if not self._pending:
+            return
+        unknown = self._SyncObj__transport._unknownConnections
+        now = time.monotonic()
+        for conn, since in list(self._pending.items()):
+            if conn not in unknown or conn.state == 0:  # handshake done, or closed
+                del self._pending[conn]
+            elif now - since > self._handshake_timeout:
+                del self._pending[conn]
+                self.refused_connections += 1
+                self._port_warning("dropped a connection that did not complete the handshake in "
+                                   f"{self._handshake_timeout:g} s")
+                conn.disconnect()
+
+    def _port_warning(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._last_port_log > 5.0:  # a flood must not flood the log
+            self._last_port_log = now
+            log.warning("raft port: %s (%d connections refused or dropped so far)", what,
+                        self.refused_connections)
+
     def _bound_reads(self, conn: Any) -> Any:
-        """Cap what an incoming connection may make us buffer before a frame is complete."""
+        """Cap what an incoming connection may make us buffer: a frame may claim at most
+        `max_frame_bytes` (`PENDING_FRAME_BYTES` before the handshake), and one read event takes
+        at most that much from the socket, into a bytearray (pysyncobj grows a bytes object by
+        concatenation: quadratic, tens of seconds of the Raft thread for a 60 MiB frame)."""
         read_once = conn._TcpConnection__processRead
-        limit = self._max_frame_bytes
+        unknown = self._SyncObj__transport._unknownConnections  # before the handshake
+        conn._TcpConnection__readBuffer = bytearray()
+        taken = [0]
+        try_read = conn._TcpConnection__tryReadBuffer
+
+        def bounded_try_read() -> None:
+            taken[0] = 0
+            try_read()
 
         def bounded_read() -> bool:
+            limit = PENDING_FRAME_BYTES if conn in unknown else self._max_frame_bytes
+            buf = conn._TcpConnection__readBuffer
+            if not isinstance(buf, bytearray):
+                buf = conn._TcpConnection__readBuffer = bytearray(buf)
+            before = len(buf)
             more = read_once()
             buf = conn._TcpConnection__readBuffer
+            taken[0] += len(buf) - before
             claimed = struct.unpack("i", buf[:4])[0] if len(buf) >= 4 else 0  # pysyncobj's framing
             if len(buf) > limit + 4 or claimed > limit or claimed < 0:
                 self.oversized_frames += 1
-                log.error("raft port: incoming frame of %d bytes exceeds the %d-byte limit; "
-                          "connection dropped", claimed, limit)
+                self._port_warning(f"incoming frame of {claimed} bytes exceeds the {limit}-byte "
+                                   "limit; connection dropped")
                 conn.disconnect()
                 return False
-            return more
+            # Leave the rest in the socket for the next poll: one connection cannot hold the
+            # Raft thread for more than one frame's worth of reading per event.
+            return more and taken[0] < limit + 4
         conn._TcpConnection__processRead = bounded_read
+        conn._TcpConnection__tryReadBuffer = bounded_try_read
         return conn
 
     # -- the one replicated method
@@ -581,6 +703,8 @@ class RaftNode(SyncObj):
         we defer those rounds and send one (before the tick waits for the network), carrying
         every new entry and the latest commit index."""
         self._read_before_election()
+        self._storage_guard()
+        self._sweep_pending()
         self._append_entries_due = False
         self.__dict__["_SyncObj__sendAppendEntries"] = self._defer_append_entries
         try:
@@ -613,9 +737,16 @@ class RaftNode(SyncObj):
     def _tick_loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                if self.journal is not None:
+                if self._fsync_journal:
                     self.journal.sync()  # before the next tick may commit and acknowledge
                 self.doTick(self._tick_period)
+            except OSError as e:
+                if not is_no_space(e):
+                    self.tick_errors += 1
+                    log.exception("raft tick failed")
+                elif not isinstance(e, JournalFull):  # JournalFull was logged when it began
+                    self.journal.mark_no_space(f"cannot store Raft state: {e.strerror}")
+                time.sleep(self._tick_period)
             except Exception:
                 self.tick_errors += 1
                 log.exception("raft tick failed")

@@ -57,6 +57,8 @@ class MailNode:
             compaction_min_entries=r.compaction_min_entries,
             compaction_min_seconds=r.compaction_min_seconds,
             snapshot_chunk_bytes=r.snapshot_chunk_bytes,
+            max_frame_bytes=r.max_frame_bytes, max_pending_connections=r.max_pending_connections,
+            handshake_timeout=r.handshake_timeout, journal_reserve_bytes=r.journal_reserve_bytes,
             commands_queue_size=max(1000, r.max_commands_in_flight * 4),
             fsync_journal=config.cluster.fsync,
         )
