@@ -469,13 +469,13 @@ class RaftNode(SyncObj):
                       "hands leadership over, and acknowledges only entries it stored",
                       self.journal.space_error)
 
-    def storage_problems(self) -> list[str]:
-        """What this node's Raft storage cannot do now (empty when it can store)."""
-        out = []
+    def storage_problems(self) -> dict[str, str]:
+        """What this node's Raft storage cannot do now, by store ("journal", "snapshot")."""
+        out = {}
         if self.journal.space != "ok":
-            out.append(f"raft journal: {self.journal.space_error}")
+            out["journal"] = self.journal.space_error
         if self.snapshots.no_space:
-            out.append("raft snapshot: no space to write it")
+            out["snapshot"] = f"no space to write {self.snapshot_path}"
         return out
 
     def _storage_guard(self) -> None:
@@ -788,6 +788,7 @@ class RaftNode(SyncObj):
             "leader_changes": self.leader_changes,
             "auth_failures": self.auth_failures,
             "oversized_frames": self.oversized_frames,
+            "refused_connections": self.refused_connections,
             "resends_trimmed": self.resends_trimmed,
             "snapshot_seconds": self.snapshots.last_duration,
         }

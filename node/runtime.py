@@ -112,6 +112,15 @@ class MailNode:
             self.bodies_fetched += 1
         return data
 
+    def storage_problems(self) -> dict[str, str]:
+        """What this node cannot store now for want of disk space, by store ("journal",
+        "snapshot", "bodies"); empty when all is well."""
+        problems = self.raft.storage_problems()
+        bodies = self.store.space_problem()
+        if bodies:
+            problems["bodies"] = bodies
+        return problems
+
     # ---------------------------------------------------------------- status
 
     def status(self) -> dict:
@@ -155,6 +164,8 @@ class MailNode:
             "peers_rejecting_secret": self.peers_rejecting,
             "raft_auth_failures": rs["auth_failures"],
             "raft_oversized_frames": rs["oversized_frames"],
+            "raft_refused_connections": rs["refused_connections"],
+            "disk_full": self.storage_problems(),
             **self.raft.read(read),
         }
 
@@ -532,6 +543,7 @@ class MailNode:
                                  max_entries_in_flight=r.max_entries_in_flight, max_entry_bytes=r.max_entry_bytes)
         self.intake = Intake(self.config, self.id, self.store, self.commit_submission, self.replicate_body,
                              self.majority, campaign_cancelled=self.campaign_cancelled)
+        self.intake.storage_problems = self.storage_problems
         self.metrics.watch_intake(self.intake)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
