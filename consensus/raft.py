@@ -68,6 +68,7 @@ log = logging.getLogger("raftmail.raft")
 
 SNAPSHOT_MAGIC = b"RMSNAP1\n"
 SNAPSHOT_TEMP_SUFFIX = ".tmp"  # snapshot.bin.<pid>.tmp (written), snapshot.bin.incoming.tmp (received)
+SNAPSHOT_DELAY_ENV = "RAFTMAIL_TEST_SNAPSHOT_DELAY"
 SNAPSHOT_EXIT_NO_SPACE = 28  # the snapshot child's exit code when the disk is full (ENOSPC)
 SNAPSHOT_RETRY_FIRST = 2.0  # seconds before a failed snapshot is tried again, doubling
 SNAPSHOT_RETRY_MAX = 60.0
@@ -104,6 +105,9 @@ class SnapshotFile:
         self.last_duration: float | None = None
         self._started = 0.0
         self.no_space = False  # the last snapshot write failed for want of space
+        # Test-only: the snapshot child waits this long first, as a large state makes it take
+        # seconds, so that many entries arrive while it runs (the tail a compaction keeps).
+        self._test_delay = float(os.environ.get(SNAPSHOT_DELAY_ENV) or 0)
         self._failures = 0
         self._retry_at = 0.0
 
@@ -125,6 +129,8 @@ class SnapshotFile:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             _close_inherited_fds(keep=fd)
+            if self._test_delay:
+                time.sleep(self._test_delay)
             blob = encode_snapshot(self._snapshot_state(), last, prev, [str(n) for n in cluster])
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
