@@ -492,6 +492,8 @@ class MailNode:
                 await self.body(digest)
         while True:
             await asyncio.sleep(BODY_REPAIR_INTERVAL)
+            if self.store.space_problem():
+                continue  # nowhere to put them (logged once, and in /metrics): fetch nothing
             try:
                 # Unfinished = waiting (st.open) or in flight (held by a batch): no scan of the
                 # finished ones, which may be many.
