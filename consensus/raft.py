@@ -1,34 +1,55 @@
 """Our wrapper around pysyncobj 0.3.17: the replicated log that carries MailState's commands.
 
-pysyncobj as shipped is unsafe for us in ways ../shared/research/pysyncobj.md documents; each fix
-lives here, in our own code, with a test that reproduces the defect:
+pysyncobj as shipped is unsafe for us in the ways below; each fix lives here (or in journal.py),
+in our own code, with a test that reproduces the defect:
 
-* Journal tail dropped on restart (report §3.3): a snapshot written by a fork child that outlived
-  its killed parent is newer than the journal head, and `__loadDumpFile` then clears the whole
-  journal, committed entries included. `_SyncObj__loadDumpFile` below first cuts the journal only
-  up to the snapshot point, keeping every newer entry.
+* Journal tail dropped on restart: a snapshot written by a fork child that outlived its killed
+  parent is newer than the journal head, and `__loadDumpFile` then clears the whole journal,
+  committed entries included. `_SyncObj__loadDumpFile` below first cuts the journal only up to the
+  snapshot point, keeping every newer entry.
   (tests/test_raft_wrapper.py::test_restart_keeps_journal_tail_newer_than_snapshot)
-* Snapshots are pickle, gzip level 9, and written in the tick thread when customised (§4.1, §4.2):
+* Log compaction rewrote the journal in place: a SIGKILL inside the rewrite (every node compacts
+  at the same log length) left a journal cut short, and committed entries were lost. Our
+  `ReservedJournal` (journal.py) writes the kept entries to a new file, fsyncs and renames it.
+  (tests/test_raft_journal.py::test_kill_inside_compaction_rewrite,
+  tests/test_cluster_durability.py::test_sigkill_inside_the_journal_rewrite_on_every_node_loses_nothing)
+* A full disk killed the node: the journal was a sparse mmap, and a store into a page with no
+  block behind it raised SIGBUS, silently, at every restart. `ReservedJournal` allocates space
+  ahead of use and refuses an entry it cannot store (`JournalFull`). A node that cannot store
+  never campaigns, hands leadership over (`_storage_guard`), proposes nothing
+  (`_checkCommandsToApply`), and acknowledges only what it stored; it takes up again by itself
+  once space is freed. Term and vote are stored before pysyncobj acts on them
+  (`_SyncObj__setCurrentTerm`), so a failed store sends no vote.
+  (tests/test_raft_journal.py::test_full_disk_refuses_entries_instead_of_killing_the_process,
+  tests/test_disk_full.py)
+* Snapshots are pickle, gzip level 9, and written in the tick thread when customised:
   `SnapshotFile` writes msgpack (zlib level 1) in a forked child that closes every inherited socket
-  (so an orphaned child cannot hold the node's ports, §3.3 point 5), fsyncs, then renames.
-* The Raft port trusts whoever connects (§7): a secret is mandatory and the port binds the
-  configured address only, never 0.0.0.0. Frames are sealed by `FrameSealer` (AES-GCM, per-process
-  subkeys) instead of pysyncobj's Fernet, which cost a quarter of the tick thread's CPU.
-* Positional method ids (§9.6): exactly one replicated method takes a msgpack command.
-* Tick thread dies with its creator thread (§9.11): we run our own tick thread.
-* Followers re-truncating entries they already hold (§4.5): pysyncobj deletes everything after
+  (so an orphaned child cannot hold the node's ports), fsyncs, then renames. A failed write
+  removes its temp file and is retried with backoff (pysyncobj forked again on every tick);
+  temp files a kill left behind are removed at start.
+* The Raft port trusts whoever connects: a secret is mandatory and the port binds the configured
+  address only, never 0.0.0.0. Frames are sealed by `FrameSealer` (AES-GCM, per-process subkeys)
+  instead of pysyncobj's Fernet, which cost a quarter of the tick thread's CPU.
+* Positional method ids: exactly one replicated method takes a msgpack command.
+* Tick thread dies with its creator thread: we run our own tick thread.
+* Followers re-truncating entries they already hold: pysyncobj deletes everything after
   `prevLogIdx` whenever its log is longer, conflict or not, so a resend from a stale nextIndex
   throws away (already applied) entries, and racing compaction once emptied a journal for good.
-  `_SyncObj__onMessageReceived` first drops the entries we already hold with the same term (Raft
-  §5.3 truncates only on a conflict) and, when the rest of our log is provably the leader's (its
-  last term is the leader's current term: the Log Matching property), acknowledges it whole.
+  `_SyncObj__onMessageReceived` first drops the entries we already hold with the same term (the
+  Raft paper, section 5.3, truncates only on a conflict) and, when the rest of our log is provably
+  the leader's (its last term is the leader's current term: the Log Matching property),
+  acknowledges it whole.
   (tests/test_raft_wrapper.py::test_stale_resend_does_not_truncate_the_follower_log)
-* Silent authentication failures (§7, upstream #175): `FrameSealer` counts and logs frames that
-  fail the cluster secret's check, so a node started with the wrong secret is visible.
-* Unbounded read buffer (§7, upstream #174): an incoming connection whose frame claims more than
-  `max_frame_bytes`, or whose unparsed buffer grows past it, is dropped and logged.
-  (tests/test_raft_security.py)
-* Unbounded waits (§2.6): commandsWaitLeader=False; callers bound their own waits.
+* Silent authentication failures: `FrameSealer` counts and logs frames that fail the cluster
+  secret's check, so a node started with the wrong secret is visible.
+* One unauthenticated connection could cost the leader: pysyncobj buffers up to 64 MiB per
+  connection, growing a bytes object by concatenation in the Raft thread (a 60 MiB frame took
+  20 s, and the followers elected another leader). `_accept` and `_bound_reads` cap a frame at
+  `max_frame_bytes` (4 KiB before the handshake), read into a bytearray at most one frame's worth
+  per event, and allow at most `max_pending_connections` connections that have not completed the
+  handshake, each for `handshake_timeout` seconds.
+  (tests/test_raft_security.py::test_flooding_the_leaders_raft_port_costs_no_election)
+* Unbounded waits: commandsWaitLeader=False; callers bound their own waits.
 * A round of frames per command (appendEntriesUseBatch=False): `_onTick` defers pysyncobj's
   `append_entries` rounds within a tick and sends one.
   (tests/test_raft_frames.py::test_one_append_entries_round_per_tick)
@@ -36,10 +57,10 @@ lives here, in our own code, with a test that reproduces the defect:
   the network, so a tick thread that was descheduled past the timeout started an election although
   the leader's heartbeats sat in its socket. `_read_before_election` reads them first.
   (tests/test_raft_frames.py::test_a_stalled_follower_reads_the_heartbeats_before_it_starts_an_election)
-* No fsync anywhere (§3.1, upstream #84): with `fsync_journal`, `DurableJournal` msyncs the journal
-  (and fsyncs the term/vote file) before this node sends any Raft message and before the next tick
-  can commit, so an entry is on disk on a majority before any client hears `250`. One sync covers
-  every entry added since the last one (group commit).
+* No fsync anywhere: with `fsync_journal`, the journal is msynced (and the term/vote file is
+  always fsynced) before this node sends any Raft message and before the next tick can commit, so
+  an entry is on disk on a majority before any client hears `250`. One sync covers every entry
+  added since the last one (group commit).
   (tests/test_raft_wrapper.py::test_fsync_mode_leaves_no_dirty_journal_pages)
 """
 from __future__ import annotations
@@ -399,7 +420,7 @@ class RaftNode(SyncObj):
         self._fsync_journal = fsync_journal
         conf = SyncObjConf(
             journalFile=None,  # pysyncobj keeps an empty in-memory journal until we swap ours in
-            # Always set with a journal (else a restart loses the state, report §3.4);
+            # Always set with a journal (without it a restart loses the state);
             # SnapshotFile replaces the pickle writer.
             fullDumpFile=str(self.snapshot_path),
             password=password,
@@ -681,7 +702,7 @@ class RaftNode(SyncObj):
             self.state = loaded
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
-        """Fix for report §3.3: keep journal entries newer than the snapshot."""
+        """Keep journal entries newer than the snapshot (see the module docstring)."""
         if not clearJournal:
             try:
                 self._keep_journal_tail()
