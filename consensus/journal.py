@@ -140,7 +140,7 @@ class ReservedJournal:
     was refused). `retry_space()` tries to grow again and clears the state when it can."""
 
     def __init__(self, path: str, *, reserve_bytes: int = 8 * 2**20, fsync: bool = False,
-                 on_space_change: Callable[[str, str], None] | None = None) -> None:
+                 on_space_change: Callable[[str, str, str], None] | None = None) -> None:
         self.path = str(path)
         self.reserve_bytes = max(PAGE, _round_up(reserve_bytes, PAGE))
         self._fsync = fsync
@@ -256,7 +256,7 @@ class ReservedJournal:
             return
         self.space, self.space_error = space, why
         if self._on_space_change is not None:
-            self._on_space_change(old, space)
+            self._on_space_change(old, space, why)
 
     def mark_no_space(self, why: str) -> None:
         """Something else of this journal's (the term/vote file) found no space."""

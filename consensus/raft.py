@@ -487,14 +487,13 @@ class RaftNode(SyncObj):
         self._SyncObj__raftCurrentTerm = term
         self._SyncObj__votedForNodeId = voted_for
 
-    def _journal_space_changed(self, old: str, new: str) -> None:
+    def _journal_space_changed(self, old: str, new: str, why: str) -> None:
         if new == "ok":
             log.warning("disk space available again for the Raft journal: storing, voting and "
                         "campaigning again")
         else:
             log.error("disk full: %s; this node stops taking submissions (452), does not campaign, "
-                      "hands leadership over, and acknowledges only entries it stored",
-                      self.journal.space_error)
+                      "hands leadership over, and acknowledges only entries it stored", why)
 
     def storage_problems(self) -> dict[str, str]:
         """What this node's Raft storage cannot do now, by store ("journal", "snapshot")."""
