@@ -200,8 +200,12 @@ class BodyStore:
                 if self._no_space is None:
                     log.error("disk full: cannot store a %d-byte body in %s (%s); this node refuses "
                               "submissions (452) until there is space", len(data), self.root, e.strerror)
-                self._no_space = (len(data), time.monotonic())
+                self.mark_no_space(len(data))
             raise
+
+    def mark_no_space(self, need: int) -> None:
+        """A write of `need` bytes here failed for want of space."""
+        self._no_space = (need, time.monotonic())
 
     def space_problem(self) -> str | None:
         """Why this store cannot take bodies now, or None. After a write failed for want of space,

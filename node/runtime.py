@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from raftmail.consensus.journal import is_no_space
 from raftmail.consensus.raft import RaftNode
 from raftmail.node.bodies import BodyRepair, BodyStore, collect_unreferenced, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer
@@ -40,9 +41,11 @@ class MailNode:
         self.me = config.node(node_id)
         self.id = node_id
         self.data_dir = config.node_data_dir(node_id)
-        _check_writable(config, self.data_dir)
+        writable = _check_writable(config, self.data_dir)
         self.started = time.time()
         self.store = BodyStore(self.data_dir / "bodies", cache_bytes=config.storage.body_cache_bytes)
+        if not writable:
+            self.store.mark_no_space(0)
         self.crypto = PeerCrypto(config.cluster.secret, config.cluster.name)
         self.peers = PeerClient(self.crypto, max_body_bytes=config.intake.max_message_bytes)
         self.auth_failures = 0
@@ -651,14 +654,21 @@ async def _json_object(request: web.Request) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
-def _check_writable(config: Config, path: Path) -> None:
+def _check_writable(config: Config, path: Path) -> bool:
+    """Refuse a data dir the node cannot write; False (not an error) when only space is lacking:
+    the node then starts refusing submissions, and takes them again once space is freed."""
+    probe = path / ".write-probe"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-probe"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
+        if is_no_space(e):
+            probe.unlink(missing_ok=True)
+            log.error("disk full at start: %s (%s); refusing submissions until there is space", path, e.strerror)
+            return False
         raise ConfigError(config.path, "[cluster] data_dir", f"{path} is not writable: {e.strerror}") from None
+    return True
 
 
 def run_node(config: Config, node_id: str) -> None:

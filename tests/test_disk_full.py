@@ -131,6 +131,13 @@ def test_full_disks_refuse_cleanly_and_recover_without_loss(make_cluster, small_
     assert "disk full" in log and "handing Raft leadership over" in log
     print(f"\none full node: {stream.codes}")
 
+    # -- restarted while its disk is still full, it comes up and says so
+    c.kill(full)
+    c.start(full)
+    wait_for(lambda: "journal" in c.status(full)["disk_full"], 30, f"{full} to restart and report its full disk")
+    code, text = c.submit(full, ["y@example.com"], make_message(message_id="<on-full-2@x>"))
+    assert code == 452, (code, text)
+
     # -- space again: the node takes submissions, and has everything
     filler.unlink()
     wait_for(lambda: c.status(full)["disk_full"] == {}, 30, f"{full} to see free space")
