@@ -631,8 +631,8 @@ class RaftNode(SyncObj):
 
     def _bound_reads(self, conn: Any) -> Any:
         """Cap what an incoming connection may make us buffer: a frame may claim at most
-        `max_frame_bytes` (`PENDING_FRAME_BYTES` before the handshake), and one read event takes
-        at most that much from the socket, into a bytearray (pysyncobj grows a bytes object by
+        `max_frame_bytes` (the first frame before the handshake `PENDING_FRAME_BYTES`), and one
+        read event takes at most that much from the socket, into a bytearray (pysyncobj grows a bytes object by
         concatenation: quadratic, tens of seconds of the Raft thread for a 60 MiB frame)."""
         read_once = conn._TcpConnection__processRead
         unknown = self._SyncObj__transport._unknownConnections  # before the handshake
@@ -645,7 +645,10 @@ class RaftNode(SyncObj):
             try_read()
 
         def bounded_read() -> bool:
-            limit = PENDING_FRAME_BYTES if conn in unknown else self._max_frame_bytes
+            # Before the handshake the first frame must be small; the buffer may already hold
+            # what an honest peer sends right after its address (an append_entries, a snapshot
+            # chunk), so the buffer bound is the same for every connection.
+            frame_limit = PENDING_FRAME_BYTES if conn in unknown else self._max_frame_bytes
             buf = conn._TcpConnection__readBuffer
             if not isinstance(buf, bytearray):
                 buf = conn._TcpConnection__readBuffer = bytearray(buf)
@@ -654,15 +657,15 @@ class RaftNode(SyncObj):
             buf = conn._TcpConnection__readBuffer
             taken[0] += len(buf) - before
             claimed = struct.unpack("i", buf[:4])[0] if len(buf) >= 4 else 0  # pysyncobj's framing
-            if len(buf) > limit + 4 or claimed > limit or claimed < 0:
+            if claimed > frame_limit or claimed < 0 or len(buf) > 2 * (self._max_frame_bytes + 4):
                 self.oversized_frames += 1
-                self._port_warning(f"incoming frame of {claimed} bytes exceeds the {limit}-byte "
+                self._port_warning(f"incoming frame of {claimed} bytes exceeds the {frame_limit}-byte "
                                    "limit; connection dropped")
                 conn.disconnect()
                 return False
             # Leave the rest in the socket for the next poll: one connection cannot hold the
             # Raft thread for more than one frame's worth of reading per event.
-            return more and taken[0] < limit + 4
+            return more and taken[0] < self._max_frame_bytes + 4
         conn._TcpConnection__processRead = bounded_read
         conn._TcpConnection__tryReadBuffer = bounded_try_read
         return conn
