@@ -1,34 +1,55 @@
 """Our wrapper around pysyncobj 0.3.17: the replicated log that carries MailState's commands.
 
-pysyncobj as shipped is unsafe for us in ways ../shared/research/pysyncobj.md documents; each fix
-lives here, in our own code, with a test that reproduces the defect:
+pysyncobj as shipped is unsafe for us in the ways below; each fix lives here (or in journal.py),
+in our own code, with a test that reproduces the defect:
 
-* Journal tail dropped on restart (report §3.3): a snapshot written by a fork child that outlived
-  its killed parent is newer than the journal head, and `__loadDumpFile` then clears the whole
-  journal, committed entries included. `_SyncObj__loadDumpFile` below first cuts the journal only
-  up to the snapshot point, keeping every newer entry.
+* Journal tail dropped on restart: a snapshot written by a fork child that outlived its killed
+  parent is newer than the journal head, and `__loadDumpFile` then clears the whole journal,
+  committed entries included. `_SyncObj__loadDumpFile` below first cuts the journal only up to the
+  snapshot point, keeping every newer entry.
   (tests/test_raft_wrapper.py::test_restart_keeps_journal_tail_newer_than_snapshot)
-* Snapshots are pickle, gzip level 9, and written in the tick thread when customised (§4.1, §4.2):
+* Log compaction rewrote the journal in place: a SIGKILL inside the rewrite (every node compacts
+  at the same log length) left a journal cut short, and committed entries were lost. Our
+  `ReservedJournal` (journal.py) writes the kept entries to a new file, fsyncs and renames it.
+  (tests/test_raft_journal.py::test_kill_inside_compaction_rewrite,
+  tests/test_cluster_durability.py::test_sigkill_inside_the_journal_rewrite_on_every_node_loses_nothing)
+* A full disk killed the node: the journal was a sparse mmap, and a store into a page with no
+  block behind it raised SIGBUS, silently, at every restart. `ReservedJournal` allocates space
+  ahead of use and refuses an entry it cannot store (`JournalFull`). A node that cannot store
+  never campaigns, hands leadership over (`_storage_guard`), proposes nothing
+  (`_checkCommandsToApply`), and acknowledges only what it stored; it takes up again by itself
+  once space is freed. Term and vote are stored before pysyncobj acts on them
+  (`_SyncObj__setCurrentTerm`), so a failed store sends no vote.
+  (tests/test_raft_journal.py::test_full_disk_refuses_entries_instead_of_killing_the_process,
+  tests/test_disk_full.py)
+* Snapshots are pickle, gzip level 9, and written in the tick thread when customised:
   `SnapshotFile` writes msgpack (zlib level 1) in a forked child that closes every inherited socket
-  (so an orphaned child cannot hold the node's ports, §3.3 point 5), fsyncs, then renames.
-* The Raft port trusts whoever connects (§7): a secret is mandatory and the port binds the
-  configured address only, never 0.0.0.0. Frames are sealed by `FrameSealer` (AES-GCM, per-process
-  subkeys) instead of pysyncobj's Fernet, which cost a quarter of the tick thread's CPU.
-* Positional method ids (§9.6): exactly one replicated method takes a msgpack command.
-* Tick thread dies with its creator thread (§9.11): we run our own tick thread.
-* Followers re-truncating entries they already hold (§4.5): pysyncobj deletes everything after
+  (so an orphaned child cannot hold the node's ports), fsyncs, then renames. A failed write
+  removes its temp file and is retried with backoff (pysyncobj forked again on every tick);
+  temp files a kill left behind are removed at start.
+* The Raft port trusts whoever connects: a secret is mandatory and the port binds the configured
+  address only, never 0.0.0.0. Frames are sealed by `FrameSealer` (AES-GCM, per-process subkeys)
+  instead of pysyncobj's Fernet, which cost a quarter of the tick thread's CPU.
+* Positional method ids: exactly one replicated method takes a msgpack command.
+* Tick thread dies with its creator thread: we run our own tick thread.
+* Followers re-truncating entries they already hold: pysyncobj deletes everything after
   `prevLogIdx` whenever its log is longer, conflict or not, so a resend from a stale nextIndex
   throws away (already applied) entries, and racing compaction once emptied a journal for good.
-  `_SyncObj__onMessageReceived` first drops the entries we already hold with the same term (Raft
-  §5.3 truncates only on a conflict) and, when the rest of our log is provably the leader's (its
-  last term is the leader's current term: the Log Matching property), acknowledges it whole.
+  `_SyncObj__onMessageReceived` first drops the entries we already hold with the same term (the
+  Raft paper, section 5.3, truncates only on a conflict) and, when the rest of our log is provably
+  the leader's (its last term is the leader's current term: the Log Matching property),
+  acknowledges it whole.
   (tests/test_raft_wrapper.py::test_stale_resend_does_not_truncate_the_follower_log)
-* Silent authentication failures (§7, upstream #175): `FrameSealer` counts and logs frames that
-  fail the cluster secret's check, so a node started with the wrong secret is visible.
-* Unbounded read buffer (§7, upstream #174): an incoming connection whose frame claims more than
-  `max_frame_bytes`, or whose unparsed buffer grows past it, is dropped and logged.
-  (tests/test_raft_security.py)
-* Unbounded waits (§2.6): commandsWaitLeader=False; callers bound their own waits.
+* Silent authentication failures: `FrameSealer` counts and logs frames that fail the cluster
+  secret's check, so a node started with the wrong secret is visible.
+* One unauthenticated connection could cost the leader: pysyncobj buffers up to 64 MiB per
+  connection, growing a bytes object by concatenation in the Raft thread (a 60 MiB frame took
+  20 s, and the followers elected another leader). `_accept` and `_bound_reads` cap a frame at
+  `max_frame_bytes` (4 KiB before the handshake), read into a bytearray at most one frame's worth
+  per event, and allow at most `max_pending_connections` connections that have not completed the
+  handshake, each for `handshake_timeout` seconds.
+  (tests/test_raft_security.py::test_flooding_the_leaders_raft_port_costs_no_election)
+* Unbounded waits: commandsWaitLeader=False; callers bound their own waits.
 * A round of frames per command (appendEntriesUseBatch=False): `_onTick` defers pysyncobj's
   `append_entries` rounds within a tick and sends one.
   (tests/test_raft_frames.py::test_one_append_entries_round_per_tick)
@@ -36,10 +57,10 @@ lives here, in our own code, with a test that reproduces the defect:
   the network, so a tick thread that was descheduled past the timeout started an election although
   the leader's heartbeats sat in its socket. `_read_before_election` reads them first.
   (tests/test_raft_frames.py::test_a_stalled_follower_reads_the_heartbeats_before_it_starts_an_election)
-* No fsync anywhere (§3.1, upstream #84): with `fsync_journal`, `DurableJournal` msyncs the journal
-  (and fsyncs the term/vote file) before this node sends any Raft message and before the next tick
-  can commit, so an entry is on disk on a majority before any client hears `250`. One sync covers
-  every entry added since the last one (group commit).
+* No fsync anywhere: with `fsync_journal`, the journal is msynced (and the term/vote file is
+  always fsynced) before this node sends any Raft message and before the next tick can commit, so
+  an entry is on disk on a majority before any client hears `250`. One sync covers every entry
+  added since the last one (group commit).
   (tests/test_raft_wrapper.py::test_fsync_mode_leaves_no_dirty_journal_pages)
 """
 from __future__ import annotations
@@ -60,14 +81,24 @@ from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.monotonic import monotonic as pysyncobj_clock
 from pysyncobj.node import TCPNode
 
+from .journal import JournalFull, ReservedJournal, fsync_dir, is_no_space
 from .seal import SealError, Sealer
 from .state import MailState
 
 log = logging.getLogger("raftmail.raft")
 
 SNAPSHOT_MAGIC = b"RMSNAP1\n"
+SNAPSHOT_TEMP_SUFFIX = ".tmp"  # snapshot.bin.<pid>.tmp (written), snapshot.bin.incoming.tmp (received)
+SNAPSHOT_DELAY_ENV = "RAFTMAIL_TEST_SNAPSHOT_DELAY"
+SNAPSHOT_EXIT_NO_SPACE = 28  # the snapshot child's exit code when the disk is full (ENOSPC)
+SNAPSHOT_RETRY_FIRST = 2.0  # seconds before a failed snapshot is tried again, doubling
+SNAPSHOT_RETRY_MAX = 60.0
 
 ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
+NO_OP_COMMAND = 1  # pysyncobj's _COMMAND_TYPE.NO_OP: the first entry of an empty log
+# Before its handshake a connection sends a sealed 32-byte key, then an address: tiny frames.
+PENDING_FRAME_BYTES = 4096
+SPACE_RETRY_SECONDS = 1.0  # while the disk is full, how often to try to reserve journal space again
 # PBKDF2 rounds from the cluster secret to the Raft frame key: once per process start.
 FRAME_KEY_ITERATIONS = 100_000
 
@@ -94,12 +125,18 @@ class SnapshotFile:
         self._peeked: tuple | None = None
         self.last_duration: float | None = None
         self._started = 0.0
+        self.no_space = False  # the last snapshot write failed for want of space
+        # Test-only: the snapshot child waits this long first, as a large state makes it take
+        # seconds, so that many entries arrive while it runs (the tail a compaction keeps).
+        self._test_delay = float(os.environ.get(SNAPSHOT_DELAY_ENV) or 0)
+        self._failures = 0
+        self._retry_at = 0.0
 
     # -- writing (log compaction)
 
     def serialize(self, data: tuple, entry_id: int) -> None:
-        if self._pid != 0:
-            return
+        if self._pid != 0 or time.monotonic() < self._retry_at:
+            return  # after a failure, pysyncobj would fork again on every tick
         _, last, prev, cluster = data
         self._current_id = entry_id
         self._started = time.monotonic()
@@ -109,10 +146,12 @@ class SnapshotFile:
             return
         # Child: only this thread exists. Never take locks other threads may have held at fork.
         code = 1
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}{SNAPSHOT_TEMP_SUFFIX}")
         try:
-            tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             _close_inherited_fds(keep=fd)
+            if self._test_delay:
+                time.sleep(self._test_delay)
             blob = encode_snapshot(self._snapshot_state(), last, prev, [str(n) for n in cluster])
             with os.fdopen(fd, "wb") as f:
                 f.write(blob)
@@ -123,8 +162,12 @@ class SnapshotFile:
             if self._fsync:
                 fsync_dir(self.path.parent)
             code = 0
-        except BaseException:
-            code = 1
+        except BaseException as e:
+            code = SNAPSHOT_EXIT_NO_SPACE if is_no_space(e) else 1
+            try:
+                os.unlink(tmp)  # a failed snapshot leaves nothing behind
+            except OSError:
+                pass
         finally:
             os._exit(code)
 
@@ -139,11 +182,22 @@ class SnapshotFile:
         if rpid == 0:
             return SERIALIZER_STATE.SERIALIZING, self._current_id
         self._pid = 0
-        if os.waitstatus_to_exitcode(status) == 0:
+        code = os.waitstatus_to_exitcode(status)
+        if code == 0:
             self._outgoing = {}
             self.last_duration = time.monotonic() - self._started
+            self.no_space = False
+            self._failures = 0
             return SERIALIZER_STATE.SUCCESS, self._current_id
-        log.error("snapshot child failed (status %s)", status)
+        self.no_space = code == SNAPSHOT_EXIT_NO_SPACE
+        self._failures += 1
+        delay = min(SNAPSHOT_RETRY_MAX, SNAPSHOT_RETRY_FIRST * 2 ** (self._failures - 1))
+        self._retry_at = time.monotonic() + delay
+        if self.no_space:
+            log.error("disk full: no space to write the Raft snapshot %s; the log is not compacted "
+                      "until there is (next try in %.0f s)", self.path, delay)
+        else:
+            log.error("snapshot child failed (exit %s); next try in %.0f s", code, delay)
         return SERIALIZER_STATE.FAILED, self._current_id
 
     # -- reading
@@ -219,12 +273,30 @@ class SnapshotFile:
             os.replace(tmp, self.path)
             self._peeked = None
             return True
-        except Exception:
-            log.exception("received snapshot is unusable; waiting for the leader to resend")
+        except Exception as e:
+            if is_no_space(e):
+                self.no_space = True
+                log.error("disk full: no space for the snapshot the leader is sending (%s)", e)
+            else:
+                log.exception("received snapshot is unusable; waiting for the leader to resend")
             if self._incoming is not None:
                 self._incoming.close()
             self._incoming = None
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
             return False
+
+
+def remove_stale_snapshot_temps(path: Path) -> None:
+    """Temp files of snapshot writes that a kill interrupted: nothing refers to them."""
+    for tmp in path.parent.glob(path.name + ".*" + SNAPSHOT_TEMP_SUFFIX):
+        try:
+            tmp.unlink()
+            log.warning("removed %s left by an interrupted snapshot write", tmp)
+        except FileNotFoundError:
+            pass
 
 
 def encode_snapshot(state_blob: bytes, last: tuple, prev: tuple, cluster: list[str]) -> bytes:
@@ -245,70 +317,6 @@ def decode_snapshot(raw: bytes) -> tuple:
     return state_blob, tuple(last), tuple(prev), cluster
 
 
-class _DurableMetaStorer:
-    """pysyncobj's term/vote file writer, with fsync of the file and its directory."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def getMeta(self) -> dict:
-        return self._inner.getMeta()
-
-    def getPath(self) -> str:
-        return self._inner.getPath()
-
-    def storeMeta(self, meta: dict) -> None:
-        path = self._inner.getPath()
-        from pysyncobj.pickle import dumps  # pysyncobj's own format for its own file
-        with open(path + ".tmp", "wb") as f:
-            f.write(dumps(meta))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(path + ".tmp", path)
-        fsync_dir(Path(path).parent)
-
-
-class DurableJournal:
-    """Wraps pysyncobj's FileJournal: remembers unsynced changes; `sync()` msyncs them."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.dirty = True
-        self.syncs = 0
-        inner._FileJournal__metaStorer = _DurableMetaStorer(inner._FileJournal__metaStorer)
-
-    def sync(self) -> None:
-        if self.dirty:
-            self.dirty = False
-            self._inner.flush()  # mmap.flush(): msync(MS_SYNC) of the journal file
-            self.syncs += 1
-
-    def add(self, command: bytes, idx: int, term: int) -> None:
-        self.dirty = True
-        self._inner.add(command, idx, term)
-
-    def clear(self) -> None:
-        self.dirty = True
-        self._inner.clear()
-
-    def deleteEntriesFrom(self, entry_from: int) -> None:
-        self.dirty = True
-        self._inner.deleteEntriesFrom(entry_from)
-
-    def deleteEntriesTo(self, entry_to: int) -> None:
-        self.dirty = True
-        self._inner.deleteEntriesTo(entry_to)
-
-    def __getitem__(self, item: Any) -> Any:
-        return self._inner[item]
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def __getattr__(self, name: str) -> Any:  # setRaftCommitIndex, setCurrentTerm, _destroy, ...
-        return getattr(self._inner, name)
-
-
 def _close_inherited_fds(keep: int) -> None:
     """In a fork child: release every socket and file of the node (keeps stdio and `keep`)."""
     try:
@@ -321,15 +329,6 @@ def _close_inherited_fds(keep: int) -> None:
                 os.close(fd)
             except OSError:
                 pass
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FrameSealer:
@@ -381,7 +380,8 @@ class RaftNode(SyncObj):
                  compaction_min_entries: int = 5000, compaction_min_seconds: float = 300.0,
                  snapshot_chunk_bytes: int = 262144, commands_queue_size: int = 1000,
                  fsync_snapshots: bool = True, fsync_journal: bool = False,
-                 max_frame_bytes: int = 64 * 2**20,
+                 max_frame_bytes: int = 4 * 2**20, max_pending_connections: int = 16,
+                 handshake_timeout: float = 5.0, journal_reserve_bytes: int = 8 * 2**20,
                  on_role_change: Callable[[str, str], None] | None = None) -> None:
         if not password:
             raise ValueError("a cluster secret is required: pysyncobj unpickles what reaches its port")
@@ -403,11 +403,25 @@ class RaftNode(SyncObj):
         self.append_entry_rounds = 0
         self._append_entries_due = False
         self._last_auth_log = 0.0
+        self._last_port_log = 0.0
         self._max_frame_bytes = max_frame_bytes
+        self._max_pending = max_pending_connections
+        self._handshake_timeout = handshake_timeout
+        self._pending: dict[Any, float] = {}  # incoming connections before their handshake -> accepted at
+        self.refused_connections = 0
+        self._space_checked = 0.0
+        self._stepped_down_at = 0.0
         self.snapshot_path = data_dir / "snapshot.bin"
+        remove_stale_snapshot_temps(self.snapshot_path)
+        # Our journal replaces pysyncobj's FileJournal (see journal.py); opened before pysyncobj
+        # so a journal it cannot read stops the node before it binds its port.
+        self.journal = ReservedJournal(str(data_dir / "journal.bin"), reserve_bytes=journal_reserve_bytes,
+                                       fsync=fsync_journal, on_space_change=self._journal_space_changed)
+        self._fsync_journal = fsync_journal
         conf = SyncObjConf(
-            journalFile=str(data_dir / "journal.bin"),
-            # Always set with journalFile (report §3.4); SnapshotFile replaces the pickle writer.
+            journalFile=None,  # pysyncobj keeps an empty in-memory journal until we swap ours in
+            # Always set with a journal (without it a restart loses the state);
+            # SnapshotFile replaces the pickle writer.
             fullDumpFile=str(self.snapshot_path),
             password=password,
             bindAddress=self_addr,
@@ -429,7 +443,9 @@ class RaftNode(SyncObj):
             onStateChanged=self._role_changed,
         )
         self._tick_period = min(0.05, heartbeat_interval / 2)
+        self._election_timeout_max = election_timeout_max
         super().__init__(self_addr, [p for p in peer_addrs if p != self_addr], conf)
+        self._use_journal(self.journal)
         self.snapshots = SnapshotFile(self.snapshot_path, snapshot_chunk_bytes,
                                       self._snapshot_state, self._load_state, fsync=fsync_snapshots)
         self._SyncObj__serializer = self.snapshots
@@ -439,11 +455,8 @@ class RaftNode(SyncObj):
             conn.encryptor = sealer
         server = self._SyncObj__transport._server
         accept = server._TcpServer__onNewConnectionCallback
-        server._TcpServer__onNewConnectionCallback = lambda conn: accept(self._bound_reads(conn))
-        self.journal: DurableJournal | None = None
+        server._TcpServer__onNewConnectionCallback = lambda conn: self._accept(conn, accept)
         if fsync_journal:
-            self.journal = DurableJournal(self._SyncObj__raftLog)
-            self._SyncObj__raftLog = self.journal
             transport = self._SyncObj__transport
             plain_send = transport.send
 
@@ -454,6 +467,81 @@ class RaftNode(SyncObj):
         self.addOnTickCallback(self._flush_append_entries)
         self._tick_thread = threading.Thread(target=self._tick_loop, name="raft-tick", daemon=True)
         self._tick_thread.start()
+
+    # -- the journal: ours in place of pysyncobj's, and what a node does when it cannot store
+
+    def _use_journal(self, journal: ReservedJournal) -> None:
+        """Swap our journal in and restore what pysyncobj's __init__ restores from its own."""
+        if len(journal) == 0:
+            journal.add(struct.pack("B", NO_OP_COMMAND), 1, 0)
+        self._SyncObj__raftLog = journal
+        self._SyncObj__raftCurrentTerm = max(journal.getCurrentTerm(), journal[-1][2])
+        self._SyncObj__votedForNodeId = journal.getVotedForNodeId()
+        self._SyncObj__raftCommitIndex = journal.getRaftCommitIndex()
+
+    def _SyncObj__setCurrentTerm(self, term: int, voted_for: Any) -> None:
+        """pysyncobj sets term and vote in memory before it stores them; a failed store (a full
+        disk) then left a vote acted on but not durable. Store first; on failure nothing changes
+        and the vote or term change is not sent."""
+        self.journal.setCurrentTerm(term, voted_for)
+        self._SyncObj__raftCurrentTerm = term
+        self._SyncObj__votedForNodeId = voted_for
+
+    def _journal_space_changed(self, old: str, new: str, why: str) -> None:
+        if new == "ok":
+            log.warning("disk space available again for the Raft journal: storing, voting and "
+                        "campaigning again")
+        else:
+            log.error("disk full: %s; this node stops taking submissions (452), does not campaign, "
+                      "hands leadership over, and acknowledges only entries it stored", why)
+
+    def storage_problems(self) -> dict[str, str]:
+        """What this node's Raft storage cannot do now, by store ("journal", "snapshot")."""
+        out = {}
+        if self.journal.space != "ok":
+            out["journal"] = self.journal.space_error
+        if self.snapshots.no_space:
+            out["snapshot"] = f"no space to write {self.snapshot_path}"
+        return out
+
+    def _storage_guard(self) -> None:
+        """Runs before every tick. While the journal cannot store: never start an election, and
+        as leader hand leadership over (TimeoutNow to a caught-up follower; after an election
+        timeout without a successor, step down)."""
+        journal = self.journal
+        if journal.space == "ok":
+            self._stepped_down_at = 0.0
+            return
+        now = time.monotonic()
+        if now - self._space_checked >= SPACE_RETRY_SECONDS:
+            self._space_checked = now
+            if journal.retry_space():
+                return
+        if self._SyncObj__raftState == 2:
+            if not self._stepped_down_at:
+                self._stepped_down_at = now
+                log.error("disk full: handing Raft leadership over")
+                self.transferLeadership()
+            elif now - self._stepped_down_at > self._election_timeout_max:
+                log.error("disk full: no successor took over; stepping down")
+                self._SyncObj__raftLeader = None
+                self._SyncObj__setState(0)
+        else:
+            self._SyncObj__raftElectionDeadline = pysyncobj_clock() + self._election_timeout_max
+
+    def _checkCommandsToApply(self) -> None:
+        """A leader that cannot store proposes nothing: queued commands fail at once (NOT_LEADER:
+        not committed; the caller retries, by then with another leader)."""
+        if self.journal.space != "ok" and self._SyncObj__raftState == 2:
+            queue = self._SyncObj__commandsQueue
+            while True:
+                try:
+                    _command, callback = queue.get_nowait()
+                except Exception:  # queue.Empty
+                    break
+                self._SyncObj__callErrCallback(FAIL_REASON.NOT_LEADER, callback)
+            return
+        SyncObj._checkCommandsToApply(self)
 
     # -- follower log safety
 
@@ -500,23 +588,86 @@ class RaftNode(SyncObj):
             log.error("raft port: %s (wrong cluster secret, or not a raftmail node); connection "
                       "dropped; %d such frames so far", what, self.auth_failures)
 
+    def _accept(self, conn: Any, accept: Callable[[Any], None]) -> None:
+        """A new incoming connection on the Raft port. Until it completes pysyncobj's handshake
+        (a sealed key exchange, then the peer's address) it may hold only a few small frames:
+        at most `max_pending_connections` such connections at once, each for at most
+        `handshake_timeout` seconds (`_sweep_pending`); the newest is refused beyond that."""
+        self._sweep_pending()
+        if len(self._pending) >= self._max_pending:
+            self.refused_connections += 1
+            self._port_warning(f"refused a connection: {len(self._pending)} connections have not "
+                               "completed the handshake")
+            conn.disconnect()
+            return
+        self._pending[conn] = time.monotonic()
+        self._bound_reads(conn)
+        accept(conn)
+
+    def _sweep_pending(self) -> None:
+        """Forget connections that finished the handshake; drop those past the timeout.
+        pysyncobj times a connection out only when it has an event, so one that sends nothing
+        would otherwise stay open for good."""
+        if not self._pending:
+            return
+        unknown = self._SyncObj__transport._unknownConnections
+        now = time.monotonic()
+        for conn, since in list(self._pending.items()):
+            if conn not in unknown or conn.state == 0:  # handshake done, or closed
+                del self._pending[conn]
+            elif now - since > self._handshake_timeout:
+                del self._pending[conn]
+                self.refused_connections += 1
+                self._port_warning("dropped a connection that did not complete the handshake in "
+                                   f"{self._handshake_timeout:g} s")
+                conn.disconnect()
+
+    def _port_warning(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._last_port_log > 5.0:  # a flood must not flood the log
+            self._last_port_log = now
+            log.warning("raft port: %s (%d connections refused or dropped so far)", what,
+                        self.refused_connections)
+
     def _bound_reads(self, conn: Any) -> Any:
-        """Cap what an incoming connection may make us buffer before a frame is complete."""
+        """Cap what an incoming connection may make us buffer: a frame may claim at most
+        `max_frame_bytes` (the first frame before the handshake `PENDING_FRAME_BYTES`), and one
+        read event takes at most that much from the socket, into a bytearray (pysyncobj grows a bytes object by
+        concatenation: quadratic, tens of seconds of the Raft thread for a 60 MiB frame)."""
         read_once = conn._TcpConnection__processRead
-        limit = self._max_frame_bytes
+        unknown = self._SyncObj__transport._unknownConnections  # before the handshake
+        conn._TcpConnection__readBuffer = bytearray()
+        taken = [0]
+        try_read = conn._TcpConnection__tryReadBuffer
+
+        def bounded_try_read() -> None:
+            taken[0] = 0
+            try_read()
 
         def bounded_read() -> bool:
+            # Before the handshake the first frame must be small; the buffer may already hold
+            # what an honest peer sends right after its address (an append_entries, a snapshot
+            # chunk), so the buffer bound is the same for every connection.
+            frame_limit = PENDING_FRAME_BYTES if conn in unknown else self._max_frame_bytes
+            buf = conn._TcpConnection__readBuffer
+            if not isinstance(buf, bytearray):
+                buf = conn._TcpConnection__readBuffer = bytearray(buf)
+            before = len(buf)
             more = read_once()
             buf = conn._TcpConnection__readBuffer
+            taken[0] += len(buf) - before
             claimed = struct.unpack("i", buf[:4])[0] if len(buf) >= 4 else 0  # pysyncobj's framing
-            if len(buf) > limit + 4 or claimed > limit or claimed < 0:
+            if claimed > frame_limit or claimed < 0 or len(buf) > 2 * (self._max_frame_bytes + 4):
                 self.oversized_frames += 1
-                log.error("raft port: incoming frame of %d bytes exceeds the %d-byte limit; "
-                          "connection dropped", claimed, limit)
+                self._port_warning(f"incoming frame of {claimed} bytes exceeds the {frame_limit}-byte "
+                                   "limit; connection dropped")
                 conn.disconnect()
                 return False
-            return more
+            # Leave the rest in the socket for the next poll: one connection cannot hold the
+            # Raft thread for more than one frame's worth of reading per event.
+            return more and taken[0] < self._max_frame_bytes + 4
         conn._TcpConnection__processRead = bounded_read
+        conn._TcpConnection__tryReadBuffer = bounded_try_read
         return conn
 
     # -- the one replicated method
@@ -553,7 +704,7 @@ class RaftNode(SyncObj):
             self.state = loaded
 
     def _SyncObj__loadDumpFile(self, clearJournal: bool) -> None:
-        """Fix for report §3.3: keep journal entries newer than the snapshot."""
+        """Keep journal entries newer than the snapshot (see the module docstring)."""
         if not clearJournal:
             try:
                 self._keep_journal_tail()
@@ -581,6 +732,8 @@ class RaftNode(SyncObj):
         we defer those rounds and send one (before the tick waits for the network), carrying
         every new entry and the latest commit index."""
         self._read_before_election()
+        self._storage_guard()
+        self._sweep_pending()
         self._append_entries_due = False
         self.__dict__["_SyncObj__sendAppendEntries"] = self._defer_append_entries
         try:
@@ -613,9 +766,16 @@ class RaftNode(SyncObj):
     def _tick_loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                if self.journal is not None:
+                if self._fsync_journal:
                     self.journal.sync()  # before the next tick may commit and acknowledge
                 self.doTick(self._tick_period)
+            except OSError as e:
+                if not is_no_space(e):
+                    self.tick_errors += 1
+                    log.exception("raft tick failed")
+                elif not isinstance(e, JournalFull):  # JournalFull was logged when it began
+                    self.journal.mark_no_space(f"cannot store Raft state: {e.strerror}")
+                time.sleep(self._tick_period)
             except Exception:
                 self.tick_errors += 1
                 log.exception("raft tick failed")
@@ -657,6 +817,7 @@ class RaftNode(SyncObj):
             "leader_changes": self.leader_changes,
             "auth_failures": self.auth_failures,
             "oversized_frames": self.oversized_frames,
+            "refused_connections": self.refused_connections,
             "resends_trimmed": self.resends_trimmed,
             "snapshot_seconds": self.snapshots.last_duration,
         }

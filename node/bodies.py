@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Collection, Iterable, Iterator
 
-from raftmail.consensus.raft import fsync_dir
+from raftmail.consensus.journal import fsync_dir, is_no_space
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ _HASH_CHUNK = 1 << 20
 BODY_RECHECK_PER_PASS = 50
 # Bodies looked for on disk (new ones) per repair pass, and fetched per pass.
 BODY_REPAIR_MAX = 1000
+# After a write failed for want of space: how often to look at the file system again, and how
+# much must be free (at least, and in multiples of the body that failed) to take bodies again.
+_SPACE_CHECK_SECONDS = 1.0
+_SPACE_MIN_FREE = 1 << 20
 
 
 def is_digest(s: str) -> bool:
@@ -97,6 +101,8 @@ class BodyStore:
         self._swap_lock = threading.Lock()
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_leftover_temps()
+        # Set when a write failed with ENOSPC/EDQUOT: (bytes that did not fit, when last checked).
+        self._no_space: tuple[int, float] | None = None
 
     # -- paths -------------------------------------------------------------------------------
 
@@ -187,6 +193,42 @@ class BodyStore:
         self._remember(digest, data)
 
     def _write(self, digest: str, data: bytes, touched: set[str]) -> None:
+        try:
+            self._write_file(digest, data, touched)
+        except OSError as e:
+            if is_no_space(e):
+                if self._no_space is None:
+                    log.error("disk full: cannot store a %d-byte body in %s (%s); this node refuses "
+                              "submissions (452) until there is space", len(data), self.root, e.strerror)
+                self.mark_no_space(len(data))
+            raise
+
+    def mark_no_space(self, need: int) -> None:
+        """A write of `need` bytes here failed for want of space."""
+        self._no_space = (need, time.monotonic())
+
+    def space_problem(self) -> str | None:
+        """Why this store cannot take bodies now, or None. After a write failed for want of space,
+        the file system is looked at again (at most once a second) and the store counts as
+        writable once twice the body that failed (at least 1 MiB) is free."""
+        if self._no_space is None:
+            return None
+        need, checked = self._no_space
+        now = time.monotonic()
+        if now - checked >= _SPACE_CHECK_SECONDS:
+            try:
+                st = os.statvfs(self._root)
+                free = st.f_bavail * st.f_frsize
+            except OSError:
+                free = 0
+            if free >= max(2 * need, _SPACE_MIN_FREE):
+                self._no_space = None
+                log.warning("disk space available again for message bodies in %s", self.root)
+                return None
+            self._no_space = (need, now)
+        return f"no space for message bodies in {self.root}"
+
+    def _write_file(self, digest: str, data: bytes, touched: set[str]) -> None:
         """Put one body file in place (file fsynced); directories needing an fsync go to
         *touched*."""
         path = self._path(digest)

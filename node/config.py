@@ -148,8 +148,18 @@ class RaftSection:
     compaction_min_entries: int = 5000
     compaction_min_seconds: float = 300.0
     snapshot_chunk_bytes: int = 262144
+    # The Raft port: the largest frame a peer may send (snapshots travel in snapshot_chunk_bytes
+    # chunks, log entries in 64 KiB batches), and connections that have not yet proven the
+    # cluster secret: how many at once, for how long.
+    max_frame_bytes: int = 4194304
+    max_pending_connections: int = 16
+    handshake_timeout: float = 5.0
+    # Disk space the Raft journal reserves ahead of use (allocated, so a full disk refuses an
+    # entry cleanly instead of killing the node); it grows by this much at a time.
+    journal_reserve_bytes: int = 8388608
 
 
+FRAME_OVERHEAD_BYTES = 65536  # room in a Raft frame beyond a snapshot chunk (framing, sealing)
 DEFAULT_ALLOW_NETWORKS = ("127.0.0.0/8", "::1/128")
 MAX_LOGIN_CHARS = 255
 
@@ -633,6 +643,10 @@ def _raft_section(src: str, table: Mapping[str, Any]) -> RaftSection:
     _ordered(sec, "heartbeat_interval", "election_timeout_min", values, strict=True, factor=3)
     _ordered(sec, "election_timeout_min", "election_timeout_max", values, strict=True)
     _ordered(sec, "election_timeout_max", "connection_timeout", values, strict=False)
+    if raft.max_frame_bytes < raft.snapshot_chunk_bytes + FRAME_OVERHEAD_BYTES:
+        blamed = "max_frame_bytes" if sec.has("max_frame_bytes") else "snapshot_chunk_bytes"
+        sec.fail(blamed, f"max_frame_bytes ({raft.max_frame_bytes}) must be at least snapshot_chunk_bytes "
+                         f"({raft.snapshot_chunk_bytes}) + {FRAME_OVERHEAD_BYTES}: a snapshot chunk must fit a frame")
     return raft
 
 

@@ -21,6 +21,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, s
 
 from raftmail.node.auth import FailureThrottle, SMTPAuth, UserDirectory, address_of, client_key, peer_address
 from raftmail.node.bridge import ProposalFailed
+from raftmail.consensus.journal import is_no_space
 from raftmail.node.bodies import BodyStore, body_digest
 from raftmail.node.config import Config, ConfigError
 from raftmail.node.tls import TLSConfigError, server_context
@@ -37,6 +38,7 @@ R_BAD_SENDER_DOMAIN = ("553 5.1.7 The sender domain must be a DNS name like exam
                        "(ASCII letters, digits, hyphens; the xn-- form for international names)")
 R_NO_QUORUM = "451 4.3.0 Not committed on a majority of the cluster; nothing was queued, try again"
 R_QUEUE_FULL = "452 4.3.1 Queue is full; try again later"
+R_NO_STORAGE = "452 4.3.1 Insufficient system storage on this node; try another node or later"
 R_TOO_MANY_CONN = "421 4.7.0 Too many connections, try again later"
 R_TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address, try again later"
 R_TOO_MANY_STRANGERS = ("421 4.7.0 Too many connections from outside the allowed networks, "
@@ -132,6 +134,16 @@ class Intake:
             self.auth = SMTPAuth(UserDirectory(self.limits.users), throttle, counters=self.counters)
         # Asked at every MAIL, RCPT and DATA; the networks are fixed, so remember per address.
         self.in_allowed_network = functools.lru_cache(maxsize=4096)(self.in_allowed_network)  # type: ignore[method-assign]
+
+    # What this node cannot store for want of disk space (empty: it can); the node sets it.
+    storage_problems: Callable[[], dict[str, str]] = staticmethod(dict)
+
+    def storage_refusal(self) -> str | None:
+        """452 at MAIL while this node's disk is full: the client tries another node."""
+        if self.storage_problems():
+            self.counters["refused_452"] += 1
+            return R_NO_STORAGE
+        return None
 
     # ------------------------------------------------------------ who may submit
 
@@ -231,6 +243,9 @@ class Intake:
         stored, acks = await asyncio.gather(asyncio.to_thread(self.store.put, message),
                                             self.replicate_body(digest, message, timeout),
                                             return_exceptions=True)
+        if is_no_space(stored):
+            self.counters["refused_452"] += 1
+            return R_NO_STORAGE
         if isinstance(stored, BaseException):
             self.counters["refused_451"] += 1
             log.error("cannot store body %s locally (%s): 451", digest[:12], stored)
@@ -467,7 +482,8 @@ class IntakeHandler(_HookListing):
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           mail_options: list[str]) -> str:
-        refusal = self.intake.address_refusal(address, envelope.smtp_utf8) or self.intake.check_sender(address)
+        refusal = (self.intake.storage_refusal() or self.intake.address_refusal(address, envelope.smtp_utf8)
+                   or self.intake.check_sender(address))
         if refusal:
             return refusal
         envelope.mail_from = address

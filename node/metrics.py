@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 OTHER_DOMAIN = "other"
 ROLES = ("leader", "follower", "candidate")
+DISK_STORES = ("journal", "snapshot", "bodies")  # what raftmail_disk_full reports on
 # Seconds from the end of DATA to the reply: body replication plus the Raft commit.
 INTAKE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Seconds per recipient attempt (the first of a batch includes route lookup and connecting).
@@ -191,6 +192,7 @@ class _NodeCollector:
         yield from self._queue(node)
         yield from self._intake(node)
         yield from self._bodies(node)
+        yield from self._disk(node)
         yield from self._webhook(node)
 
     def _raft(self, node: "MailNode") -> Iterator[Metric]:
@@ -286,6 +288,14 @@ class _NodeCollector:
                        conns.get("unauthenticated_timeouts", 0))
         yield _counter("raftmail_intake_data_timeouts", "SMTP sessions closed with 421 for message text "
                        "not complete within data_timeout (nothing queued)", conns.get("data_timeouts", 0))
+
+    def _disk(self, node: "MailNode") -> Iterator[Metric]:
+        full = GaugeMetricFamily("raftmail_disk_full", "1 while this node cannot store for want of disk "
+                                 "space (it then refuses submissions with 452)", labels=["store"])
+        problems = node.storage_problems()
+        for store in DISK_STORES:
+            full.add_metric([store], 1 if store in problems else 0)
+        yield full
 
     def _bodies(self, node: "MailNode") -> Iterator[Metric]:
         count, size = node.store.stats()

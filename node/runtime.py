@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from raftmail.consensus.journal import is_no_space
 from raftmail.consensus.raft import RaftNode
 from raftmail.node.bodies import BodyRepair, BodyStore, collect_unreferenced, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer
@@ -40,9 +41,11 @@ class MailNode:
         self.me = config.node(node_id)
         self.id = node_id
         self.data_dir = config.node_data_dir(node_id)
-        _check_writable(config, self.data_dir)
+        writable = _check_writable(config, self.data_dir)
         self.started = time.time()
         self.store = BodyStore(self.data_dir / "bodies", cache_bytes=config.storage.body_cache_bytes)
+        if not writable:
+            self.store.mark_no_space(0)
         self.crypto = PeerCrypto(config.cluster.secret, config.cluster.name)
         self.peers = PeerClient(self.crypto, max_body_bytes=config.intake.max_message_bytes)
         self.auth_failures = 0
@@ -57,6 +60,8 @@ class MailNode:
             compaction_min_entries=r.compaction_min_entries,
             compaction_min_seconds=r.compaction_min_seconds,
             snapshot_chunk_bytes=r.snapshot_chunk_bytes,
+            max_frame_bytes=r.max_frame_bytes, max_pending_connections=r.max_pending_connections,
+            handshake_timeout=r.handshake_timeout, journal_reserve_bytes=r.journal_reserve_bytes,
             commands_queue_size=max(1000, r.max_commands_in_flight * 4),
             fsync_journal=config.cluster.fsync,
         )
@@ -110,6 +115,15 @@ class MailNode:
             self.bodies_fetched += 1
         return data
 
+    def storage_problems(self) -> dict[str, str]:
+        """What this node cannot store now for want of disk space, by store ("journal",
+        "snapshot", "bodies"); empty when all is well."""
+        problems = self.raft.storage_problems()
+        bodies = self.store.space_problem()
+        if bodies:
+            problems["bodies"] = bodies
+        return problems
+
     # ---------------------------------------------------------------- status
 
     def status(self) -> dict:
@@ -153,6 +167,8 @@ class MailNode:
             "peers_rejecting_secret": self.peers_rejecting,
             "raft_auth_failures": rs["auth_failures"],
             "raft_oversized_frames": rs["oversized_frames"],
+            "raft_refused_connections": rs["refused_connections"],
+            "disk_full": self.storage_problems(),
             **self.raft.read(read),
         }
 
@@ -479,6 +495,8 @@ class MailNode:
                 await self.body(digest)
         while True:
             await asyncio.sleep(BODY_REPAIR_INTERVAL)
+            if self.store.space_problem():
+                continue  # nowhere to put them (logged once, and in /metrics): fetch nothing
             try:
                 # Unfinished = waiting (st.open) or in flight (held by a batch): no scan of the
                 # finished ones, which may be many.
@@ -530,6 +548,7 @@ class MailNode:
                                  max_entries_in_flight=r.max_entries_in_flight, max_entry_bytes=r.max_entry_bytes)
         self.intake = Intake(self.config, self.id, self.store, self.commit_submission, self.replicate_body,
                              self.majority, campaign_cancelled=self.campaign_cancelled)
+        self.intake.storage_problems = self.storage_problems
         self.metrics.watch_intake(self.intake)
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -635,14 +654,21 @@ async def _json_object(request: web.Request) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
-def _check_writable(config: Config, path: Path) -> None:
+def _check_writable(config: Config, path: Path) -> bool:
+    """Refuse a data dir the node cannot write; False (not an error) when only space is lacking:
+    the node then starts refusing submissions, and takes them again once space is freed."""
+    probe = path / ".write-probe"
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-probe"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
+        if is_no_space(e):
+            probe.unlink(missing_ok=True)
+            log.error("disk full at start: %s (%s); refusing submissions until there is space", path, e.strerror)
+            return False
         raise ConfigError(config.path, "[cluster] data_dir", f"{path} is not writable: {e.strerror}") from None
+    return True
 
 
 def run_node(config: Config, node_id: str) -> None:

@@ -438,6 +438,15 @@ def test_raft_timing_rules(tmp_path: Path, raft: str, key: str, fragment: str) -
     refused(write(tmp_path, BASE + f"[raft]\n{raft}\n"), key, fragment, "heartbeat_interval*3 < election_timeout_min")
 
 
+def test_raft_frame_must_hold_a_snapshot_chunk(tmp_path: Path) -> None:
+    refused(write(tmp_path, BASE + "[raft]\nmax_frame_bytes = 262144\n"), "[raft] max_frame_bytes",
+            "at least snapshot_chunk_bytes (262144) + 65536")
+    refused(write(tmp_path, BASE + "[raft]\nsnapshot_chunk_bytes = 8388608\n", "big.toml"),
+            "[raft] snapshot_chunk_bytes", "must be at least")
+    ok = load_config(write(tmp_path, BASE + "[raft]\nmax_frame_bytes = 327680\njournal_reserve_bytes = 65536\n", "ok.toml"))
+    assert ok.raft.max_frame_bytes == 327680 and ok.raft.journal_reserve_bytes == 65536
+
+
 def test_raft_timing_allows_equal_max_and_connection(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, BASE + "[raft]\nelection_timeout_max = 3.5\n"))
     assert config.raft.election_timeout_max == config.raft.connection_timeout == 3.5

@@ -65,3 +65,84 @@ def test_oversized_frame_from_a_stranger_is_dropped(make_cluster) -> None:
     wait_for(lambda: c.status(nid)["raft_oversized_frames"] >= 1, 10, "the drop to be counted")
     code, text = c.submit(nid, ["a@example.com"], make_message(message_id="<after@x>"))
     assert code == 250, text
+
+
+def _flood_big_frame(port: int, claim: int, send: int, stop) -> None:
+    """One connection announcing a `claim`-byte frame and streaming junk toward it."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(struct.pack("i", claim))
+            chunk, sent = b"\x5a" * 2**20, 0
+            while sent < send and not stop.is_set():
+                s.sendall(chunk)
+                sent += len(chunk)
+    except OSError:
+        pass  # dropped by the node: what we want
+
+
+def _flood_junk_frames(port: int, stop) -> None:
+    """Connection after connection of small frames that fail authentication."""
+    import os
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                for _ in range(20):
+                    s.sendall(struct.pack("i", 1000) + os.urandom(1000))
+        except OSError:
+            time.sleep(0.01)
+
+
+def _hold_half_open(port: int, n: int, stop) -> None:
+    """Connections that never say anything."""
+    socks = []
+    try:
+        for _ in range(n):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                pass
+        stop.wait(30)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_flooding_the_leaders_raft_port_costs_no_election(make_cluster) -> None:
+    """Oversized frames (40 and 60 MiB), junk frames and half-open connections on the leader's
+    Raft port at once: the leader keeps its term and every submission is answered 250 within
+    commit_timeout."""
+    import threading
+    c = make_cluster(sink=False)
+    leader = c.wait_leader()
+    term = c.status(leader)["term"]
+    port = c.raft[leader]
+    stop = threading.Event()
+    flood = [threading.Thread(target=_flood_big_frame, args=(port, claim, claim, stop), daemon=True)
+             for claim in (60 * 2**20, 60 * 2**20, 40 * 2**20, 40 * 2**20)]
+    flood += [threading.Thread(target=_flood_junk_frames, args=(port, stop), daemon=True) for _ in range(2)]
+    flood += [threading.Thread(target=_hold_half_open, args=(port, 40, stop), daemon=True)]
+    for t in flood:
+        t.start()
+    slow = []
+    try:
+        deadline = time.monotonic() + 12
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            started = time.monotonic()
+            code, text = c.submit(leader, [f"r{n}@example.com"], make_message(message_id=f"<flood-{n}@x>"))
+            took = time.monotonic() - started
+            assert code == 250, f"submission {n} during the flood: {code} {text}"
+            if took > 3.0:  # the harness's commit_timeout
+                slow.append(round(took, 2))
+    finally:
+        stop.set()
+        for t in flood:
+            t.join(10)
+    s = c.status(leader)
+    assert s["term"] == term and s["role"] == "leader", f"term {term} -> {s['term']}, role {s['role']}"
+    assert not slow, f"submissions slower than commit_timeout: {slow}"
+    assert s["raft_oversized_frames"] >= 4 and s["raft_refused_connections"] >= 1
+    print(f"\n{n} submissions answered 250 during the flood; refused connections "
+          f"{s['raft_refused_connections']}, oversized frames {s['raft_oversized_frames']}, "
+          f"auth failures {s['raft_auth_failures']}")

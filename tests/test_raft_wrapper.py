@@ -95,7 +95,7 @@ def test_commands_commit_and_survive_restart(tmp_path: Path) -> None:
 
 
 def _orphan_snapshot_setup(tmp_path: Path, addr: str, total: int, at: int) -> None:
-    """Leave the data dir as an orphaned compaction child leaves it (report §3.3): a journal with
+    """Leave the data dir as an orphaned compaction child leaves it: a journal with
     entries 1..N and a snapshot taken at the `at`-th of our commands, newer than the journal head."""
     node = start_single(tmp_path, addr)
     for i in range(total):
@@ -200,7 +200,7 @@ class UntrimmedRaftNode(RaftNode):
 
 @pytest.mark.parametrize("cls,keeps", [(RaftNode, True), (UntrimmedRaftNode, False)])
 def test_stale_resend_does_not_truncate_the_follower_log(tmp_path: Path, cls, keeps: bool) -> None:
-    """Report §4.5: a leader resending from a stale nextIndex made followers delete entries they had
+    """A leader resending from a stale nextIndex made followers delete entries they had
     already applied. Feed the real handler such a resend and look at the journal."""
     from pysyncobj.node import TCPNode
     addr = f"127.0.0.1:{free_port()}"
