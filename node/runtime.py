@@ -14,6 +14,7 @@ from aiohttp import web
 
 from raftmail.consensus.journal import is_no_space
 from raftmail.consensus.raft import RaftNode
+from raftmail.node.backup import add_backup_routes
 from raftmail.node.bodies import BodyRepair, BodyStore, collect_unreferenced, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer
 from raftmail.node.config import Config, ConfigError
@@ -188,6 +189,7 @@ class MailNode:
         r.add_post("/cluster/transfer", self._h_transfer)
         r.add_post("/cluster/noop", self._h_noop)
         add_monitoring_routes(app, self)
+        add_backup_routes(app, self)
         add_peer_routes(app, self.store, self.crypto, max_body_bytes=self.config.intake.max_message_bytes,
                         on_auth_failure=self._peer_auth_failed)
         return app
