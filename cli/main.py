@@ -473,7 +473,7 @@ def backup(config_path: str | None, out_path: str | None, verify_path: str | Non
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     size = Path(out_path).stat().st_size
-    click.echo(f"wrote {out_path}: {size} bytes in {time.monotonic() - started:.1f} s; cluster {m['cluster']}, "
+    click.echo(f"wrote {out_path}: {size} bytes in {time.monotonic() - started:.2f} s; cluster {m['cluster']}, "
                f"index {m['index']}, term {m['term']}, {len(m['parts']) - 1} bodies, counts {json.dumps(m['counts'])}")
 
 
