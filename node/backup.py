@@ -143,6 +143,7 @@ PROGRESS_EVERY = 1.0  # seconds between progress lines
 def fetch_backup(config: Config, out: Path, progress: Callable[[str], None] = lambda s: None) -> dict:
     """Download a backup from the first node of `config` that answers, into a temporary name next
     to `out`; check every part; rename it to `out` only when whole. Returns the manifest."""
+    import http.client
     import urllib.error
     import urllib.request
     headers = {"Authorization": f"Bearer {config.cluster.admin_token}"} if config.cluster.admin_token else {}
@@ -165,8 +166,8 @@ def fetch_backup(config: Config, out: Path, progress: Callable[[str], None] = la
         except urllib.error.HTTPError as e:
             errors.append(f"{n.id}: HTTP {e.code} {e.read()[:200].decode(errors='replace')}")
             continue
-        except OSError as e:
-            errors.append(f"{n.id}: {getattr(e, 'reason', e)}")
+        except (OSError, http.client.HTTPException) as e:  # unreachable, or the stream stopped short
+            errors.append(f"{n.id}: {getattr(e, 'reason', None) or type(e).__name__}")
             continue
         progress(f"{n.id}: {total / 2**20:.1f} MiB received; checking every part")
         try:
