@@ -81,6 +81,9 @@ def add_backup_routes(app: web.Application, node: "MailNode") -> None:
     busy = asyncio.Lock()  # one backup at a time per node: each streams every body
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        # The file holds every address and body: never served by a cluster without an admin token.
+        if not node.config.cluster.admin_token:
+            return web.json_response({"error": "backup needs [cluster] admin_token in the cluster file"}, status=403)
         refused = node._unauthorized(request)
         if refused is not None:
             return refused
