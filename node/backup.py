@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from aiohttp import web
 
-from raftmail.consensus.raft import encode_snapshot
+from raftmail.consensus.raft import encode_snapshot, fsync_dir
 from raftmail.consensus.restore import restored_state
 from raftmail.consensus.state import MailState
 from raftmail.node.bodies import BodyStore, is_digest
@@ -287,7 +287,11 @@ def restore(config: Config, path: Path, now: float, progress: Callable[[str], No
                 snap = encode_snapshot(st.to_snapshot(), RESTORED_LAST, RESTORED_PREV,
                                        [str(n.raft) for n in config.nodes])
                 for t in temps:
-                    (t / "raft" / "snapshot.bin").write_bytes(snap)
+                    with open(t / "raft" / "snapshot.bin", "wb") as f:
+                        f.write(snap)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    fsync_dir(t / "raft")
                 restored.update(counts=st.queue_counts(), returned=returned)
                 return
             digest = name[len(BODY_PREFIX):]
@@ -303,6 +307,7 @@ def restore(config: Config, path: Path, now: float, progress: Callable[[str], No
             if d.exists():
                 d.rmdir()  # empty, checked above
             t.rename(d)
+            fsync_dir(d.parent)  # the renamed dirs survive a crash right after the restore
     except BaseException:
         for t in temps:
             shutil.rmtree(t, ignore_errors=True)
