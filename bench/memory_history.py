@@ -281,6 +281,8 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the cluster's data and logs")
     p.add_argument("--settle", type=float, default=5.0, help="seconds after each round before RSS is read")
     args = p.parse_args()
+    from lib.report import describe_tree
+    print(f"raftmail: {describe_tree()}")
     ok = True
     if args.part in ("state", "both"):
         ok = run_state(args) and ok

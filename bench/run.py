@@ -30,11 +30,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from lib import cases, loadgen, peers, procs, report, runner  # noqa: E402
+from lib.report import UNCOMMITTED, describe_tree  # noqa: E402
 from lib.cluster import DEFAULT_NODE_COMMAND  # noqa: E402
 from lib.cpu import DEFAULT_MAX_WAIT, IdlePolicy  # noqa: E402
 
 DEFAULT_OUT = BENCH_DIR / "results" / "latest.md"
-UNCOMMITTED = " + uncommitted changes"
 FULL_RUNS = 5
 QUICK_RUNS = 1
 EXIT_USAGE = 2
@@ -115,15 +115,6 @@ def describe_machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}"
-
-
-def describe_tree() -> str:
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", "-C", str(BENCH_DIR.parent), *args], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + (UNCOMMITTED if git("status", "--porcelain") else "")
 
 
 def header_lines(args: argparse.Namespace, ctx: cases.Ctx, started: float, quick: bool) -> list[str]:

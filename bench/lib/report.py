@@ -6,6 +6,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -122,3 +123,18 @@ def write_atomically(path: Path, text: str) -> None:
 def rows_json(rows: list[Row], header: dict) -> str:
     return json.dumps({"header": header, "rows": [asdict(row) | {"median": row.median} for row in rows]},
                       indent=1)
+
+
+UNCOMMITTED = " + uncommitted changes"
+
+
+def describe_tree() -> str:
+    """The commit a result was measured on, marked when the tree had uncommitted changes."""
+    repo = str(Path(__file__).resolve().parents[2])
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (UNCOMMITTED if git("status", "--porcelain") else "")
