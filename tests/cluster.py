@@ -114,6 +114,26 @@ def _port_open(port: int, host: str = LOCAL) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+
+LIBFAKETIME_PATHS = (Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
+                     Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"),
+                     Path("/usr/lib/faketime/libfaketime.so.1"), Path("/usr/local/lib/faketime/libfaketime.so.1"))
+
+
+def libfaketime() -> Path | None:
+    """Debian's libfaketime (package faketime), or None."""
+    return next((p for p in LIBFAKETIME_PATHS if p.exists()), None)
+
+
+def skewed_launch(offset: int) -> list[str]:
+    """A command prefix (Cluster's `launch`) that runs a node with its wall clock `offset` seconds
+    off and its monotonic clock true, as on another machine. libfaketime is preloaded into the node
+    itself: the `faketime` wrapper forks, so a signal to the wrapper would miss the node."""
+    lib = libfaketime()
+    assert lib is not None, "libfaketime is not installed"
+    return ["env", f"LD_PRELOAD={lib}", f"FAKETIME={offset:+d}s", "FAKETIME_DONT_FAKE_MONOTONIC=1",
+            "FAKETIME_NO_CACHE=1"]
+
 class Cluster:
     def __init__(self, root: Path, n: int = 3, *, sink: Sink | None = None, extra_toml: str = "",
                  lease_seconds: float = 4.0, retry_first: float = 1.0, batch_size: int = 50,

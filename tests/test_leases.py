@@ -7,17 +7,15 @@ Every check is on what the sink received against what the cluster counts:
 duplicates <= reassigned_in_flight + fenced_reports + maybe_delivered (replicated counters)."""
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from cluster import (PY, Cluster, Sink, _port_open, deliveries_per_recipient, make_message, queued_as,
-                     set_config, wait_for)
+from cluster import (PY, Cluster, Sink, _port_open, deliveries_per_recipient, libfaketime, make_message,
+                     queued_as, set_config, skewed_launch, wait_for)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(150)]
 
@@ -42,36 +40,17 @@ class BehaviourSink(Sink):
         wait_for(lambda: _port_open(self.port), 15, "sink to listen")
 
 
-class SkewedCluster(Cluster):
-    """Nodes named in `skew` run under faketime with their wall clock shifted (e.g. "+10s");
-    FAKETIME_DONT_FAKE_MONOTONIC keeps their monotonic clock true, as on another machine."""
-
-    def __init__(self, root: Path, skew: dict[str, str], **kw) -> None:
-        super().__init__(root, **kw)
-        self.skew = skew
-
-    def start(self, nid: str | None = None) -> None:
-        for node in [nid] if nid else self.ids:
-            log = open(self.root / f"{node}.log", "ab")
-            cmd = [PY, "-m", "raftmail.cli", "start", "--config", str(self.config_path), "--node", node]
-            env = dict(os.environ)
-            if node in self.skew:
-                cmd = ["faketime", "-f", self.skew[node], *cmd]
-                env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
-            self.procs[node] = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
-
-
 @pytest.fixture
 def clusters(tmp_path: Path):
     made: list[Cluster] = []
 
-    def factory(*sink_options: str, skew: dict[str, str] | None = None, delivery: dict | None = None,
+    def factory(*sink_options: str, skew: dict[str, int] | None = None, delivery: dict | None = None,
                 extra_toml: str = "", lease: float = LEASE, retry_first: float = 0.5) -> Cluster:
         root = tmp_path / f"c{len(made)}"
         root.mkdir()
         sink = BehaviourSink(root, *sink_options)
-        c = SkewedCluster(root, skew or {}, sink=sink, lease_seconds=lease, retry_first=retry_first,
-                          extra_toml=extra_toml)
+        c = Cluster(root, launch={n: skewed_launch(s) for n, s in (skew or {}).items()}, sink=sink,
+                    lease_seconds=lease, retry_first=retry_first, extra_toml=extra_toml)
         set_config(c, "delivery", **(delivery or {}))
         made.append(c)
         c.start_all_and_wait()
@@ -228,9 +207,9 @@ def holder_not_leader(c: Cluster, node: str) -> str:
     raise AssertionError(f"{node} keeps the leadership")
 
 
-@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs Debian's faketime")
-@pytest.mark.parametrize("skew", ["+10s", "-10s"], ids=["leader_ahead", "leader_behind"])
-def test_wall_clocks_10s_apart_change_nothing(clusters, skew: str) -> None:
+@pytest.mark.skipif(libfaketime() is None, reason="needs libfaketime (Debian's faketime)")
+@pytest.mark.parametrize("skew", [10, -10], ids=["leader_ahead", "leader_behind"])
+def test_wall_clocks_10s_apart_change_nothing(clusters, skew: int) -> None:
     """n1 and n2 (the leader among them) run 10 s off n3's wall clock; every batch, n3's
     included, needs a renewal (the receiver takes 1.5 s per message, 3 per batch, lease 4 s)."""
     c = clusters("--delay", "1.5", skew={"n1": skew, "n2": skew}, delivery={"batch_size": 3})
@@ -248,12 +227,12 @@ def test_wall_clocks_10s_apart_change_nothing(clusters, skew: str) -> None:
     check_no_loss(c, sid, recs)
 
 
-@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs Debian's faketime")
+@pytest.mark.skipif(libfaketime() is None, reason="needs libfaketime (Debian's faketime)")
 def test_holder_restarted_at_once_while_the_leaders_clock_is_ahead(clusters) -> None:
     """n3 holds a batch and is SIGKILLed mid-batch with outcomes not yet reported, then started
     again at once; the leader's wall clock is 10 s ahead of n3's. The new process must not resume
     its previous process's batch: that batch goes back to the queue, counted."""
-    c = clusters("--delay", "0.5", skew={"n1": "+10s", "n2": "+10s"}, lease=8.0,
+    c = clusters("--delay", "0.5", skew={"n1": 10, "n2": 10}, lease=8.0,
                  delivery={"report_interval": 5.0, "batch_size": 6})
     holder_not_leader(c, "n3")
     rcpts = [f"r{i}@d{d}.example" for d in range(3) for i in range(6)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import wait_for
+from cluster import libfaketime, skewed_launch, wait_for
 
 from .driver import (Traffic, admin_post, check, holders, kill, make_fault_cluster, make_letters, record,
                      restart, seeds, verify, wait_back, wait_holder)
@@ -21,24 +21,7 @@ from .test_faults import SCENARIO_TIMEOUT, wait_acked
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.timeout(SCENARIO_TIMEOUT)]
 
 SKEW_SECONDS = 10
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 HOLDER_WAIT = 30.0
-
-
-def libfaketime() -> Path | None:
-    for p in (LIBFAKETIME, Path("/usr/lib/faketime/libfaketime.so.1"), Path("/usr/local/lib/faketime/libfaketime.so.1")):
-        if p.exists():
-            return p
-    return None
-
-
-def skewed_launch(offset: int) -> list[str]:
-    """The command prefix that runs a node with its wall clock `offset` seconds off (the
-    monotonic clock untouched)."""
-    lib = libfaketime()
-    assert lib is not None
-    return ["env", f"LD_PRELOAD={lib}", f"FAKETIME={offset:+d}s", "FAKETIME_DONT_FAKE_MONOTONIC=1",
-            "FAKETIME_NO_CACHE=1"]
 
 
 def transfer_to(c, target: str, timeout: float = 30.0) -> None:
