@@ -127,7 +127,7 @@ class PeerCrypto:
         try:
             stamp, plain = self._sealer.open(token)
         except SealError as exc:
-            raise PeerAuthError(f"peer token rejected: {exc}") from None
+            raise PeerAuthError(f"peer token rejected: {exc} (wrong cluster secret?)") from None
         now = time.time()
         if stamp + ttl < now or stamp > now + _MAX_CLOCK_SKEW:
             raise PeerAuthError("peer token expired or from the future")

@@ -650,9 +650,9 @@ def run_node(config: Config, node_id: str) -> None:
     # Before any file is made: the journal, metadata, bodies and their folders are ours alone.
     os.umask(0o077)
     check_admin_exposure(config, node_id)
-    _warn_if_readable(config)
     # Three busy threads share the GIL (event loop, Raft tick, disk workers): hand it over more
     # often than every 5 ms, or each Raft round trip waits on it several times.
     sys.setswitchinterval(0.0005)
     node = MailNode(config, node_id)
+    _warn_if_readable(config)  # after every refusal, which must stay the only line printed
     asyncio.run(node.run())
