@@ -177,8 +177,8 @@ def sink(listen: str, maildir: str, replies: tuple[str, ...], delay: float, afte
 # ------------------------------------------------------------------ cluster views
 
 def _fetch_all(config: Config, path: str, timeout: float = 2.0) -> dict[str, Any]:
-    from raftmail.node.client import get_json_all
-    return get_json_all([(n.id, str(n.admin)) for n in config.nodes], path, timeout)
+    from raftmail.node.client import get_json_all, read_token
+    return get_json_all([(n.id, str(n.admin)) for n in config.nodes], path, timeout, read_token(config))
 
 
 @main.command()
@@ -209,9 +209,11 @@ def campaigns(config_path: str, as_json: bool) -> None:
     """Campaigns with counts per state and percent done."""
     from raftmail.node.client import first_answer
     config = _load(config_path)
-    answer = first_answer(_fetch_all(config, "/campaigns"))
+    answers = _fetch_all(config, "/campaigns")
+    answer = first_answer(answers)
     if answer is None:
-        click.echo("error: no node answered", err=True)
+        why = "; ".join(f"{nid}: {a.get('error')}" for nid, a in answers.items() if isinstance(a, dict))
+        click.echo(f"error: no node answered ({why})", err=True)
         sys.exit(1)
     if as_json:
         click.echo(json.dumps(answer, indent=2, sort_keys=True))
@@ -322,8 +324,9 @@ class EventFollower:
     that left the replicated ring before they were read) is reported, never hidden."""
 
     def __init__(self, nodes: list[tuple[str, str]], campaign: str | None = None, after: int = 0,
-                 limit: int = EVENTS_PAGE, timeout: float = 2.0) -> None:
+                 limit: int = EVENTS_PAGE, timeout: float = 2.0, token: str | None = None) -> None:
         self.nodes = nodes
+        self.token = token
         self.campaign = campaign
         self.seq = after
         self.limit = limit
@@ -341,7 +344,7 @@ class EventFollower:
         for _ in range(len(self.nodes)):
             nid, admin = self.nodes[self.at]
             try:
-                answer = get_json(admin, f"/events?{urlencode(query)}", self.timeout)
+                answer = get_json(admin, f"/events?{urlencode(query)}", self.timeout, self.token)
             except (OSError, ValueError) as e:
                 failed.append(f"{nid}: {getattr(e, 'reason', e)}")
                 self.at = (self.at + 1) % len(self.nodes)
@@ -386,7 +389,8 @@ def events(config_path: str, campaign_id: str | None, follow: bool, after: int, 
     config = _load(config_path)
     if node_id is not None:
         _node_or_exit(config, node_id)
-    follower = EventFollower(_node_order(config, node_id), campaign_id, after)
+    from raftmail.node.client import read_token
+    follower = EventFollower(_node_order(config, node_id), campaign_id, after, token=read_token(config))
     answered = False
     try:
         while True:
@@ -433,7 +437,8 @@ def _readiness(config: Config) -> dict[str, tuple[bool | None, str]]:
 def _watch(config: Config) -> None:
     from raftmail.cli.render import run_watch
     from raftmail.node.client import cluster_status, first_answer
-    follower = EventFollower(_node_order(config, None), limit=10000)
+    from raftmail.node.client import read_token
+    follower = EventFollower(_node_order(config, None), limit=10000, token=read_token(config))
 
     def fetch() -> tuple[dict, dict, list, list]:
         view = cluster_status(config, _fetch_all(config, "/status", timeout=1.0))
@@ -520,6 +525,14 @@ def passwd(user: str, password_stdin: bool) -> None:
     key = user if re.fullmatch(r"[A-Za-z0-9_-]+", user) else json.dumps(user)
     click.echo("# under [intake.users] in the cluster file:", err=True)
     click.echo(f"{key} = {json.dumps(hashed)}")
+
+
+@main.command()
+def secret() -> None:
+    """Print a new random secret (32 random bytes, URL-safe base64) for [cluster] secret,
+    admin_token, read_token or token_key. Use a different one for each."""
+    import secrets
+    click.echo(secrets.token_urlsafe(32))
 
 
 @main.command()

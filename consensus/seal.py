@@ -1,5 +1,10 @@
-"""AES-GCM sealing under a key derived from the cluster secret: the Raft port's frames and the
+"""AES-GCM sealing under keys derived from the cluster secret: the Raft port's frames and the
 peer channel's bodies both use it, each under its own master key.
+
+Key hierarchy: the cluster secret goes through one slow, memory-hard step (scrypt, once per
+process start, salted with the cluster name), and every key is an HKDF subkey of that result with
+its own purpose string. A captured frame or header therefore gives an offline guesser one scrypt
+per guess, and no key opens another purpose's tokens.
 
 Nonces never repeat under one key: each process (and each fork child) seals under its own
 subkey, HKDF(master key, a random 16-byte salt), with a counter as the nonce. The salt travels in
@@ -9,6 +14,9 @@ Token: version(1) | timestamp(8) | salt(16) | nonce(12) | ciphertext | tag(16).
 """
 from __future__ import annotations
 
+import collections
+import hashlib
+import functools
 import itertools
 import os
 import struct
@@ -18,10 +26,70 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 HEADER = struct.Struct(">BQ16s12s")  # version, timestamp, salt, nonce
 TAG_SIZE = 16
 MAX_PEER_KEYS = 64  # cached subkeys of senders; peers restart, so old salts age out
+# scrypt cost of the one slow step from the cluster secret: 32 MiB and about 0.1 s per guess.
+SECRET_SCRYPT_N = 2**15
+SECRET_SCRYPT_R = 8
+SECRET_SCRYPT_P = 1
+# A token's identity for replay checks: its salt and nonce, unique per seal.
+_TOKEN_ID = slice(9, 9 + 16 + 12)
+
+
+@functools.lru_cache(maxsize=8)
+def cluster_master_key(secret: str, cluster_name: str) -> bytes:
+    """The slow step from the cluster secret to the key every other key is derived from
+    (cached: a process pays it once)."""
+    if not secret:
+        raise ValueError("a non-empty cluster secret is required")
+    salt = hashlib.sha256(b"raftmail cluster master v2\x00" + cluster_name.encode("utf-8")).digest()
+    return Scrypt(salt=salt, length=32, n=SECRET_SCRYPT_N, r=SECRET_SCRYPT_R,
+                  p=SECRET_SCRYPT_P).derive(secret.encode("utf-8"))
+
+
+def derive_key(secret: str, cluster_name: str, purpose: bytes) -> bytes:
+    """The 32-byte key for one purpose (Raft frames, the peer channel, ...) of one cluster."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"raftmail key\x00" + purpose).derive(cluster_master_key(secret, cluster_name))
+
+
+class ReplayGuard:
+    """Remembers the tokens opened in the last `window` seconds and refuses a second use.
+
+    Bounded: when `max_entries` are held, the oldest is forgotten and nothing stamped at or
+    before its time is accepted any more, so the bound never lets a replay through (at worst a
+    legitimate token older than the busiest last `max_entries` is refused, and resent).
+    """
+
+    def __init__(self, window: float, max_entries: int) -> None:
+        self._window = window
+        self._max = max_entries
+        self._seen: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._floor = -1  # tokens stamped at or before this are refused
+        self._lock = threading.Lock()
+
+    def first_use(self, token: bytes, stamp: int, now: float) -> bool:
+        """True the first time an authenticated `token` (stamped `stamp`) is seen, else False."""
+        token_id = bytes(token[_TOKEN_ID])
+        with self._lock:
+            while self._seen:  # forget what has left the window by itself
+                oldest_id, oldest_stamp = next(iter(self._seen.items()))
+                if oldest_stamp + self._window >= now:
+                    break
+                del self._seen[oldest_id]
+            if stamp <= self._floor or token_id in self._seen:
+                return False
+            self._seen[token_id] = stamp
+            while len(self._seen) > self._max:
+                _, evicted = self._seen.popitem(last=False)
+                self._floor = max(self._floor, evicted)
+            return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class SealError(Exception):

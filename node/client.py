@@ -10,16 +10,36 @@ from typing import Any, Sequence
 from raftmail.node.config import Config
 
 
-def get_json(admin: str, path: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(f"http://{admin}{path}", timeout=timeout) as r:
+def read_token(config: Config) -> str | None:
+    """The token the CLI sends to read: the read-only one when the file has it."""
+    return config.cluster.read_token or config.cluster.admin_token
+
+
+def _auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def get_json(admin: str, path: str, timeout: float = 2.0, token: str | None = None) -> Any:
+    req = urllib.request.Request(f"http://{admin}{path}", headers=_auth_headers(token))
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
 
-def get_json_all(nodes: Sequence[tuple[str, str]], path: str, timeout: float = 2.0) -> dict[str, Any]:
-    """{node id: answer, or {"error": "..."} when unreachable}, asked in parallel."""
+def _refusal(e: urllib.error.HTTPError) -> str:
+    try:
+        return f"HTTP {e.code}: {json.loads(e.read()).get('error', e.reason)}"
+    except (ValueError, AttributeError):
+        return f"HTTP {e.code}: {e.reason}"
+
+
+def get_json_all(nodes: Sequence[tuple[str, str]], path: str, timeout: float = 2.0,
+                 token: str | None = None) -> dict[str, Any]:
+    """{node id: answer, or {"error": "..."} when unreachable or refused}, asked in parallel."""
     def one(admin: str) -> Any:
         try:
-            return get_json(admin, path, timeout)
+            return get_json(admin, path, timeout, token)
+        except urllib.error.HTTPError as e:
+            return {"error": _refusal(e)}
         except (OSError, ValueError) as e:
             return {"error": str(getattr(e, "reason", e))}
     with ThreadPoolExecutor(max(1, len(nodes))) as pool:
@@ -73,9 +93,7 @@ def cluster_status(config: Config, answers: dict[str, Any]) -> dict:
 
 def post_campaign_action(config: Config, campaign_id: str, action: str, timeout: float = 10.0) -> tuple[bool, str]:
     """Ask nodes in turn until one commits the command."""
-    headers = {"Content-Type": "application/json"}
-    if config.cluster.admin_token:
-        headers["Authorization"] = f"Bearer {config.cluster.admin_token}"
+    headers = {"Content-Type": "application/json", **_auth_headers(config.cluster.admin_token)}
     last = "no node answered"
     for n in config.nodes:
         req = urllib.request.Request(f"http://{n.admin}/campaigns/{campaign_id}/{action}", data=b"{}",
@@ -100,9 +118,7 @@ def post_campaign_action(config: Config, campaign_id: str, action: str, timeout:
 
 def post_json(admin: str, path: str, body: dict, token: str | None, timeout: float = 10.0) -> tuple[int, Any]:
     """POST JSON to one node's admin endpoint; (HTTP status, decoded body). Status 0 = unreachable."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
+    headers = {"Content-Type": "application/json", **_auth_headers(token)}
     req = urllib.request.Request(f"http://{admin}{path}", data=json.dumps(body).encode(), headers=headers,
                                  method="POST")
     try:
@@ -153,7 +169,8 @@ def run_drill(config: Config, timeout: float = 30.0, poll: float = 0.02) -> dict
     check every node's applied index catches up."""
     import time
     nodes = [(n.id, str(n.admin)) for n in config.nodes]
-    before = cluster_status(config, get_json_all(nodes, "/status"))
+    token = read_token(config)
+    before = cluster_status(config, get_json_all(nodes, "/status", token=token))
     old = before["leader"]
     if old is None:
         return {"ok": False, "error": "no leader with a quorum before the drill", "before": before}
@@ -166,12 +183,12 @@ def run_drill(config: Config, timeout: float = 30.0, poll: float = 0.02) -> dict
     new = None
     others = [nid for nid, _ in nodes if nid != old]
     while time.monotonic() - t0 < timeout and accepting is None:
-        view = cluster_status(config, get_json_all(nodes, "/status", timeout=1.0))
+        view = cluster_status(config, get_json_all(nodes, "/status", timeout=1.0, token=token))
         if elected is None and view["leader"] and view["leader"] != old:
             elected, new = time.monotonic() - t0, view["leader"]
         if elected is not None:
             for nid in others:
-                st, _ = post_json(admin[nid], "/cluster/noop?timeout=1", {}, None, timeout=2)
+                st, _ = post_json(admin[nid], "/cluster/noop?timeout=1", {}, config.cluster.admin_token, timeout=2)
                 if st == 200:
                     accepting = time.monotonic() - t0
                     break
@@ -180,7 +197,7 @@ def run_drill(config: Config, timeout: float = 30.0, poll: float = 0.02) -> dict
     if accepting is not None:
         target = None
         while time.monotonic() - t0 < timeout:
-            sts = get_json_all(nodes, "/status", timeout=1.0)
+            sts = get_json_all(nodes, "/status", timeout=1.0, token=token)
             live = {k: v for k, v in sts.items() if "error" not in v}
             target = target or max(v["commit_index"] for v in live.values())
             if all(v["applied_index"] >= target for v in live.values()):

@@ -40,8 +40,12 @@ __all__ = [
 ]
 
 # Bytes, not characters: the secret feeds a key derivation, so its entropy is measured in bytes.
-MIN_SECRET_BYTES = 16
+# `raftmail secret` prints 32 random bytes (43 characters).
+MIN_SECRET_BYTES = 32
 MIN_ADMIN_TOKEN_CHARS = 16
+MIN_TOKEN_KEY_BYTES = 32
+# cluster.example.toml's secret: public, so only accepted while every address is loopback.
+EXAMPLE_SECRET = "change-me-example-secret-0123456789"
 NODE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
@@ -59,6 +63,10 @@ _QUOTE_DOMAIN_HINT = 'quote domain names that contain dots: [delivery.domains."g
 SECRET_WHY = (
     "it authenticates and encrypts Raft traffic, and pysyncobj unpickles whatever it decrypts, "
     "so anyone who knows it can run code on every node"
+)
+TOKEN_KEY_WHY = (
+    "it signs the unsubscribe links of [delivery] unsubscribe_url; it is its own random key, "
+    "never derived from the cluster secret (`raftmail secret` prints one)"
 )
 CANONICAL_WHY = (
     "pysyncobj treats differently spelled addresses as different members, "
@@ -131,7 +139,17 @@ class ClusterSection:
     secret: str = field(repr=False)
     data_dir: Path
     fsync: bool = False
+    # Bearer token for every admin route but /healthz, /readyz and /metrics; required when a
+    # node's admin address is not loopback.
     admin_token: str | None = field(default=None, repr=False)
+    # Optional token that may only read (GET) the admin routes: status, campaigns, events.
+    read_token: str | None = field(default=None, repr=False)
+    # Key of the per-recipient unsubscribe tokens (the unsubscribe service verifies with it).
+    token_key: str | None = field(default=None, repr=False)
+    # Peer requests (body fetches, body streams) a node serves at once.
+    max_peer_requests: int = 64
+    # Sealed body batches a node keeps sending to slow peers in the background, in bytes.
+    max_background_push_bytes: int = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -539,19 +557,63 @@ def _cluster_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Clus
     secret = sec.required_text("secret", SECRET_WHY, secret=True)
     secret_bytes = len(secret.encode("utf-8"))
     if secret_bytes < MIN_SECRET_BYTES:
-        sec.fail("secret", f"is {secret_bytes} bytes, needs at least {MIN_SECRET_BYTES} (UTF-8): {SECRET_WHY}")
+        sec.fail("secret", f"is {secret_bytes} bytes, needs at least {MIN_SECRET_BYTES} random bytes (UTF-8; "
+                           f"`raftmail secret` prints one): {SECRET_WHY}")
     data_dir_text = sec.required_text("data_dir", "each node keeps its Raft log and message bodies under it")
     data_dir = _resolve_path(base_dir, data_dir_text)
     fsync = sec.boolean("fsync") if sec.has("fsync") else False
-    admin_token = None
-    if sec.has("admin_token"):
-        admin_token = sec.text("admin_token", secret=True)
-        if len(admin_token) < MIN_ADMIN_TOKEN_CHARS:
-            sec.fail(
-                "admin_token",
-                f"is {len(admin_token)} characters, needs at least {MIN_ADMIN_TOKEN_CHARS} so it cannot be guessed",
-            )
-    return ClusterSection(name=name, secret=secret, data_dir=data_dir, fsync=fsync, admin_token=admin_token)
+    admin_token = _token(sec, "admin_token") if sec.has("admin_token") else None
+    read_token = _token(sec, "read_token") if sec.has("read_token") else None
+    if read_token is not None and admin_token is None:
+        sec.fail("read_token", "is set but admin_token is not: set admin_token too, or every route stays open")
+    if read_token is not None and read_token == admin_token:
+        sec.fail("read_token", "must differ from admin_token")
+    token_key = None
+    if sec.has("token_key"):
+        token_key = sec.text("token_key", secret=True)
+        key_bytes = len(token_key.encode("utf-8"))
+        if key_bytes < MIN_TOKEN_KEY_BYTES:
+            sec.fail("token_key", f"is {key_bytes} bytes, needs at least {MIN_TOKEN_KEY_BYTES}: {TOKEN_KEY_WHY}")
+        if token_key in (secret, admin_token, read_token):
+            sec.fail("token_key", "must differ from the secret and the admin tokens: "
+                                  "the unsubscribe service that holds it must not control the cluster")
+    return ClusterSection(name=name, secret=secret, data_dir=data_dir, fsync=fsync, admin_token=admin_token,
+                          read_token=read_token, token_key=token_key, **_numbers(sec, ClusterSection))
+
+
+def _token(sec: _Section, name: str) -> str:
+    token = sec.text(name, secret=True)
+    if len(token) < MIN_ADMIN_TOKEN_CHARS:
+        sec.fail(name, f"is {len(token)} characters, needs at least {MIN_ADMIN_TOKEN_CHARS} so it cannot be guessed")
+    if not token.isascii() or not token.isprintable() or " " in token:
+        sec.fail(name, "must be printable ASCII without spaces (it travels in an HTTP header)")
+    return token
+
+
+def _is_loopback(address: Address) -> bool:
+    ip = _ip(address.host)
+    return ip is not None and ip.is_loopback
+
+
+def check_admin_exposure(config: Config, node_id: str) -> None:
+    """A node whose admin address is not loopback needs [cluster] admin_token: without it anyone
+    who reaches that port could pause or cancel campaigns and change the membership."""
+    node = config.node(node_id)
+    if config.cluster.admin_token is None and not _is_loopback(node.admin):
+        raise ConfigError(config.path, "[cluster] admin_token",
+                          f"is required: node {node_id}'s admin address {node.admin} is not loopback, and "
+                          "without a token anyone who reaches it controls the cluster")
+
+
+def _check_cross_sections(src: str, config: Config) -> None:
+    """Rules that involve more than one section."""
+    addresses = [a for n in config.nodes for a in (n.raft, n.smtp, n.admin)]
+    if config.cluster.secret == EXAMPLE_SECRET and not all(_is_loopback(a) for a in addresses):
+        raise ConfigError(src, "[cluster] secret", "is the example file's public secret, allowed only while "
+                          "every node address is loopback; set your own (`raftmail secret` prints one)")
+    if config.delivery.unsubscribe_url is not None and config.cluster.token_key is None:
+        raise ConfigError(src, "[cluster] token_key", f"is required when [delivery] unsubscribe_url is set: "
+                          f"{TOKEN_KEY_WHY}")
 
 
 def _node_address(sec: _Section, role: str) -> Address:
@@ -1033,7 +1095,7 @@ def load_config(path: str | Path) -> Config:
             raise ConfigError(src, _section_label(name, value), f"unknown section; allowed sections: {allowed}")
     if "cluster" not in document:
         raise ConfigError(src, "[cluster]", "is required: it holds the cluster name, secret and data_dir")
-    return Config(
+    config = Config(
         path=file_path,
         cluster=_cluster_section(src, base_dir, _top_level_table(src, document, "cluster")),
         nodes=_nodes(src, document.get("node")),
@@ -1043,3 +1105,5 @@ def load_config(path: str | Path) -> Config:
         storage=_storage_section(src, _top_level_table(src, document, "storage")),
         monitoring=_monitoring_section(src, _top_level_table(src, document, "monitoring")),
     )
+    _check_cross_sections(src, config)
+    return config

@@ -51,15 +51,23 @@ def recipient_message_id(submission_id: str, index: int, sender_domain: str) -> 
     return f"<{submission_id}.{index}.rm@{sender_domain}>"
 
 
-def unsubscribe_token(secret: str, campaign_id: str, recipient: str) -> str:
-    """An opaque token proving that `recipient` of `campaign_id` was issued this unsubscribe link."""
-    mac = hmac.new(secret.encode(), f"{campaign_id}\0{recipient}".encode(), hashlib.sha256)
+def unsubscribe_token(token_key: str, campaign_id: str, recipient: str) -> str:
+    """An opaque token proving that `recipient` of `campaign_id` was issued this unsubscribe link.
+
+    `token_key` is [cluster] token_key: its own random key, never the cluster secret. Every link
+    is an HMAC anyone can collect, so it must not be a way to test guesses of a key that controls
+    the cluster; and the unsubscribe service that verifies links holds this key, not the secret.
+    """
+    if not token_key:
+        raise ValueError("unsubscribe tokens need [cluster] token_key")
+    mac = hmac.new(token_key.encode(), f"raftmail unsubscribe v2\0{campaign_id}\0{recipient}".encode(),
+                   hashlib.sha256)
     return base64.urlsafe_b64encode(mac.digest()[:UNSUBSCRIBE_TOKEN_BYTES]).rstrip(b"=").decode()
 
 
-def verify_unsubscribe_token(secret: str, campaign_id: str, recipient: str, token: str) -> bool:
-    """True when `token` was made by `unsubscribe_token` with the same secret, campaign and recipient."""
-    expected = unsubscribe_token(secret, campaign_id, recipient).encode()
+def verify_unsubscribe_token(token_key: str, campaign_id: str, recipient: str, token: str) -> bool:
+    """True when `token` was made by `unsubscribe_token` with the same key, campaign and recipient."""
+    expected = unsubscribe_token(token_key, campaign_id, recipient).encode()
     try:
         given = token.encode("ascii")
     except UnicodeEncodeError:

@@ -102,6 +102,7 @@ class NodeMetrics:
                                        "delivering", registry=reg)
         self._batch_clock: OrderedDict[str, float] = OrderedDict()
         self._write_proof = 0.0  # monotonic time of the last committed /readyz noop
+        self._proving: asyncio.Future[tuple[bool, str]] | None = None  # the one noop in flight
         reg.register(_NodeCollector(self))
 
     # ---------------------------------------------------------------- hooks
@@ -166,9 +167,17 @@ class NodeMetrics:
                          node.config.monitoring.ready_max_lag)
 
     async def prove_quorum(self) -> tuple[bool, str]:
-        """A committed noop, unless one committed within [monitoring] ready_write_window."""
+        """A committed noop, unless one committed within [monitoring] ready_write_window. Probes
+        arriving while a noop is in flight share its answer: at most one noop at a time, and at
+        most one per window, however many probes come."""
         if time.monotonic() - self._write_proof < self.node.config.monitoring.ready_write_window:
             return True, "a noop committed recently"
+        if self._proving is None:
+            self._proving = asyncio.ensure_future(self._commit_noop())
+            self._proving.add_done_callback(lambda _f: setattr(self, "_proving", None))
+        return await asyncio.shield(self._proving)
+
+    async def _commit_noop(self) -> tuple[bool, str]:
         try:
             await self.node.proposer.propose({"op": "noop"}, READY_WRITE_TIMEOUT)
         except ProposalFailed as e:

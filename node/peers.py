@@ -12,8 +12,11 @@ idle a body goes out at once, alone, with no added latency.
 
 Batches travel over one persistent WebSocket per peer (GET /peer/stream): a message costs a
 fraction of an HTTP request's parsing and bookkeeping on both ends. Each message is an 8-byte
-request id and a sealed batch; the answer is the id and one status byte. The older
-PUT /peer/bodies route is still served, for nodes that predate the stream.
+request id and a sealed batch; the answer is the id and one status byte.
+
+Every request is authenticated from its headers before anything else is read, the number served
+at once is capped, and each sealed header and batch is accepted once: a captured one replayed
+within its freshness window is refused.
 """
 
 from __future__ import annotations
@@ -32,19 +35,15 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import aiohttp
 import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
-from raftmail.consensus.seal import SealError, Sealer, sealed_size
+from raftmail.consensus.seal import ReplayGuard, SealError, Sealer, derive_key, sealed_size
 from raftmail.node.bodies import BodyStore, is_digest
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-PURPOSE = b"raftmail peer channel v1"
+PURPOSE = b"raftmail peer channel v2"
 AUTH_HEADER = "X-Raftmail-Auth"
 BODY_ROUTE = "/peer/bodies/{digest}"  # GET: fetch one body by hash
-BATCH_ROUTE = "/peer/bodies"  # PUT: store a sealed batch of bodies
 STREAM_ROUTE = "/peer/stream"  # GET + WebSocket upgrade: a stream of sealed batches
 STREAM_CLAIM = b"STREAM " + STREAM_ROUTE.encode("ascii")  # what the stream's auth header seals
 DEFAULT_TOKEN_TTL = 300.0
@@ -54,6 +53,16 @@ DEFAULT_MAX_BATCH_BYTES = 4 * 2**20
 DEFAULT_MAX_BATCH_ITEMS = 256
 DEFAULT_MAX_BATCHES_IN_FLIGHT = 4
 DEFAULT_MAX_QUEUED_PUSHES = 1024
+# Sealed batches still going to slow peers after every push() returned: bounded in bytes too,
+# since each may be a 10 MiB body ([cluster] max_background_push_bytes).
+DEFAULT_MAX_BACKGROUND_BYTES = 64 * 2**20
+# Peer requests (body fetches and streams) served at once ([cluster] max_peer_requests).
+DEFAULT_MAX_PEER_REQUESTS = 64
+# Tokens remembered for replay checks: a few minutes of a busy cluster's peer traffic.
+DEFAULT_REPLAY_ENTRIES = 65536
+# A refused peer request is logged at most this often per source address (the rest counted).
+_REFUSAL_LOG_INTERVAL = 10.0
+_MAX_LOGGED_SOURCES = 1024
 _READ_CHUNK = 1 << 16
 # msgpack framing of one [digest, body] pair: array header, str8 header + 64 hex, bin32 header.
 _ITEM_OVERHEAD = 1 + 2 + 64 + 5
@@ -85,24 +94,18 @@ class PeerAuthError(Exception):
 
 
 class PeerCrypto:
-    """Seals and opens peer-channel payloads with a key derived from the cluster secret (AES-GCM,
-    consensus/seal.py; a Fernet token cost 35x more CPU), with a freshness bound on opening."""
+    """Seals and opens peer-channel payloads under the cluster's peer-channel key (AES-GCM,
+    consensus/seal.py; a Fernet token cost 35x more CPU), with a freshness bound on opening and,
+    for what a peer sends us, a refusal of any token its endpoint has seen before (replays)."""
 
-    VERSION = 0x50
+    VERSION = 0x51  # 0x50: the key came from the secret through HKDF alone
 
     def __init__(self, secret: str, cluster_name: str) -> None:
         if not secret:
             raise ValueError("the peer channel needs a non-empty cluster secret")
-        binding = PURPOSE + b"\x00cluster=" + cluster_name.encode("utf-8")
-        # Binding both salt and info to the cluster and purpose keeps this key distinct from
-        # any other key derived from the same secret, and from other clusters sharing a secret.
-        hkdf = HKDF(
-            algorithm=hashes.SHA256(),
-            length=32,
-            salt=hashlib.sha256(binding).digest(),
-            info=binding,
-        )
-        self._sealer = Sealer(hkdf.derive(secret.encode("utf-8")), version=self.VERSION, purpose=PURPOSE)
+        # The cluster name salts the slow step, so clusters sharing a secret share no key.
+        key = derive_key(secret, cluster_name, PURPOSE)
+        self._sealer = Sealer(key, version=self.VERSION, purpose=PURPOSE)
 
     def seal(self, data: bytes) -> bytes:
         return self._sealer.seal(data, int(time.time()))
@@ -111,9 +114,11 @@ class PeerCrypto:
         """A sealed token as text, for an HTTP header; open() takes it back as a str."""
         return base64.urlsafe_b64encode(self.seal(data)).decode("ascii")
 
-    def open(self, token: bytes | str, *, ttl: float = DEFAULT_TOKEN_TTL) -> bytes:
+    def open(self, token: bytes | str, *, ttl: float = DEFAULT_TOKEN_TTL,
+             replays: ReplayGuard | None = None) -> bytes:
         """The plaintext of *token* (bytes, or the text form from seal_text) if it was sealed
-        under this cluster's key at most *ttl* seconds ago; PeerAuthError otherwise."""
+        under this cluster's key at most *ttl* seconds ago; PeerAuthError otherwise. With
+        *replays*, a token that guard has seen before is refused too."""
         try:
             if isinstance(token, str):
                 token = base64.urlsafe_b64decode(token.encode("ascii"))
@@ -122,10 +127,12 @@ class PeerCrypto:
         try:
             stamp, plain = self._sealer.open(token)
         except SealError as exc:
-            raise PeerAuthError(f"peer token rejected: {exc}") from None
+            raise PeerAuthError(f"peer token rejected: {exc} (wrong cluster secret?)") from None
         now = time.time()
         if stamp + ttl < now or stamp > now + _MAX_CLOCK_SKEW:
             raise PeerAuthError("peer token expired or from the future")
+        if replays is not None and not replays.first_use(token, stamp, now):
+            raise PeerAuthError("peer token replayed")
         return plain
 
 
@@ -192,19 +199,35 @@ def add_peer_routes(
     on_auth_failure: Callable[[str], None] | None = None,
     max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
     max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
+    max_requests: int = DEFAULT_MAX_PEER_REQUESTS,
+    replay_entries: int = DEFAULT_REPLAY_ENTRIES,
 ) -> None:
-    """Serve GET /peer/stream (a WebSocket of sealed batches), PUT /peer/bodies (one sealed
-    batch) and GET /peer/bodies/{digest} on *app*.
+    """Serve GET /peer/stream (a WebSocket of sealed batches) and GET /peer/bodies/{digest}
+    on *app*, at most *max_requests* at once (streams count while they are open).
 
-    The PUT body is streamed with its own limit, so the app's client_max_size does not
-    need to be raised for large bodies. *max_batch_bytes* and *max_batch_items* must be at
-    least the pushing PeerClient's, or its full batches are refused as too large.
+    *max_batch_bytes* and *max_batch_items* must be at least the pushing PeerClient's, or its
+    full batches are refused as too large.
     """
     max_sealed = batch_sealed_limit(max_body_bytes, max_batch_bytes, max_batch_items)
     streams: set[web.WebSocketResponse] = set()
+    active = 0  # peer requests being served now
+    # Every sealed header and batch this endpoint accepted within the tokens' freshness window.
+    replays = ReplayGuard(DEFAULT_TOKEN_TTL + _MAX_CLOCK_SKEW, replay_entries)
+    last_logged: collections.OrderedDict[str, tuple[float, int]] = collections.OrderedDict()
 
     def note_refusal(peer_ip: str, why: str) -> None:
-        log.warning("peer request from %s refused: %s", peer_ip, why)
+        # Logged once per interval and source; a flood from one address cannot fill the log.
+        now = time.monotonic()
+        logged_at, quiet = last_logged.get(peer_ip, (float("-inf"), 0))
+        if now - logged_at >= _REFUSAL_LOG_INTERVAL:
+            more = f" ({quiet} more refused since the last warning)" if quiet else ""
+            log.warning("peer request from %s refused: %s%s", peer_ip, why, more)
+            last_logged[peer_ip] = (now, 0)
+        else:
+            last_logged[peer_ip] = (logged_at, quiet + 1)
+        last_logged.move_to_end(peer_ip)
+        while len(last_logged) > _MAX_LOGGED_SOURCES:
+            last_logged.popitem(last=False)
         if on_auth_failure is not None:
             try:
                 on_auth_failure(peer_ip)
@@ -216,21 +239,27 @@ def add_peer_routes(
         return web.Response(status=403, text="forbidden\n")
 
     def authorized(request: web.Request, claim: bytes, what: str) -> web.Response | None:
-        """None if the request carries a fresh auth header sealing *claim*, else a 403."""
+        """None if the request carries a fresh, unused auth header sealing *claim*, else a 403.
+        Only headers are looked at: nothing of the request body has been read yet."""
         header = request.headers.get(AUTH_HEADER)
         if header is None:
             return refuse(request, f"{what} without {AUTH_HEADER}")
         try:
-            sealed_claim = crypto.open(header)
-        except PeerAuthError:
-            return refuse(request, f"bad {AUTH_HEADER} for {what}")
+            sealed_claim = crypto.open(header, replays=replays)
+        except PeerAuthError as exc:
+            return refuse(request, f"bad {AUTH_HEADER} for {what} ({exc})")
         if sealed_claim != claim:
             return refuse(request, f"{AUTH_HEADER} does not match {what}")
         return None
 
+    def busy() -> web.Response | None:
+        if active >= max_requests:
+            return web.Response(status=503, text="too many peer requests\n", headers={"Retry-After": "1"})
+        return None
+
     def receive(token: bytes) -> tuple[int, str]:
         """Open, check and store one batch: (HTTP status, reason). One thread hop in all."""
-        bodies = unpack_batch(crypto.open(token))
+        bodies = unpack_batch(crypto.open(token, replays=replays))
         if bodies is None:
             return 400, "malformed batch or digest"
         if any(len(data) > max_body_bytes for _, data in bodies):
@@ -245,24 +274,13 @@ def add_peer_routes(
         return 204, ""
 
     async def store_batch(token: bytes, peer_ip: str) -> tuple[int, str]:
-        """The one path from a sealed batch (PUT or stream) to the store: (HTTP status, reason);
-        204 means every body in it is stored durably."""
+        """The one path from a sealed batch to the store: (HTTP status, reason); 204 means every
+        body in it is stored durably."""
         try:
             return await asyncio.to_thread(receive, token)
         except PeerAuthError:
             note_refusal(peer_ip, "bad sealed batch")
             return 403, "forbidden"
-
-    async def put_batch(request: web.Request) -> web.Response:
-        if request.content_length is not None and request.content_length > max_sealed:
-            return web.Response(status=413, text="batch too large\n")
-        token = await _read_limited(request.content, max_sealed)
-        if token is None:
-            return web.Response(status=413, text="batch too large\n")
-        status, why = await store_batch(token, request.remote or "unknown")
-        if status == 204:
-            return web.Response(status=204)
-        return web.Response(status=status, text=why + "\n")
 
     async def answer(ws: web.WebSocketResponse, message: bytes, peer_ip: str) -> None:
         status, why = await store_batch(message[_REQUEST_ID.size :], peer_ip)
@@ -277,9 +295,17 @@ def add_peer_routes(
             log.debug("answer to %s on a closed stream: %r", peer_ip, exc)
 
     async def stream(request: web.Request) -> web.StreamResponse:
-        refused = authorized(request, STREAM_CLAIM, "stream")
+        nonlocal active
+        refused = busy() or authorized(request, STREAM_CLAIM, "stream")
         if refused is not None:
             return refused
+        active += 1
+        try:
+            return await serve_stream(request)
+        finally:
+            active -= 1
+
+    async def serve_stream(request: web.Request) -> web.StreamResponse:
         peer_ip = request.remote or "unknown"
         ws = web.WebSocketResponse(
             max_msg_size=max_sealed + _REQUEST_ID.size + 1,  # aiohttp's limit is exclusive
@@ -334,12 +360,20 @@ def add_peer_routes(
         )
 
     async def get_body(request: web.Request) -> web.Response:
+        nonlocal active
         digest = request.match_info["digest"]
         # The token names the digest, so a captured header cannot be replayed for another body.
-        refused = authorized(request, b"GET " + digest.encode("utf-8", "replace"),
-                             f"GET {digest[:80]!r}")
+        refused = busy() or authorized(request, b"GET " + digest.encode("utf-8", "replace"),
+                                       f"GET {digest[:80]!r}")
         if refused is not None:
             return refused
+        active += 1
+        try:
+            return await serve_body(digest)
+        finally:
+            active -= 1
+
+    async def serve_body(digest: str) -> web.Response:
         if not is_digest(digest):
             return web.Response(status=400, text="malformed digest\n")
         data = await asyncio.to_thread(store.get, digest)
@@ -349,7 +383,6 @@ def add_peer_routes(
         return web.Response(status=200, body=sealed, content_type="application/octet-stream")
 
     app.router.add_get(STREAM_ROUTE, stream)
-    app.router.add_put(BATCH_ROUTE, put_batch)
     app.router.add_get(BODY_ROUTE, get_body)
     app.on_shutdown.append(close_streams)
 
@@ -391,6 +424,7 @@ class _Batch:
         self.answered = 0
         self.waiting = len(pushes)  # push() calls that have not returned yet
         self.requests: set[asyncio.Task[bool]] = set()
+        self.sealed_bytes = 0  # size of the one sealed copy its requests share
         self.started = False  # requests created (or nothing to send)
         self.settled = False  # in-flight slot given back
         for push in pushes:
@@ -500,6 +534,7 @@ class _Batcher:
                 task = asyncio.create_task(client._put_batch(peer, sealed, len(batch.pushes)))
                 task.add_done_callback(partial(_answered, batch))
                 batch.requests.add(task)
+            batch.sealed_bytes = len(sealed)
         batch.started = True
         if batch.waiting == 0:
             self._settle(batch)
@@ -511,7 +546,7 @@ class _Batcher:
             return
         batch.settled = True
         self._in_flight.discard(batch)
-        self._client._adopt(task for task in batch.requests if not task.done())
+        self._client._adopt([task for task in batch.requests if not task.done()], batch.sealed_bytes)
         batch.requests.clear()
         batch.pushes = []  # background requests hold the sealed copy; the bodies can go
         if self._queue:
@@ -691,6 +726,7 @@ class PeerClient:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         fetch_timeout: float = 5.0,
         max_background_pushes: int = DEFAULT_MAX_BACKGROUND_PUSHES,
+        max_background_bytes: int = DEFAULT_MAX_BACKGROUND_BYTES,
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
         max_batch_items: int = DEFAULT_MAX_BATCH_ITEMS,
         max_batches_in_flight: int = DEFAULT_MAX_BATCHES_IN_FLIGHT,
@@ -705,6 +741,8 @@ class PeerClient:
         self._fetch_timeout = aiohttp.ClientTimeout(total=fetch_timeout)
         self._max_body_bytes = max_body_bytes
         self._max_background = max_background_pushes
+        self._max_background_bytes = max_background_bytes
+        self._background_bytes = 0  # sealed copies held by background requests (one per batch)
         self.max_batch_bytes = max_batch_bytes
         self.max_batch_items = max_batch_items
         self.max_batches_in_flight = max_batches_in_flight
@@ -812,19 +850,39 @@ class PeerClient:
             return None, refused
         return self._crypto.seal(pack_batch(bodies)), refused
 
-    def _adopt(self, tasks: Iterable[asyncio.Task[bool]]) -> None:
-        dropped = 0
-        for task in tasks:
-            if len(self._background) >= self._max_background:
-                task.cancel()
-                dropped += 1
-                continue
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+    @property
+    def background_bytes(self) -> int:
+        """Bytes of sealed batches that background requests still hold."""
+        return self._background_bytes
+
+    def _adopt(self, tasks: list[asyncio.Task[bool]], sealed_bytes: int) -> None:
+        """Let one batch's unfinished requests (sharing one sealed copy of *sealed_bytes*) run
+        on in the background, as many as the count limit leaves room for and only if the copy
+        fits the byte limit; the others are cancelled."""
+        room = self._max_background - len(self._background)
+        if self._background_bytes + sealed_bytes > self._max_background_bytes:
+            room = 0
+        kept, dropped = tasks[:max(0, room)], tasks[max(0, room):]
+        for task in dropped:
+            task.cancel()
         if dropped:
             # Peers that miss a body fetch it by hash when they need it; this only costs latency.
-            log.info("dropped %d background batch pushes (limit %d)", dropped,
-                     self._max_background)
+            log.info("dropped %d background batch pushes of %d bytes (limits %d requests, %d bytes)",
+                     len(dropped), sealed_bytes, self._max_background, self._max_background_bytes)
+        if not kept:
+            return
+        self._background_bytes += sealed_bytes
+        left = len(kept)
+
+        def finished(task: asyncio.Task[bool]) -> None:
+            nonlocal left
+            self._background.discard(task)
+            left -= 1
+            if left == 0:  # the last request holding the sealed copy let go of it
+                self._background_bytes -= sealed_bytes
+        for task in kept:
+            self._background.add(task)
+            task.add_done_callback(finished)
 
     async def _put_batch(self, peer: str, sealed: bytes, count: int) -> bool:
         acked = await self._stream(peer).put(sealed, self._push_timeout)

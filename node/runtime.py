@@ -3,9 +3,13 @@ HTTP endpoint, the leader's scheduler and the sender together."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import math
+import os
 import secrets
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
@@ -14,10 +18,11 @@ from aiohttp import web
 
 from raftmail.consensus.journal import is_no_space
 from raftmail.consensus.raft import RaftNode
+from raftmail.consensus.seal import derive_key
 from raftmail.node.backup import add_backup_routes
 from raftmail.node.bodies import BodyRepair, BodyStore, collect_unreferenced, is_digest
 from raftmail.node.bridge import ProposalFailed, Proposer
-from raftmail.node.config import Config, ConfigError
+from raftmail.node.config import Address, Config, ConfigError, check_admin_exposure
 from raftmail.node.intake import Intake, check_aiosmtpd, start_smtp_server
 from raftmail.node.leases import LeaseClock
 from raftmail.node.metrics import NodeMetrics, add_monitoring_routes
@@ -31,6 +36,14 @@ BODY_REPAIR_PARALLEL = 16  # fetches in flight at once
 ADMIN_SHUTDOWN_SECONDS = 2.0  # requests still running at stop get this long to finish
 PEER_PROBE_INTERVAL = 5.0  # seconds between checks that every peer shares our cluster secret
 MEMBER_LEAVE_MAX_WAIT = 3600.0  # seconds a leave may wait for the leaving node's batches to move
+RAFT_KEY_PURPOSE = b"raftmail raft frames v2"
+MAX_NOOP_TIMEOUT = 30.0  # seconds a /cluster/noop may wait for its commit
+MAX_ID_CHARS = 256  # submission and campaign ids in admin URLs
+MAX_LEAVE_TIMEOUT = MEMBER_LEAVE_MAX_WAIT  # the longest wait a /cluster/leave may ask for
+# Routes anyone who reaches the admin port may call: liveness, readiness without a write, metrics.
+# The peer routes carry their own authentication (sealed under the cluster key).
+OPEN_ROUTES = frozenset({"/healthz", "/metrics"})
+PEER_ROUTE_PREFIX = "/peer/"
 
 
 class MailNode:
@@ -48,14 +61,16 @@ class MailNode:
         if not writable:
             self.store.mark_no_space(0)
         self.crypto = PeerCrypto(config.cluster.secret, config.cluster.name)
-        self.peers = PeerClient(self.crypto, max_body_bytes=config.intake.max_message_bytes)
+        self.peers = PeerClient(self.crypto, max_body_bytes=config.intake.max_message_bytes,
+                                max_background_bytes=config.cluster.max_background_push_bytes)
         self.auth_failures = 0
         self.peers_rejecting: list[str] = []
         r = config.raft
         # Constructed in the main thread, before the loop: our own tick thread runs it.
         self.raft = RaftNode(
             str(self.me.raft), [str(n.raft) for n in config.nodes], self.data_dir / "raft",
-            password=config.cluster.secret,
+            # A key derived from the secret through the one slow step, never the secret itself.
+            password=derive_key(config.cluster.secret, config.cluster.name, RAFT_KEY_PURPOSE).hex(),
             election_timeout_min=r.election_timeout_min, election_timeout_max=r.election_timeout_max,
             heartbeat_interval=r.heartbeat_interval, connection_timeout=r.connection_timeout,
             compaction_min_entries=r.compaction_min_entries,
@@ -176,7 +191,7 @@ class MailNode:
     # ---------------------------------------------------------------- admin HTTP
 
     def admin_app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._guard])
         r = app.router
         r.add_get("/status", self._h_status)
         r.add_get("/state/digest", self._h_digest)
@@ -191,12 +206,61 @@ class MailNode:
         add_monitoring_routes(app, self)
         add_backup_routes(app, self)
         add_peer_routes(app, self.store, self.crypto, max_body_bytes=self.config.intake.max_message_bytes,
-                        on_auth_failure=self._peer_auth_failed)
+                        on_auth_failure=self._peer_auth_failed, max_requests=self.config.cluster.max_peer_requests)
         return app
 
     def _peer_auth_failed(self, peer: str) -> None:
-        self.auth_failures += 1
-        log.warning("peer channel: request from %s failed authentication (wrong cluster secret?)", peer)
+        self.auth_failures += 1  # peers.py logs it, at most once per interval and source
+
+    # ---------------------------------------------------------------- admin access
+
+    def _access_refused(self, request: web.Request) -> web.Response | None:
+        """None when the request may go on, else the 401/403 answer.
+
+        With no admin_token (allowed only on a loopback admin address) every route is open. With
+        one, every route but the open ones needs it; read_token may only read (GET, and /readyz
+        without a write)."""
+        route = request.match_info.route.resource
+        canonical = route.canonical if route is not None else request.path
+        if canonical.startswith(PEER_ROUTE_PREFIX) or canonical in OPEN_ROUTES:
+            return None
+        if canonical == "/readyz" and "write" not in request.query:
+            return None
+        admin, read = self.config.cluster.admin_token, self.config.cluster.read_token
+        if admin is None:
+            return None
+        given = _bearer(request)
+        if given is None:
+            return web.json_response({"error": "token required: send Authorization: Bearer <[cluster] admin_token "
+                                               "or read_token>"}, status=401)
+        if _same_token(given, admin):
+            return None
+        reads = request.method in ("GET", "HEAD") and canonical != "/readyz"
+        if read is not None and _same_token(given, read):
+            return None if reads else web.json_response(
+                {"error": "the read-only token cannot change anything: use admin_token"}, status=403)
+        return web.json_response({"error": "wrong token"}, status=401)
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler) -> web.StreamResponse:
+        """Access check first, then the request's own parameters; an unexpected error answers
+        500 with no traceback (it is logged here instead)."""
+        refused = self._access_refused(request)
+        if refused is not None:
+            return refused
+        try:
+            if request.method == "POST":
+                problem = await _json_body_problem(request)
+                if problem:
+                    return web.json_response({"error": problem}, status=400)
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("admin request %s %s failed", request.method, request.path)
+            return web.json_response({"error": "internal error (logged on the node)"}, status=500)
 
     async def _h_status(self, request: web.Request) -> web.Response:
         return web.json_response(self.status())
@@ -210,6 +274,8 @@ class MailNode:
 
     async def _h_submission(self, request: web.Request) -> web.Response:
         sid = request.match_info["sid"]
+        if len(sid) > MAX_ID_CHARS:
+            return web.json_response({"error": f"submission id longer than {MAX_ID_CHARS} characters"}, status=400)
 
         def read(st):
             sub = st.submissions.get(sid)
@@ -229,9 +295,11 @@ class MailNode:
         return web.json_response({"campaigns": out})
 
     def _unauthorized(self, request: web.Request) -> web.Response | None:
-        """State-changing calls need the cluster file's admin token, when one is set."""
+        """State-changing calls need the cluster file's admin token, when one is set (the
+        middleware checked already; this keeps each handler safe on its own)."""
         token = self.config.cluster.admin_token
-        if token and request.headers.get("Authorization") != f"Bearer {token}":
+        given = _bearer(request)
+        if token and (given is None or not _same_token(given, token)):
             return web.json_response({"error": "admin token required"}, status=401)
         return None
 
@@ -246,10 +314,14 @@ class MailNode:
     async def _h_events(self, request: web.Request) -> web.Response:
         try:
             after = int(request.query.get("after", "0"))
-            limit = min(int(request.query.get("limit", "1000")), 10000)
+            limit = int(request.query.get("limit", "1000"))
         except ValueError:
             return web.json_response({"error": "after and limit must be integers"}, status=400)
+        if after < 0 or not 1 <= limit <= 10000:
+            return web.json_response({"error": "after must be >= 0 and limit from 1 to 10000"}, status=400)
         campaign = request.query.get("campaign") or None
+        if campaign is not None and len(campaign) > MAX_ID_CHARS:
+            return web.json_response({"error": f"campaign longer than {MAX_ID_CHARS} characters"}, status=400)
         events, oldest = self.raft.read(lambda st: st.events_after(after, limit, campaign))
         return web.json_response({"events": [event_dict(e) for e in events], "oldest": oldest,
                                   "gap": after + 1 < oldest and after > 0})
@@ -415,7 +487,7 @@ class MailNode:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                st = await asyncio.to_thread(get_json, admin, "/status", 1.0)
+                st = await asyncio.to_thread(get_json, admin, "/status", 1.0, self.config.cluster.admin_token)
             except (OSError, ValueError):
                 return  # gone already: nothing left to tell it
             if (st.get("applied_index") or 0) >= index:
@@ -465,8 +537,15 @@ class MailNode:
 
     async def _h_noop(self, request: web.Request) -> web.Response:
         """A committed write, to learn that this node can commit now (drill, probes)."""
+        try:
+            timeout = float(request.query.get("timeout", "2"))
+        except ValueError:
+            timeout = math.nan
+        if not 0 < timeout <= MAX_NOOP_TIMEOUT:  # also refuses nan and inf
+            return web.json_response({"error": f"timeout must be a number of seconds, more than 0 and at most "
+                                               f"{MAX_NOOP_TIMEOUT:g}"}, status=400)
         started = time.time()
-        resp = await self._propose_json({"op": "noop"}, timeout=float(request.query.get("timeout", "2")))
+        resp = await self._propose_json({"op": "noop"}, timeout=timeout)
         if resp.status == 200:
             return web.json_response({"ok": True, "seconds": round(time.time() - started, 4),
                                       "applied_index": self.raft.raftLastApplied})
@@ -478,7 +557,9 @@ class MailNode:
             return denied
         action = request.match_info["action"]
         if action not in ("pause", "resume", "cancel"):
-            return web.json_response({"error": f"unknown action {action}"}, status=404)
+            return web.json_response({"error": f"unknown action {action[:MAX_ID_CHARS]}"}, status=404)
+        if len(request.match_info["cid"]) > MAX_ID_CHARS:
+            return web.json_response({"error": f"campaign id longer than {MAX_ID_CHARS} characters"}, status=400)
         resp = await self._propose_json({"op": action, "campaign": request.match_info["cid"], "now": time.time()})
         if resp.status == 409:
             resp.set_status(404)
@@ -656,12 +737,55 @@ async def _json_object(request: web.Request) -> dict | None:
     return body if isinstance(body, dict) else None
 
 
+def _bearer(request: web.Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def _same_token(given: str, expected: str) -> bool:
+    # Constant time: the comparison must not tell an attacker how many leading characters match.
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
+
+
+# POST bodies the admin routes read: what each key must be when present.
+_JOIN_KEYS = ("id", "raft", "smtp", "admin")
+
+
+async def _json_body_problem(request: web.Request) -> str | None:
+    """Why a POST body is not acceptable (not a JSON object, a malformed field), or None."""
+    if not request.body_exists:
+        return None
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        return "the request body must be a JSON object"
+    if not isinstance(body, dict):
+        return "the request body must be a JSON object"
+    for key in _JOIN_KEYS:
+        if key in body and (not isinstance(body[key], str) or not 0 < len(body[key]) <= MAX_ID_CHARS):
+            return f"{key} must be a string of 1-{MAX_ID_CHARS} characters"
+    for key in ("raft", "smtp", "admin"):
+        if key in body:
+            try:
+                Address.parse(body[key])
+            except ValueError as e:
+                return f"{key}: {e}"
+    if "timeout" in body:
+        t = body["timeout"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= MAX_LEAVE_TIMEOUT:
+            return f"timeout must be a number of seconds, more than 0 and at most {MAX_LEAVE_TIMEOUT:g}"
+    return None
+
+
 def _check_writable(config: Config, path: Path) -> bool:
     """Refuse a data dir the node cannot write; False (not an error) when only space is lacking:
     the node then starts refusing submissions, and takes them again once space is freed."""
     probe = path / ".write-probe"
     try:
         path.mkdir(parents=True, exist_ok=True)
+        if stat.S_IMODE(path.stat().st_mode) & 0o077:
+            # Made by an older build (0755): the journal and bodies inside are nobody else's business.
+            path.chmod(0o700)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
@@ -673,10 +797,24 @@ def _check_writable(config: Config, path: Path) -> bool:
     return True
 
 
+def _warn_if_readable(config: Config) -> None:
+    try:
+        mode = stat.S_IMODE(config.path.stat().st_mode)
+    except OSError:
+        return
+    if mode & 0o004:
+        log.warning("%s is readable by every user of this machine (mode %o) and holds the cluster secret: "
+                    "chmod o-r it (0640 or 0600)", config.path, mode)
+
+
 def run_node(config: Config, node_id: str) -> None:
+    # Before any file is made: the journal, metadata, bodies and their folders are ours alone.
+    os.umask(0o077)
+    check_admin_exposure(config, node_id)
     # Three busy threads share the GIL (event loop, Raft tick, disk workers): hand it over more
     # often than every 5 ms, or each Raft round trip waits on it several times.
     sys.setswitchinterval(0.0005)
     check_aiosmtpd()  # before anything starts: intake must not run on internals that are gone
     node = MailNode(config, node_id, secrets.token_hex(8))
+    _warn_if_readable(config)  # after every refusal, which must stay the only line printed
     asyncio.run(node.run())

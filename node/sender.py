@@ -206,7 +206,7 @@ class BatchRun:
             unsubscribe = None
             if d.unsubscribe_url:
                 unsubscribe = d.unsubscribe_url.replace(
-                    "{token}", unsubscribe_token(node.config.cluster.secret, campaign, rcpt))
+                    "{token}", unsubscribe_token(node.config.cluster.token_key, campaign, rcpt))
             try:
                 msg = render_for_recipient(body, mail_from=sender, recipient=rcpt,
                                            message_id=recipient_message_id(sid, idx, sender.rpartition("@")[2]),

@@ -231,8 +231,17 @@ class Cluster:
 
     # -- admin API
 
+    def token(self) -> str | None:
+        """The token an operator's CLI would send to read: from the cluster file, if it has one."""
+        import tomllib
+        cluster = tomllib.loads(self.config_path.read_text()).get("cluster", {})
+        return cluster.get("read_token") or cluster.get("admin_token")
+
     def get(self, nid: str, path: str, timeout: float = 2.0) -> Any:
-        with ADMIN_OPENER.open(f"http://{self.hosts[nid]}:{self.admin[nid]}{path}", timeout=timeout) as r:
+        token = self.token()
+        req = urllib.request.Request(f"http://{self.hosts[nid]}:{self.admin[nid]}{path}",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        with ADMIN_OPENER.open(req, timeout=timeout) as r:
             return json.loads(r.read())
 
     def status(self, nid: str) -> dict | None:

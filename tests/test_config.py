@@ -24,12 +24,14 @@ pytestmark = pytest.mark.timeout(30)
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "cluster.example.toml"
-SECRET = "test-secret-0123456789abcdef"
+SECRET = "test-secret-0123456789abcdef-0123456789"
+TOKEN_KEY = "test-token-key-0123456789abcdef-0123456789"
 
 CLUSTER = f"""
 [cluster]
 name = "test"
 secret = "{SECRET}"
+token_key = "{TOKEN_KEY}"
 data_dir = "state"
 """
 
@@ -217,9 +219,9 @@ def test_relay_with_login(tmp_path: Path) -> None:
 
 
 def test_secret_counts_utf8_bytes(tmp_path: Path) -> None:
-    # Six euro signs are six characters but eighteen bytes: enough.
-    config = load_config(write(tmp_path, BASE.replace(SECRET, "€" * 6)))
-    assert config.cluster.secret == "€" * 6
+    # Eleven euro signs are eleven characters but 33 bytes: enough.
+    config = load_config(write(tmp_path, BASE.replace(SECRET, "€" * 11)))
+    assert config.cluster.secret == "€" * 11
 
 
 def test_ipv6_node_addresses_are_canonicalised(tmp_path: Path) -> None:
@@ -463,7 +465,7 @@ def test_missing_secret_explains_why(tmp_path: Path) -> None:
 
 
 def test_short_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
-    message = refused(write(tmp_path, BASE.replace(SECRET, "hunter2-short")), "[cluster] secret", "13 bytes", "16", "pysyncobj unpickles")
+    message = refused(write(tmp_path, BASE.replace(SECRET, "hunter2-short")), "[cluster] secret", "13 bytes", "32", "raftmail secret", "pysyncobj unpickles")
     assert "hunter2" not in message
 
 
@@ -931,3 +933,58 @@ def test_strangers_share_is_half_of_max_connections_unless_set(tmp_path: Path) -
     refused(write(tmp_path, BASE + "\n[intake]\nmax_connections = 30\nmax_stranger_connections = 31\n"),
             "[intake] max_stranger_connections", "at most max_connections (30)")
     refused(write(tmp_path, BASE + "\n[intake]\nmax_stranger_connections = 0\n"), "[intake] max_stranger_connections")
+
+
+# ---------------------------------------------------------------- admin tokens, token_key, the example secret
+
+
+def test_a_31_byte_secret_is_refused(tmp_path: Path) -> None:
+    refused(write(tmp_path, BASE.replace(SECRET, "s" * 31)), "[cluster] secret", "31 bytes", "at least 32")
+    assert load_config(write(tmp_path, BASE.replace(SECRET, "s" * 32))).cluster.secret == "s" * 32
+
+
+def test_the_example_secret_is_refused_off_loopback(tmp_path: Path) -> None:
+    from raftmail.node.config import EXAMPLE_SECRET
+    example = BASE.replace(SECRET, EXAMPLE_SECRET)
+    assert load_config(write(tmp_path, example)).cluster.secret == EXAMPLE_SECRET  # loopback: fine
+    message = refused(write(tmp_path, example.replace('smtp = "127.0.0.1:2501"', 'smtp = "192.0.2.10:2501"')),
+                      "[cluster] secret", "example", "loopback", "raftmail secret")
+    assert EXAMPLE_SECRET not in message
+
+
+def test_the_example_file_secret_is_the_one_refused_off_loopback() -> None:
+    from raftmail.node.config import EXAMPLE_SECRET
+    assert f'secret = "{EXAMPLE_SECRET}"' in EXAMPLE.read_text()
+
+
+def test_unsubscribe_url_needs_its_own_token_key(tmp_path: Path) -> None:
+    text = BASE.replace(f'token_key = "{TOKEN_KEY}"\n', "") + '[delivery]\nunsubscribe_url = "https://u.example/{token}"\n'
+    refused(write(tmp_path, text), "[cluster] token_key", "required", "unsubscribe_url")
+    short = BASE.replace(TOKEN_KEY, "k" * 20)
+    message = refused(write(tmp_path, short), "[cluster] token_key", "20 bytes", "32")
+    assert "k" * 20 not in message
+    refused(write(tmp_path, BASE.replace(TOKEN_KEY, SECRET)), "[cluster] token_key", "must differ")
+
+
+def test_read_token_needs_an_admin_token_and_differs_from_it(tmp_path: Path) -> None:
+    read = 'read_token = "read-token-0123456789"\n'
+    refused(write(tmp_path, BASE.replace('data_dir = "state"\n', 'data_dir = "state"\n' + read)),
+            "[cluster] read_token", "admin_token is not")
+    both = 'admin_token = "read-token-0123456789"\n' + read
+    refused(write(tmp_path, BASE.replace('data_dir = "state"\n', 'data_dir = "state"\n' + both)),
+            "[cluster] read_token", "must differ")
+    spaced = 'admin_token = "admin token with spaces 0123"\n'
+    refused(write(tmp_path, BASE.replace('data_dir = "state"\n', 'data_dir = "state"\n' + spaced)),
+            "[cluster] admin_token", "without spaces")
+
+
+def test_a_non_loopback_admin_address_needs_an_admin_token(tmp_path: Path) -> None:
+    from raftmail.node.config import check_admin_exposure
+    text = BASE.replace('admin = "127.0.0.1:8101"', 'admin = "192.0.2.10:8101"')
+    config = load_config(write(tmp_path, text))  # the file is fine for the CLI ...
+    with pytest.raises(ConfigError) as caught:
+        check_admin_exposure(config, "n1")  # ... but node n1 may not start without a token
+    assert "[cluster] admin_token" in str(caught.value) and "192.0.2.10:8101" in str(caught.value)
+    check_admin_exposure(config, "n2")  # n2's admin address is loopback
+    tokened = text.replace('data_dir = "state"\n', 'data_dir = "state"\nadmin_token = "admin-token-0123456789"\n')
+    check_admin_exposure(load_config(write(tmp_path, tokened)), "n1")

@@ -16,11 +16,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cluster import (SECRET, Cluster, deliveries_per_recipient, make_message, peak_connections,
-                     queued_as, run_cli, wait_for)
+                     queued_as, run_cli, set_config, wait_for)
 from raftmail.node.message import recipient_message_id, verify_unsubscribe_token
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
+TOKEN_KEY = "unsubscribe-token-key-0123456789abcdef"
 REPORT_EVERY = 50  # [delivery] report_every default: outcomes buffered before a report is forced
 DONE_TIMEOUT = 60.0  # seconds a test waits for a campaign to finish
 _OUTCOME = re.compile(r"outcome campaign=(\S+) submission=(\S+) recipient=(\S+) node=(\S+) batch=(\S+) "
@@ -339,9 +340,11 @@ def _stored_message(c: Cluster, event: dict) -> bytes:
 def test_messages_are_dkim_signed_with_per_recipient_headers(make_cluster, tmp_path: Path) -> None:
     key_file = tmp_path / "dkim.pem"
     txt = _dkim_key(key_file)
-    c = make_cluster(extra_toml=(
+    c = make_cluster(start=False, extra_toml=(
         'unsubscribe_url = "https://unsub.example.com/u/{token}"\n\n'
         f'[delivery.dkim]\ndomain = "example.com"\nselector = "s1"\nkey_file = "{key_file}"\n'))
+    set_config(c, "cluster", token_key=TOKEN_KEY)  # unsubscribe links need their own key
+    c.start_all_and_wait()
     rcpts = ["alice@example.org", "bob@example.net"]
     sid = submit_ok(c, c.followers()[0], rcpts, make_message(campaign="signed", message_id="<orig@example.com>"))
     wait_campaign_done(c, "signed")
@@ -363,7 +366,8 @@ def test_messages_are_dkim_signed_with_per_recipient_headers(make_cluster, tmp_p
         assert msg["Return-Path"] == "<news@example.com>"
         link = re.fullmatch(r"<(https://unsub\.example\.com/u/([A-Za-z0-9_-]+))>", msg["List-Unsubscribe"])
         assert link, msg["List-Unsubscribe"]
-        assert verify_unsubscribe_token(SECRET, "signed", rcpt, link.group(2))
+        assert verify_unsubscribe_token(TOKEN_KEY, "signed", rcpt, link.group(2))
+        assert not verify_unsubscribe_token(SECRET, "signed", rcpt, link.group(2))  # not the cluster secret
         assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
         assert len(msg.get_all("Message-ID")) == 1
         signed = re.search(r"\bh=([^;]+)", " ".join(msg["DKIM-Signature"].split())).group(1).lower()

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable
@@ -18,7 +19,6 @@ from raftmail.consensus.seal import MAX_PEER_KEYS
 from raftmail.node.bodies import BodyStore
 from raftmail.node.peers import (
     AUTH_HEADER,
-    BATCH_ROUTE,
     PeerAuthError,
     PeerClient,
     PeerCrypto,
@@ -70,7 +70,7 @@ class PeerNode:
     ) -> None:
         self.store = store if store is not None else CountingStore(root)
         self.auth_failures: list[str] = []
-        self.batch_puts = 0  # PUT requests that reached this node
+        self.batch_puts = 0  # PUT requests that reached this node (the route is gone: 405)
         self.stream_opens = 0  # stream upgrade requests that reached this node
         self.app = web.Application(middlewares=[self._count])
         add_peer_routes(
@@ -94,7 +94,7 @@ class PeerNode:
 
     @property
     def batches(self) -> int:
-        """Batches that reached the store, over the stream or a PUT."""
+        """Batches that reached the store over the stream."""
         return self.store.batches
 
     async def stop(self) -> None:
@@ -107,6 +107,22 @@ class PeerNode:
         elif request.path == STREAM_ROUTE:
             self.stream_opens += 1
         return await handler(request)
+
+
+async def stream_answers(http: aiohttp.ClientSession, node: PeerNode, crypto: PeerCrypto,
+                         tokens: list[bytes]) -> list[int]:
+    """Send sealed batches over one stream; the answer byte of each (1 stored, 0 refused)."""
+    from raftmail.node.peers import STREAM_CLAIM
+    frame = struct.Struct(">Q")
+    url = f"http://{node.address}{STREAM_ROUTE}"
+    async with http.ws_connect(url, headers={AUTH_HEADER: crypto.seal_text(STREAM_CLAIM)}) as ws:
+        for i, token in enumerate(tokens):
+            await ws.send_bytes(frame.pack(i) + token)
+        answers = {}
+        for _ in tokens:
+            data = await ws.receive_bytes(timeout=5.0)
+            answers[frame.unpack(data[:8])[0]] = data[8]
+    return [answers[i] for i in range(len(tokens))]
 
 
 def dead_address() -> str:
@@ -660,11 +676,10 @@ def test_server_with_other_secret_refuses(tmp_path: Path) -> None:
             assert foreign.auth_failures == ["127.0.0.1", "127.0.0.1"]
 
             url = f"http://{foreign.address}/peer/bodies/{digest}"
-            batch_url = f"http://{foreign.address}{BATCH_ROUTE}"
             async with aiohttp.ClientSession() as http:
-                batch = sealed_batch(ours, [(digest_of(other), other)])
-                async with http.put(batch_url, data=batch) as resp:
-                    assert resp.status == 403
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    await stream_answers(http, foreign, ours, [sealed_batch(ours, [(digest_of(other), other)])])
+                assert refused.value.status == 403
                 assert not foreign.store.has(digest_of(other))
                 async with http.get(url) as resp:
                     assert resp.status == 403
@@ -708,14 +723,12 @@ def test_too_large_body_gets_413(tmp_path: Path) -> None:
         node = await PeerNode(tmp_path / "small", crypto, max_body_bytes=1024).start()
         big = os.urandom(4096)
         fine = b"Subject: small\r\n\r\nfits\r\n"
-        url = f"http://{node.address}{BATCH_ROUTE}"
         client = PeerClient(crypto)
         try:
             async with aiohttp.ClientSession() as http:
                 # One body over the limit refuses the whole batch, its batch-mate included.
                 batch = sealed_batch(crypto, [(digest_of(fine), fine), (digest_of(big), big)])
-                async with http.put(url, data=batch) as resp:
-                    assert resp.status == 413
+                assert await stream_answers(http, node, crypto, [batch]) == [0]
             assert await client.push(digest_of(big), big, [node.address], 1, 5.0) == 0
             assert node.store.stats() == (0, 0)
             # At the limit exactly, the body is accepted.
@@ -728,32 +741,22 @@ def test_too_large_body_gets_413(tmp_path: Path) -> None:
     run(main)
 
 
-def test_too_large_chunked_body_gets_413(tmp_path: Path) -> None:
+def test_the_old_put_route_is_gone_and_answers_before_any_body_is_read(tmp_path: Path) -> None:
+    """PUT /peer/bodies read up to a whole sealed batch (about 10 MiB) before it checked
+    anything. It is gone: the answer comes from the headers alone, with the body never sent."""
     async def main() -> None:
         crypto = PeerCrypto(SECRET, CLUSTER)
-        # Small batch limits make the wire limit small, so the stream crosses it.
-        node = await PeerNode(
-            tmp_path / "small", crypto, max_body_bytes=1024, max_batch_bytes=2048,
-            max_batch_items=4,
-        ).start()
-        big = os.urandom(8192)
-        url = f"http://{node.address}{BATCH_ROUTE}"
-        token = sealed_batch(crypto, [(digest_of(big), big)])
-        assert len(token) > batch_sealed_limit(1024, 2048, 4)
-
-        async def chunks():  # no Content-Length: the server has to count while reading
-            for i in range(0, len(token), 512):
-                yield token[i : i + 512]
-
+        node = await PeerNode(tmp_path / "n", crypto).start()
+        host, port = node.address.split(":")
         try:
-            async with aiohttp.ClientSession() as http:
-                async with http.put(url, data=chunks()) as resp:
-                    assert resp.status == 413
-                # With a Content-Length the refusal comes before reading the payload.
-                async with http.put(url, data=token) as resp:
-                    assert resp.status == 413
-            assert node.store.stats() == (0, 0)
-            assert node.auth_failures == []
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"PUT /peer/bodies HTTP/1.1\r\nHost: x\r\nContent-Length: 10485760\r\n"
+                         b"Content-Type: application/octet-stream\r\n\r\n")
+            await writer.drain()
+            status = await asyncio.wait_for(reader.readline(), 5.0)  # no body bytes were sent
+            assert status.split()[1] in (b"404", b"405"), status
+            writer.close()
+            assert node.store.stats() == (0, 0) and node.store.batches == 0
         finally:
             await node.stop()
 
@@ -768,21 +771,14 @@ def test_body_not_matching_digest_gets_400(tmp_path: Path) -> None:
         client = PeerClient(crypto)
         try:
             async with aiohttp.ClientSession() as http:
-                url = f"http://{node.address}{BATCH_ROUTE}"
                 substituted = [(claimed, b"substituted body")]
-                async with http.put(url, data=sealed_batch(crypto, substituted)) as resp:
-                    assert resp.status == 400
                 # One bad pair refuses the batch: the honest body in it is not stored either.
                 honest = b"Subject: honest\r\n\r\nhi\r\n"
                 mixed = [(digest_of(honest), honest), (claimed, b"substituted body")]
-                async with http.put(url, data=sealed_batch(crypto, mixed)) as resp:
-                    assert resp.status == 400
                 malformed = [(digest_of(honest), honest), ("Z" * 64, NEWSLETTER)]
-                async with http.put(url, data=sealed_batch(crypto, malformed)) as resp:
-                    assert resp.status == 400
-                for junk in (b"\xc1not msgpack", b"\x91\x01", b"\x81\xa1a\x01"):
-                    async with http.put(url, data=crypto.seal(junk)) as resp:
-                        assert resp.status == 400
+                tokens = [sealed_batch(crypto, b) for b in (substituted, mixed, malformed)]
+                tokens += [crypto.seal(junk) for junk in (b"\xc1not msgpack", b"\x91\x01", b"\x81\xa1a\x01")]
+                assert await stream_answers(http, node, crypto, tokens) == [0] * len(tokens)
             assert await client.push(claimed, b"substituted body", [node.address], 1, 5.0) == 0
             assert node.store.stats() == (0, 0)
             assert node.auth_failures == []
@@ -791,3 +787,107 @@ def test_body_not_matching_digest_gets_400(tmp_path: Path) -> None:
             await node.stop()
 
     run(main)
+
+
+def test_background_pushes_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """Each background request holds its batch's sealed copy (up to a 10 MiB body): past
+    max_background_bytes the requests of a further batch are cancelled, not kept."""
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        stalled = [await StalledPeer().start() for _ in range(2)]
+        addrs = [s.address for s in stalled]
+        body = os.urandom(300_000)
+        client = PeerClient(crypto, timeout=20.0, max_background_bytes=500_000)
+        try:
+            assert await client.push(digest_of(body), body, addrs, 1, 0.2) == 0
+            assert client.background_pushes == 2  # both peers' requests share one sealed copy
+            assert 300_000 < client.background_bytes < 301_000
+            other = os.urandom(300_000)
+            assert await client.push(digest_of(other), other, addrs, 1, 0.2) == 0
+            assert client.background_pushes == 2 and client.background_bytes < 301_000
+        finally:
+            await client.close()
+            for s in stalled:
+                await s.stop()
+        assert client.background_bytes == 0
+
+    run(main)
+
+
+def test_a_replayed_batch_or_header_is_refused(tmp_path: Path) -> None:
+    """A captured sealed batch (or stream header) sent again within its freshness window is
+    refused: each is accepted once."""
+    async def main() -> None:
+        from raftmail.node.peers import STREAM_CLAIM
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        node = await PeerNode(tmp_path / "n", crypto).start()
+        body = b"Subject: once\r\n\r\nonly once\r\n"
+        batch = sealed_batch(crypto, [(digest_of(body), body)])
+        try:
+            async with aiohttp.ClientSession() as http:
+                assert await stream_answers(http, node, crypto, [batch]) == [1]
+                node.store.delete(digest_of(body))
+                assert await stream_answers(http, node, crypto, [batch]) == [0]  # replayed
+                assert not node.store.has(digest_of(body))
+                header = {AUTH_HEADER: crypto.seal_text(STREAM_CLAIM)}
+                url = f"http://{node.address}{STREAM_ROUTE}"
+                async with http.ws_connect(url, headers=header):
+                    pass
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    async with http.ws_connect(url, headers=header):
+                        pass
+                assert refused.value.status == 403
+        finally:
+            await node.stop()
+
+    run(main)
+
+
+def test_peer_requests_served_at_once_are_capped(tmp_path: Path) -> None:
+    async def main() -> None:
+        from raftmail.node.peers import STREAM_CLAIM
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        node = await PeerNode(tmp_path / "n", crypto, max_requests=2).start()
+        url = f"http://{node.address}{STREAM_ROUTE}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                first = await http.ws_connect(url, headers={AUTH_HEADER: crypto.seal_text(STREAM_CLAIM)})
+                second = await http.ws_connect(url, headers={AUTH_HEADER: crypto.seal_text(STREAM_CLAIM)})
+                with pytest.raises(aiohttp.WSServerHandshakeError) as busy:
+                    await http.ws_connect(url, headers={AUTH_HEADER: crypto.seal_text(STREAM_CLAIM)})
+                assert busy.value.status == 503
+                await first.close()
+                third = None
+                deadline = time.monotonic() + 5.0
+                while third is None:  # the server frees the slot once it has seen the close
+                    try:
+                        third = await http.ws_connect(url, headers={AUTH_HEADER: crypto.seal_text(STREAM_CLAIM)})
+                    except aiohttp.WSServerHandshakeError:
+                        assert time.monotonic() < deadline, "slot never freed"
+                        await asyncio.sleep(0.05)
+                for ws in (second, third):
+                    await ws.close()
+        finally:
+            await node.stop()
+
+    run(main)
+
+
+def test_refused_peer_requests_are_logged_once_per_interval_per_source(tmp_path: Path, caplog) -> None:
+    async def main() -> None:
+        crypto = PeerCrypto(SECRET, CLUSTER)
+        node = await PeerNode(tmp_path / "n", crypto).start()
+        url = f"http://{node.address}/peer/bodies/{digest_of(NEWSLETTER)}"
+        try:
+            async with aiohttp.ClientSession() as http:
+                for _ in range(50):
+                    async with http.get(url) as resp:
+                        assert resp.status == 403
+        finally:
+            await node.stop()
+        assert len(node.auth_failures) == 50  # every one counted ...
+
+    with caplog.at_level("WARNING", logger="raftmail.node.peers"):
+        run(main)
+    warnings = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # ... one logged

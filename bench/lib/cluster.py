@@ -25,7 +25,7 @@ NODE_STOP_GRACE = 15.0
 # After a run the cluster is thrown away; a node that needs longer than this to stop on SIGTERM
 # is killed (and reported on stderr) instead of costing every run its slow shutdown.
 CLUSTER_STOP_GRACE = 3.0
-BENCH_SECRET = "bench-secret-0123456789abcdef"
+BENCH_SECRET = "bench-secret-0123456789abcdef-0123456789"
 # {python}, {config} and {node} are filled in; `--node-command` on run.py can replace it.
 DEFAULT_NODE_COMMAND = "{python} -m raftmail.cli start --config {config} --node {node}"
 FINAL_STATES = ("delivered", "bounced", "suppressed", "cancelled", "expired")
