@@ -185,6 +185,8 @@ class MailNode:
             "raft_oversized_frames": rs["oversized_frames"],
             "raft_refused_connections": rs["refused_connections"],
             "disk_full": self.storage_problems(),
+            # This process announced its incarnation through the log: until then it takes no batch.
+            "takes_batches": self.sender.announced(),
             **self.raft.read(read),
         }
 
@@ -637,14 +639,15 @@ class MailNode:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
+        # Before the admin port opens: /status reads them.
+        self.scheduler = Scheduler(self)
+        self.sender = Sender(self)
         runner = web.AppRunner(self.admin_app(), access_log=None, shutdown_timeout=ADMIN_SHUTDOWN_SECONDS)
         await runner.setup()
         site = web.TCPSite(runner, self.me.admin.host, self.me.admin.port, reuse_address=True)
         await site.start()
         smtp = await start_smtp_server(self.intake, self.me.smtp.host, self.me.smtp.port,
                                        hostname=self.config.delivery.helo_name)
-        self.scheduler = Scheduler(self)
-        self.sender = Sender(self)
         tasks = [asyncio.create_task(c) for c in (self.repair_bodies(), self.collect_bodies(), self.probe_peers(),
                                                   self.scheduler.run(), self.sender.run())]
         log.info("node %s up: smtp %s, admin %s, raft %s", self.id, self.me.smtp, self.me.admin, self.me.raft)

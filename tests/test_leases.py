@@ -196,7 +196,10 @@ def test_waiting_recipients_expire_after_max_age(clusters) -> None:
 # ---------------------------------------------------------------- 3. clocks that disagree
 
 def holder_not_leader(c: Cluster, node: str) -> str:
-    """Make sure `node` is a follower (move leadership off it); return the leader."""
+    """Make sure `node` is a follower (move leadership off it) and every node takes batches;
+    return the leader."""
+    for nid in c.ids:
+        wait_for(lambda nid=nid: (c.status(nid) or {}).get("takes_batches"), 20, f"{nid} to take batches")
     for _ in range(10):
         ld = c.wait_leader()
         if ld != node:
