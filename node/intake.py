@@ -37,6 +37,9 @@ R_NO_SENDER = "553 5.1.7 A submission needs a sender address (null sender refuse
 R_BAD_SENDER_DOMAIN = ("553 5.1.7 The sender domain must be a DNS name like example.com "
                        "(ASCII letters, digits, hyphens; the xn-- form for international names)")
 R_NO_QUORUM = "451 4.3.0 Not committed on a majority of the cluster; nothing was queued, try again"
+# The entry may still commit after our wait ends: say so, and how a retry stays safe.
+R_NOT_CONFIRMED = ("451 4.3.0 Not confirmed committed in time; it may still be queued: retry with the same "
+                   "Message-ID (retries are de-duplicated)")
 R_QUEUE_FULL = "452 4.3.1 Queue is full; try again later"
 R_NO_STORAGE = "452 4.3.1 Insufficient system storage on this node; try another node or later"
 R_TOO_MANY_CONN = "421 4.7.0 Too many connections, try again later"
@@ -265,8 +268,8 @@ class Intake:
             result = await self.commit_submission(entry, max(0.05, deadline - time.monotonic()))
         except ProposalFailed as e:
             self.counters["refused_451"] += 1
-            log.warning("submission %s not committed (%s): 451", sid, e.reason)
-            return R_NO_QUORUM
+            log.warning("submission %s not confirmed committed (%s): 451", sid, e.reason)
+            return R_NOT_CONFIRMED
         return self._reply(sender, len(recipients), len(message), result)
 
     def _cancelled(self, sender: str, campaign: str) -> str:
