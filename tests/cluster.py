@@ -231,11 +231,18 @@ class Cluster:
 
     # -- admin API
 
+    def _cluster_section(self) -> dict:
+        import tomllib
+        return tomllib.loads(self.config_path.read_text()).get("cluster", {})
+
     def token(self) -> str | None:
         """The token an operator's CLI would send to read: from the cluster file, if it has one."""
-        import tomllib
-        cluster = tomllib.loads(self.config_path.read_text()).get("cluster", {})
+        cluster = self._cluster_section()
         return cluster.get("read_token") or cluster.get("admin_token")
+
+    def admin_token(self) -> str | None:
+        """The token that may change things, if the cluster file has one."""
+        return self._cluster_section().get("admin_token")
 
     def get(self, nid: str, path: str, timeout: float = 2.0) -> Any:
         token = self.token()

@@ -48,6 +48,8 @@ def partition_cluster(tmp_path: Path):
                                       launch={nid: net.launch(nid) for nid in net.ids}, **kw)
         # The clients submit from the root namespace's address on the bridge.
         set_config(c, "intake", allow_networks=[str(net.subnet)])
+        # Admin addresses off loopback need a token (a node refuses to start without one).
+        set_config(c, "cluster", admin_token="partition-suite-admin-token-0123456789")
         made[-1] = (c, net)
         c.start_all_and_wait()
         return c, net

@@ -254,8 +254,12 @@ def stats(c: Cluster, among: list[str] | None = None) -> dict[str, int]:
 
 
 def admin_post(c: Cluster, nid: str, path: str, timeout: float = 10.0) -> dict:
+    headers = {"Content-Type": "application/json"}
+    token = c.admin_token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(f"http://{c.hosts[nid]}:{c.admin[nid]}{path}", data=b"{}", method="POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     with ADMIN_OPENER.open(req, timeout=timeout) as r:
         return json.loads(r.read())
 
