@@ -7,6 +7,7 @@ other scenarios (driver.verify). Needs the `faketime` package (libfaketime).
 Seeds as in test_faults.py (RAFTMAIL_FAULT_SEED, RAFTMAIL_FAULT_SEEDS)."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -40,6 +41,10 @@ def transfer_to(c, target: str, timeout: float = 30.0) -> None:
 
 
 @pytest.mark.skipif(libfaketime() is None, reason="libfaketime (package faketime) is not installed")
+@pytest.mark.skipif(not os.environ.get("RAFTMAIL_FAULT_SKEW"),
+                    reason="set RAFTMAIL_FAULT_SKEW=1: Debian's libfaketime makes time.sleep fail (EINVAL) in a "
+                           "node whose monotonic clock it leaves true, so this scenario is flaky for the tool's "
+                           "sake; tests/test_leases.py covers skewed clocks in make test")
 @pytest.mark.parametrize("seed", seeds())
 def test_clock_skew_leader_ahead_holder_behind(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
