@@ -1,4 +1,4 @@
-"""Issue 2: SIGKILL every node during a stream of submissions, with log compaction running, and
+"""SIGKILL every node during a stream of submissions, with log compaction running, and
 restart them: no submission that was answered 250 is ever lost, and all replicas agree."""
 from __future__ import annotations
 

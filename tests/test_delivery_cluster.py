@@ -1,4 +1,4 @@
-"""Issue 3 on a real 3-node cluster delivering into a real capture sink: exactly-once campaign
+"""Delivery on a real 3-node cluster delivering into a real capture sink: exactly-once campaign
 delivery, deferral and retry, bounces and suppression, per-domain throttles, a sender killed
 mid-batch, pause/resume/cancel from the CLI, and DKIM-signed per-recipient headers."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 2 on a real 3-node cluster: replicated intake, failover, no quorum, catch-up."""
+"""A real 3-node cluster: replicated intake, failover, no quorum, catch-up."""
 from __future__ import annotations
 
 import hashlib

@@ -1,4 +1,4 @@
-"""Issue 4: fault injection on real 3- and 5-node clusters. Each scenario submits a seeded
+"""Fault injection on real 3- and 5-node clusters. Each scenario submits a seeded
 campaign to nodes drawn at random while one kind of fault happens, then checks the invariants
 against the capture sink (see driver.verify) and prints one summary line.
 
