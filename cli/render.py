@@ -12,6 +12,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from raftmail.consensus.domains import domain_of
+
 
 def print_status(view: dict) -> None:
     console = Console()
@@ -82,7 +84,7 @@ class WatchModel:
         self.view, self.ready, self.campaigns, self.now = view, ready, campaigns, now
         for e in events:
             if e["t"] > now - self.window:
-                self.recent.append((e["t"], e["recipient"].rpartition("@")[2].lower(), e["outcome"], e["campaign"]))
+                self.recent.append((e["t"], domain_of(e["recipient"]), e["outcome"], e["campaign"]))
         while self.recent and self.recent[0][0] <= now - self.window:
             self.recent.popleft()
 

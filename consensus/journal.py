@@ -107,6 +107,35 @@ def write_atomically(path: Path | str, data: bytes, *, fsync: bool = True) -> No
         fsync_dir(os.path.dirname(path) or ".")
 
 
+def _parse_records(raw: memoryview | bytes, end: int, path: str) -> tuple[list[tuple[bytes, int, int]], int]:
+    """The (command, index, term) records of a journal's bytes up to `end`, and where they end."""
+    offset = FIRST_RECORD_OFFSET
+    entries = []
+    while offset < end:
+        n = struct.unpack_from("<I", raw, offset)[0]
+        if offset + n + 8 > end or struct.unpack_from("<I", raw, offset + 4 + n)[0] != n:
+            raise RuntimeError(f"{path}: damaged record at byte {offset}")
+        idx, term = struct.unpack_from("<QQ", raw, offset + 4)
+        entries.append((bytes(raw[offset + 20:offset + 4 + n]), idx, term))
+        offset += n + 8
+    return entries, offset
+
+
+def read_journal(path: Path | str) -> tuple[list[tuple[bytes, int, int]], dict]:
+    """A stopped node's journal, read without changing it: its (command, index, term) entries
+    and its term/vote/commit-index record (empty when there is none)."""
+    raw = Path(path).read_bytes()
+    if len(raw) < FIRST_RECORD_OFFSET or not raw.startswith(APP_NAME):
+        raise RuntimeError(f"{path} is not a Raft journal")
+    end = struct.unpack("<I", raw[LAST_RECORD_OFFSET_OFFSET:LAST_RECORD_OFFSET_OFFSET + 4])[0]
+    if end > len(raw):
+        raise RuntimeError(f"{path}: header says {end} bytes of records, file has {len(raw)}")
+    entries, _ = _parse_records(raw, end, str(path))
+    meta_path = str(path) + META_SUFFIX
+    meta = MetaFile(meta_path, fsync=False).meta if os.path.exists(meta_path) else {}
+    return entries, meta
+
+
 class MetaFile:
     """The term/vote/commit-index file (pysyncobj's format), replaced atomically. Term and vote
     are always fsynced before they are acted on; the commit index (stored once a second) only
@@ -205,20 +234,10 @@ class ReservedJournal:
             os.posix_fallocate(self._fd, 0, keep)  # the records are written: nothing to allocate
         self._map()
         raw = memoryview(self._mm)[:end] if self._mm is not None else memoryview(b"")
-        offset = FIRST_RECORD_OFFSET
-        entries = []
         try:
-            while offset < end:
-                n = struct.unpack_from("<I", raw, offset)[0]
-                if offset + n + 8 > end or struct.unpack_from("<I", raw, offset + 4 + n)[0] != n:
-                    raise RuntimeError(f"{self.path}: damaged record at byte {offset}")
-                idx, term = struct.unpack_from("<QQ", raw, offset + 4)
-                entries.append((bytes(raw[offset + 20:offset + 4 + n]), idx, term))
-                offset += n + 8
+            self._entries, self._offset = _parse_records(raw, end, self.path)
         finally:
             raw.release()
-        self._entries = entries
-        self._offset = offset
         self._reserve(self._offset + self.reserve_bytes)
 
     def _map(self) -> None:
@@ -265,15 +284,8 @@ class ReservedJournal:
     def retry_space(self) -> bool:
         """Try again to reserve a chunk ahead (and store the meta file if it is behind); True,
         with space "ok", when both worked."""
-        if not self._reserve(self._offset + self.reserve_bytes):
+        if not self._reserve(self._offset + self.reserve_bytes) or self._store_meta() is not None:
             return False
-        if not self._meta.stored:
-            try:
-                self._meta.store(durable=False)
-            except OSError as e:
-                if not is_no_space(e):
-                    raise
-                return False
         self._set_space("ok")
         return True
 
@@ -418,10 +430,17 @@ class ReservedJournal:
         return self._meta.meta.get("votedForNodeId", None)
 
     def onOneSecondTimer(self) -> None:
+        failed = self._store_meta()
+        if failed is not None:
+            self._set_space("low", f"cannot store the Raft commit index: {failed.strerror}")
+
+    def _store_meta(self) -> OSError | None:
+        """Store the meta file if it is behind; the error if the disk is full, else None."""
         if not self._meta.stored:
             try:
                 self._meta.store(durable=False)
             except OSError as e:
                 if not is_no_space(e):
                     raise
-                self._set_space("low", f"cannot store the Raft commit index: {e.strerror}")
+                return e
+        return None

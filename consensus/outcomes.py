@@ -1,15 +1,15 @@
 """Recipient states and the pure mapping from SMTP replies to them.
 
 Everything here is deterministic: no I/O, no clock, no randomness. The replicated state machine
-applies these functions on every node, so they must give the same answer everywhere; randomness
-(retry jitter) is drawn by the proposer and passed in as a number.
+applies these functions on every node, so they must give the same answer everywhere. When a
+deferred recipient is retried comes from consensus/backoff.py.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Recipient states, stored as small ints in the replicated state.
 PENDING, IN_FLIGHT, DELIVERED, DEFERRED, BOUNCED, SUPPRESSED, CANCELLED, EXPIRED = range(8)
@@ -26,6 +26,8 @@ STATE_NAMES: tuple[str, ...] = (
 )
 
 FINAL_STATES: frozenset[int] = frozenset({DELIVERED, BOUNCED, SUPPRESSED, CANCELLED, EXPIRED})
+# Waiting for an attempt: where a leased recipient goes back when its batch ends unreported.
+WAITING_STATES: tuple[int, ...] = (PENDING, DEFERRED)
 
 # Enhanced codes (RFC 3463) that say the *recipient address* is bad for good, so the address is
 # suppressed: bad mailbox, bad domain, bad address syntax, mailbox moved without forwarding,
@@ -46,6 +48,12 @@ class Verdict:
 
     state: int
     suppress: bool
+    enhanced: str | None = field(default=None, compare=False)  # the enhanced code it was judged by
+
+    @property
+    def deferred(self) -> bool:
+        """A transient outcome: the recipient is retried, so its report must carry a retry time."""
+        return self.state == DEFERRED
 
 
 def parse_enhanced(text: str) -> str | None:
@@ -71,42 +79,21 @@ def classify(code: int, enhanced: str | None) -> Verdict:
     return Verdict(DEFERRED, False)
 
 
+def judge_reply(code: int, enhanced: str | None, text: str) -> Verdict:
+    """The one rule for what a recipient's SMTP outcome means: the sender applies it to decide
+    whether a report row needs a retry time and what it reports, and the state machine applies it
+    again, with the same row, when it checks and applies the report. The enhanced code is the one
+    given, else the one that opens the reply text."""
+    return _judged(code, enhanced or parse_enhanced(text))
+
+
+@functools.lru_cache(maxsize=4096)  # a report holds few distinct replies; the state applies each row
+def _judged(code: int, enhanced: str | None) -> Verdict:
+    verdict = classify(code, enhanced)
+    return Verdict(verdict.state, verdict.suppress, enhanced)
+
+
 def _suppresses(enhanced: str | None) -> bool:
     # An enhanced code whose class is not 5 contradicts a 5xx reply; trust neither for suppression.
     return enhanced is not None and enhanced in SUPPRESSING_ENHANCED
 
-
-def next_retry_delay(
-    attempt: int,
-    *,
-    first: float,
-    factor: float,
-    max_interval: float,
-    jitter_fraction: float,
-    jitter: float,
-) -> float:
-    """Seconds to wait before retry number `attempt` (1-based) of a deferred recipient.
-
-    Exponential backoff: `first` for attempt 1, multiplied by `factor` per further attempt, capped
-    at `max_interval`; then spread by +/- `jitter_fraction` using the caller-supplied `jitter`
-    in [0, 1), so a deferred queue does not flood back all at once after an outage.
-    """
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, got {attempt}")
-    if first < 0 or max_interval < 0 or factor <= 0:
-        raise ValueError("first and max_interval must be >= 0 and factor > 0")
-    if not 0.0 <= jitter_fraction <= 1.0:
-        raise ValueError(f"jitter_fraction must be in [0, 1], got {jitter_fraction}")
-    if not 0.0 <= jitter < 1.0:
-        raise ValueError(f"jitter must be in [0, 1), got {jitter}")
-    delay = min(_backoff(attempt, first, factor, max_interval), max_interval)
-    return delay * (1.0 + jitter_fraction * (2.0 * jitter - 1.0))
-
-
-def _backoff(attempt: int, first: float, factor: float, max_interval: float) -> float:
-    steps = attempt - 1
-    if factor > 1.0 and first > 0.0:
-        # Decide the cap in log space: factor ** steps overflows a float for large attempts.
-        if first >= max_interval or steps >= math.log(max_interval / first, factor):
-            return max_interval
-    return first * factor**steps

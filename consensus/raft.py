@@ -1,7 +1,13 @@
 """Our wrapper around pysyncobj 0.3.17: the replicated log that carries MailState's commands.
 
-pysyncobj as shipped is unsafe for us in the ways below; each fix lives here (or in journal.py),
-in our own code, with a test that reproduces the defect:
+`RaftNode` is the SyncObj subclass a node runs: journal hooks, the storage guard, the tick loop,
+status and quorum. Its parts live beside it: the journal (journal.py), the snapshot file
+(raft_snapshot.py), the Raft port's guard (raft_port.py), frame sealing (`FrameSealer`, seal.py),
+and the list of pysyncobj's private names we use, checked at start-up (pysyncobj_compat.py).
+What stays here are the overrides of SyncObj's own methods, which must sit on the one subclass.
+
+pysyncobj as shipped is unsafe for us in the ways below; each fix lives in our own code, here or
+in the module named, with a test that reproduces the defect:
 
 * Journal tail dropped on restart: a snapshot written by a fork child that outlived its killed
   parent is newer than the journal head, and `__loadDumpFile` then clears the whole journal,
@@ -23,13 +29,11 @@ in our own code, with a test that reproduces the defect:
   (tests/test_raft_journal.py::test_full_disk_refuses_entries_instead_of_killing_the_process,
   tests/test_disk_full.py)
 * Snapshots are pickle, gzip level 9, and written in the tick thread when customised:
-  `SnapshotFile` writes msgpack (zlib level 1) in a forked child that closes every inherited socket
-  (so an orphaned child cannot hold the node's ports), fsyncs, then renames. A failed write
-  removes its temp file and is retried with backoff (pysyncobj forked again on every tick);
-  temp files a kill left behind are removed at start.
+  `SnapshotFile` (raft_snapshot.py) writes msgpack in a forked child, fsyncs, then renames; a
+  failed write is retried with backoff, and temp files a kill left behind are removed at start.
 * The Raft port trusts whoever connects: a secret is mandatory and the port binds the configured
-  address only, never 0.0.0.0. Frames are sealed by `FrameSealer` (AES-GCM, per-process subkeys)
-  instead of pysyncobj's Fernet, which cost a quarter of the tick thread's CPU.
+  address only, never 0.0.0.0. Frames are sealed by `FrameSealer` (seal.py: AES-GCM,
+  per-process subkeys) instead of pysyncobj's Fernet, which cost a quarter of the tick thread's CPU.
 * Positional method ids: exactly one replicated method takes a msgpack command.
 * Tick thread dies with its creator thread: we run our own tick thread.
 * Followers re-truncating entries they already hold: pysyncobj deletes everything after
@@ -40,15 +44,21 @@ in our own code, with a test that reproduces the defect:
   the leader's (its last term is the leader's current term: the Log Matching property),
   acknowledges it whole.
   (tests/test_raft_wrapper.py::test_stale_resend_does_not_truncate_the_follower_log)
-* Silent authentication failures: `FrameSealer` counts and logs frames that fail the cluster
-  secret's check, so a node started with the wrong secret is visible.
+* Silent authentication failures: `PortGuard` (raft_port.py) counts and logs the frames
+  `FrameSealer` refuses, so a node started with the wrong secret is visible.
 * One unauthenticated connection could cost the leader: pysyncobj buffers up to 64 MiB per
-  connection, growing a bytes object by concatenation in the Raft thread (a 60 MiB frame took
-  20 s, and the followers elected another leader). `_accept` and `_bound_reads` cap a frame at
-  `max_frame_bytes` (4 KiB before the handshake), read into a bytearray at most one frame's worth
-  per event, and allow at most `max_pending_connections` connections that have not completed the
-  handshake, each for `handshake_timeout` seconds.
+  connection, by concatenation in the Raft thread. `PortGuard` bounds frames, reads per event and
+  connections that have not completed the handshake.
   (tests/test_raft_security.py::test_flooding_the_leaders_raft_port_costs_no_election)
+* A stale leader kept for good: a leader cut off with a minority went on leading for 30 s
+  (pysyncobj's leaderFallbackTimeout) and the followers on its side, which still heard it, kept
+  reporting a quorum. Our leader steps down once a majority has not answered for
+  `connection_timeout`, and a follower reports a quorum only while it heard from its leader within
+  `LEADER_SILENCE_TIMEOUTS` election timeouts (`_SyncObj__onMessageReceived` notes when each peer
+  was last heard, on this node's monotonic clock).
+  (tests/test_raft_wrapper.py::test_a_leader_cut_off_with_a_minority_steps_down,
+  tests/test_raft_wrapper.py::test_a_stalled_follower_reports_no_quorum,
+  tests/faults/test_partitions.py::test_leader_cut_off_in_the_minority)
 * Unbounded waits: commandsWaitLeader=False; callers bound their own waits.
 * A round of frames per command (appendEntriesUseBatch=False): `_onTick` defers pysyncobj's
   `append_entries` rounds within a tick and sends one.
@@ -65,310 +75,30 @@ in our own code, with a test that reproduces the defect:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import struct
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
-from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.monotonic import monotonic as pysyncobj_clock
-from pysyncobj.node import TCPNode
 
-from .journal import JournalFull, ReservedJournal, fsync_dir, is_no_space
-from .seal import SealError, Sealer
+from .journal import JournalFull, ReservedJournal, is_no_space
+from .pysyncobj_compat import NO_OP_COMMAND
+from .raft_port import PortGuard
+from .raft_snapshot import SnapshotFile, remove_stale_snapshot_temps
+from .seal import FrameSealer
 from .state import MailState
 
 log = logging.getLogger("raftmail.raft")
 
-SNAPSHOT_MAGIC = b"RMSNAP1\n"
-SNAPSHOT_TEMP_SUFFIX = ".tmp"  # snapshot.bin.<pid>.tmp (written), snapshot.bin.incoming.tmp (received)
-SNAPSHOT_DELAY_ENV = "RAFTMAIL_TEST_SNAPSHOT_DELAY"
-SNAPSHOT_EXIT_NO_SPACE = 28  # the snapshot child's exit code when the disk is full (ENOSPC)
-SNAPSHOT_RETRY_FIRST = 2.0  # seconds before a failed snapshot is tried again, doubling
-SNAPSHOT_RETRY_MAX = 60.0
-
 ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
-NO_OP_COMMAND = 1  # pysyncobj's _COMMAND_TYPE.NO_OP: the first entry of an empty log
-# Before its handshake a connection sends a sealed 32-byte key, then an address: tiny frames.
-PENDING_FRAME_BYTES = 4096
 SPACE_RETRY_SECONDS = 1.0  # while the disk is full, how often to try to reserve journal space again
-# PBKDF2 rounds from the cluster secret to the Raft frame key: once per process start.
-FRAME_KEY_ITERATIONS = 100_000
-
-
-class SnapshotFile:
-    """pysyncobj's serializer interface, backed by our msgpack snapshot file.
-
-    pysyncobj calls `serialize` from its tick thread when it compacts the log, `checkSerializing`
-    on every tick, `deserialize` when it loads the file at start or after receiving it from the
-    leader, and the transmission methods to stream the file to a follower that is far behind.
-    """
-
-    def __init__(self, path: Path, chunk_bytes: int, snapshot_state: Callable[[], bytes],
-                 load_state: Callable[[bytes], None], fsync: bool = True) -> None:
-        self.path = Path(path)
-        self.chunk_bytes = chunk_bytes
-        self._snapshot_state = snapshot_state
-        self._load_state = load_state
-        self._fsync = fsync
-        self._pid = 0
-        self._current_id = None
-        self._outgoing: dict[Any, Any] = {}
-        self._incoming = None
-        self._peeked: tuple | None = None
-        self.last_duration: float | None = None
-        self._started = 0.0
-        self.no_space = False  # the last snapshot write failed for want of space
-        # Test-only: the snapshot child waits this long first, as a large state makes it take
-        # seconds, so that many entries arrive while it runs (the tail a compaction keeps).
-        self._test_delay = float(os.environ.get(SNAPSHOT_DELAY_ENV) or 0)
-        self._failures = 0
-        self._retry_at = 0.0
-
-    # -- writing (log compaction)
-
-    def serialize(self, data: tuple, entry_id: int) -> None:
-        if self._pid != 0 or time.monotonic() < self._retry_at:
-            return  # after a failure, pysyncobj would fork again on every tick
-        _, last, prev, cluster = data
-        self._current_id = entry_id
-        self._started = time.monotonic()
-        pid = os.fork()
-        if pid:
-            self._pid = pid
-            return
-        # Child: only this thread exists. Never take locks other threads may have held at fork.
-        code = 1
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}{SNAPSHOT_TEMP_SUFFIX}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            _close_inherited_fds(keep=fd)
-            if self._test_delay:
-                time.sleep(self._test_delay)
-            blob = encode_snapshot(self._snapshot_state(), last, prev, [str(n) for n in cluster])
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                if self._fsync:
-                    os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            if self._fsync:
-                fsync_dir(self.path.parent)
-            code = 0
-        except BaseException as e:
-            code = SNAPSHOT_EXIT_NO_SPACE if is_no_space(e) else 1
-            try:
-                os.unlink(tmp)  # a failed snapshot leaves nothing behind
-            except OSError:
-                pass
-        finally:
-            os._exit(code)
-
-    def checkSerializing(self) -> tuple[int, Any]:
-        if self._pid == 0:
-            return SERIALIZER_STATE.NOT_SERIALIZING, None
-        try:
-            rpid, status = os.waitpid(self._pid, os.WNOHANG)
-        except ChildProcessError:
-            self._pid = 0
-            return SERIALIZER_STATE.FAILED, self._current_id
-        if rpid == 0:
-            return SERIALIZER_STATE.SERIALIZING, self._current_id
-        self._pid = 0
-        code = os.waitstatus_to_exitcode(status)
-        if code == 0:
-            self._outgoing = {}
-            self.last_duration = time.monotonic() - self._started
-            self.no_space = False
-            self._failures = 0
-            return SERIALIZER_STATE.SUCCESS, self._current_id
-        self.no_space = code == SNAPSHOT_EXIT_NO_SPACE
-        self._failures += 1
-        delay = min(SNAPSHOT_RETRY_MAX, SNAPSHOT_RETRY_FIRST * 2 ** (self._failures - 1))
-        self._retry_at = time.monotonic() + delay
-        if self.no_space:
-            log.error("disk full: no space to write the Raft snapshot %s; the log is not compacted "
-                      "until there is (next try in %.0f s)", self.path, delay)
-        else:
-            log.error("snapshot child failed (exit %s); next try in %.0f s", code, delay)
-        return SERIALIZER_STATE.FAILED, self._current_id
-
-    # -- reading
-
-    def peek(self) -> tuple:
-        """Decode the file once; `deserialize` reuses it (our journal fix reads it first)."""
-        if self._peeked is None:
-            state_blob, last, prev, cluster = decode_snapshot(self.path.read_bytes())
-            # pysyncobj compares members as Node objects; a bare string would add ourselves as a peer.
-            self._peeked = state_blob, last, prev, [TCPNode(a) for a in cluster]
-        return self._peeked
-
-    def deserialize(self) -> tuple:
-        state_blob, last, prev, cluster = self.peek()
-        self._peeked = None
-        self._load_state(state_blob)
-        return None, last, prev, cluster
-
-    # -- streaming to a follower that needs the snapshot
-
-    def getTransmissionData(self, tid: Any):
-        if self._pid != 0:
-            return None
-        t = self._outgoing.get(tid)
-        if t is None:
-            try:
-                t = self._outgoing[tid] = [open(self.path, "rb"), 0]
-            except OSError:
-                log.exception("cannot open snapshot for transmission")
-                return None
-        is_first = t[1] == 0
-        try:
-            data = t[0].read(self.chunk_bytes)
-        except OSError:
-            log.exception("cannot read snapshot for transmission")
-            self._drop(tid)
-            return False
-        t[1] += len(data)
-        is_last = not data
-        if is_last:
-            self._drop(tid)
-        return data, is_first, is_last
-
-    def cancelTransmisstion(self, tid: Any) -> None:  # pysyncobj's spelling
-        self._drop(tid)
-
-    def _drop(self, tid: Any) -> None:
-        t = self._outgoing.pop(tid, None)
-        if t is not None:
-            t[0].close()
-
-    def setTransmissionData(self, data) -> bool:
-        if data is None:
-            return False
-        chunk, is_first, is_last = data
-        tmp = self.path.with_name(self.path.name + ".incoming.tmp")
-        if is_first:
-            if self._incoming is not None:
-                self._incoming.close()
-            self._incoming = open(tmp, "wb")
-        elif self._incoming is None:
-            return False
-        try:
-            self._incoming.write(chunk)
-            if not is_last:
-                return False
-            self._incoming.flush()
-            if self._fsync:
-                os.fsync(self._incoming.fileno())
-            self._incoming.close()
-            self._incoming = None
-            decode_snapshot(tmp.read_bytes())  # refuse a damaged transfer before it replaces ours
-            os.replace(tmp, self.path)
-            self._peeked = None
-            return True
-        except Exception as e:
-            if is_no_space(e):
-                self.no_space = True
-                log.error("disk full: no space for the snapshot the leader is sending (%s)", e)
-            else:
-                log.exception("received snapshot is unusable; waiting for the leader to resend")
-            if self._incoming is not None:
-                self._incoming.close()
-            self._incoming = None
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
-            return False
-
-
-def remove_stale_snapshot_temps(path: Path) -> None:
-    """Temp files of snapshot writes that a kill interrupted: nothing refers to them."""
-    for tmp in path.parent.glob(path.name + ".*" + SNAPSHOT_TEMP_SUFFIX):
-        try:
-            tmp.unlink()
-            log.warning("removed %s left by an interrupted snapshot write", tmp)
-        except FileNotFoundError:
-            pass
-
-
-def encode_snapshot(state_blob: bytes, last: tuple, prev: tuple, cluster: list[str]) -> bytes:
-    # The state blob is compressed already (MailState.to_snapshot); the rest is small.
-    packed = msgpack.packb([state_blob, list(last), list(prev), cluster], use_bin_type=True)
-    return SNAPSHOT_MAGIC + len(packed).to_bytes(8, "big") + zlib.crc32(packed).to_bytes(4, "big") + packed
-
-
-def decode_snapshot(raw: bytes) -> tuple:
-    if not raw.startswith(SNAPSHOT_MAGIC):
-        raise ValueError("not a raftmail snapshot")
-    n = int.from_bytes(raw[8:16], "big")
-    crc = int.from_bytes(raw[16:20], "big")
-    packed = raw[20:20 + n]
-    if len(packed) != n or zlib.crc32(packed) != crc:
-        raise ValueError("snapshot is truncated or corrupt")
-    state_blob, last, prev, cluster = msgpack.unpackb(packed, raw=False)
-    return state_blob, tuple(last), tuple(prev), cluster
-
-
-def _close_inherited_fds(keep: int) -> None:
-    """In a fork child: release every socket and file of the node (keeps stdio and `keep`)."""
-    try:
-        fds = [int(x) for x in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, 4096))
-    for fd in fds:
-        if fd > 2 and fd != keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-class FrameSealer:
-    """pysyncobj's encryptor interface (encrypt_at_time, extract_timestamp, decrypt) over our
-    AES-GCM `Sealer`, in place of its Fernet: about 25x less CPU per frame (no base64, one pass,
-    the tag checked once instead of twice). Failures are counted and logged through `on_failure`
-    instead of silently dropped. The timestamp pysyncobj orders frames by is authenticated."""
-
-    VERSION = 0x52
-
-    def __init__(self, password: str, on_failure: Callable[[str], None]) -> None:
-        master = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), b"raftmail raft frames v1",
-                                     FRAME_KEY_ITERATIONS)
-        self._sealer = Sealer(master, version=self.VERSION, purpose=b"raftmail raft frames v1")
-        self._on_failure = on_failure
-        self._opened: tuple[bytes, int, bytes] | None = None  # (frame, stamp, plaintext) last checked
-
-    def encrypt_at_time(self, data: bytes, current_time: int) -> bytes:
-        return self._sealer.seal(data, int(current_time))
-
-    def _open(self, frame: bytes) -> tuple[int, bytes]:
-        if self._opened is not None and self._opened[0] is frame:
-            return self._opened[1], self._opened[2]
-        try:
-            stamp, plain = self._sealer.open(frame)
-        except SealError as e:
-            self._on_failure(f"frame refused ({e}) under this cluster's secret")
-            raise
-        self._opened = (frame, stamp, plain)
-        return stamp, plain
-
-    def extract_timestamp(self, frame: bytes) -> int:
-        """pysyncobj checks the timestamp before it decrypts: we authenticate here, once."""
-        return self._open(frame)[0]
-
-    def decrypt(self, frame: bytes, *_: Any, **__: Any) -> bytes:
-        try:
-            return self._open(frame)[1]
-        finally:
-            self._opened = None
+# A follower that has not heard from its leader for this many (maximum) election timeouts does
+# not count itself in a quorum: twice the time after which it would start an election itself.
+LEADER_SILENCE_TIMEOUTS = 2.0
 
 
 class RaftNode(SyncObj):
@@ -394,23 +124,21 @@ class RaftNode(SyncObj):
         self._on_role_change = on_role_change
         # Called on the tick thread with each applied command's result (outside the state lock).
         self.on_applied: Callable[[Any], None] | None = None
+        # Called on the tick thread, under the apply lock, after a tick that applied a command,
+        # loaded a snapshot or changed whether this node leads: the node makes its read view there
+        # (consensus/view.py).
+        self.on_tick: Callable[[MailState], None] | None = None
+        self._ticked_at: tuple = ()  # (state object, commands applied, leads) last handed on
         self._stopping = threading.Event()
         self.leader_changes = 0
         self.tick_errors = 0
-        self.auth_failures = 0
-        self.oversized_frames = 0
         self.resends_trimmed = 0
         self.append_entry_rounds = 0
         self._append_entries_due = False
-        self._last_auth_log = 0.0
-        self._last_port_log = 0.0
-        self._max_frame_bytes = max_frame_bytes
-        self._max_pending = max_pending_connections
-        self._handshake_timeout = handshake_timeout
-        self._pending: dict[Any, float] = {}  # incoming connections before their handshake -> accepted at
-        self.refused_connections = 0
         self._space_checked = 0.0
         self._stepped_down_at = 0.0
+        # Peer node -> when this node last received a message from it (local monotonic clock).
+        self._heard: dict[Any, float] = {}
         self.snapshot_path = data_dir / "snapshot.bin"
         remove_stale_snapshot_temps(self.snapshot_path)
         # Our journal replaces pysyncobj's FileJournal (see journal.py); opened before pysyncobj
@@ -433,6 +161,9 @@ class RaftNode(SyncObj):
             raftMaxTimeout=election_timeout_max,
             appendEntriesPeriod=heartbeat_interval,
             connectionTimeout=connection_timeout,
+            # A leader that no majority answered for this long steps down (pysyncobj's default,
+            # 30 s, let a cut-off leader and its minority keep believing in a quorum).
+            leaderFallbackTimeout=connection_timeout,
             logCompactionMinEntries=compaction_min_entries,
             logCompactionMinTime=compaction_min_seconds,
             logCompactionBatchSize=snapshot_chunk_bytes,
@@ -449,13 +180,14 @@ class RaftNode(SyncObj):
         self.snapshots = SnapshotFile(self.snapshot_path, snapshot_chunk_bytes,
                                       self._snapshot_state, self._load_state, fsync=fsync_snapshots)
         self._SyncObj__serializer = self.snapshots
-        sealer = FrameSealer(password, self._auth_failed)
+        self.port_guard = PortGuard(self._SyncObj__transport, max_frame_bytes=max_frame_bytes,
+                                    max_pending_connections=max_pending_connections,
+                                    handshake_timeout=handshake_timeout)
+        sealer = FrameSealer(password, self.port_guard.auth_failed)
         self._SyncObj__encryptor = sealer
         for conn in self._SyncObj__transport._connections.values():  # made in __init__, not yet dialled
             conn.encryptor = sealer
-        server = self._SyncObj__transport._server
-        accept = server._TcpServer__onNewConnectionCallback
-        server._TcpServer__onNewConnectionCallback = lambda conn: self._accept(conn, accept)
+        self.port_guard.install()
         if fsync_journal:
             transport = self._SyncObj__transport
             plain_send = transport.send
@@ -531,21 +263,28 @@ class RaftNode(SyncObj):
 
     def _checkCommandsToApply(self) -> None:
         """A leader that cannot store proposes nothing: queued commands fail at once (NOT_LEADER:
-        not committed; the caller retries, by then with another leader)."""
-        if self.journal.space != "ok" and self._SyncObj__raftState == 2:
-            queue = self._SyncObj__commandsQueue
-            while True:
-                try:
-                    _command, callback = queue.get_nowait()
-                except Exception:  # queue.Empty
-                    break
-                self._SyncObj__callErrCallback(FAIL_REASON.NOT_LEADER, callback)
-            return
-        SyncObj._checkCommandsToApply(self)
+        not committed; the caller retries, by then with another leader).
+
+        pysyncobj calls this after it applied the tick's entries and just before it waits for the
+        network: the read view goes out here, not after that wait (up to a tick period later)."""
+        try:
+            if self.journal.space != "ok" and self._SyncObj__raftState == 2:
+                queue = self._SyncObj__commandsQueue
+                while True:
+                    try:
+                        _command, callback = queue.get_nowait()
+                    except Exception:  # queue.Empty
+                        break
+                    self._SyncObj__callErrCallback(FAIL_REASON.NOT_LEADER, callback)
+                return
+            SyncObj._checkCommandsToApply(self)
+        finally:
+            self._after_tick()
 
     # -- follower log safety
 
     def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:
+        self._heard[node] = time.monotonic()
         if isinstance(message, dict) and message.get("type") == "append_entries" \
                 and "prevLogIdx" in message and "transmission" not in message:
             message = self._without_known_entries(message)
@@ -577,98 +316,6 @@ class RaftNode(SyncObj):
             self.resends_trimmed += 1
             message = dict(message, prevLogIdx=prev_idx, prevLogTerm=prev_term, entries=entries)
         return message
-
-    # -- port hardening
-
-    def _auth_failed(self, what: str) -> None:
-        self.auth_failures += 1
-        now = time.monotonic()
-        if now - self._last_auth_log > 5.0:  # a flood must not flood the log
-            self._last_auth_log = now
-            log.error("raft port: %s (wrong cluster secret, or not a raftmail node); connection "
-                      "dropped; %d such frames so far", what, self.auth_failures)
-
-    def _accept(self, conn: Any, accept: Callable[[Any], None]) -> None:
-        """A new incoming connection on the Raft port. Until it completes pysyncobj's handshake
-        (a sealed key exchange, then the peer's address) it may hold only a few small frames:
-        at most `max_pending_connections` such connections at once, each for at most
-        `handshake_timeout` seconds (`_sweep_pending`); the newest is refused beyond that."""
-        self._sweep_pending()
-        if len(self._pending) >= self._max_pending:
-            self.refused_connections += 1
-            self._port_warning(f"refused a connection: {len(self._pending)} connections have not "
-                               "completed the handshake")
-            conn.disconnect()
-            return
-        self._pending[conn] = time.monotonic()
-        self._bound_reads(conn)
-        accept(conn)
-
-    def _sweep_pending(self) -> None:
-        """Forget connections that finished the handshake; drop those past the timeout.
-        pysyncobj times a connection out only when it has an event, so one that sends nothing
-        would otherwise stay open for good."""
-        if not self._pending:
-            return
-        unknown = self._SyncObj__transport._unknownConnections
-        now = time.monotonic()
-        for conn, since in list(self._pending.items()):
-            if conn not in unknown or conn.state == 0:  # handshake done, or closed
-                del self._pending[conn]
-            elif now - since > self._handshake_timeout:
-                del self._pending[conn]
-                self.refused_connections += 1
-                self._port_warning("dropped a connection that did not complete the handshake in "
-                                   f"{self._handshake_timeout:g} s")
-                conn.disconnect()
-
-    def _port_warning(self, what: str) -> None:
-        now = time.monotonic()
-        if now - self._last_port_log > 5.0:  # a flood must not flood the log
-            self._last_port_log = now
-            log.warning("raft port: %s (%d connections refused or dropped so far)", what,
-                        self.refused_connections)
-
-    def _bound_reads(self, conn: Any) -> Any:
-        """Cap what an incoming connection may make us buffer: a frame may claim at most
-        `max_frame_bytes` (the first frame before the handshake `PENDING_FRAME_BYTES`), and one
-        read event takes at most that much from the socket, into a bytearray (pysyncobj grows a bytes object by
-        concatenation: quadratic, tens of seconds of the Raft thread for a 60 MiB frame)."""
-        read_once = conn._TcpConnection__processRead
-        unknown = self._SyncObj__transport._unknownConnections  # before the handshake
-        conn._TcpConnection__readBuffer = bytearray()
-        taken = [0]
-        try_read = conn._TcpConnection__tryReadBuffer
-
-        def bounded_try_read() -> None:
-            taken[0] = 0
-            try_read()
-
-        def bounded_read() -> bool:
-            # Before the handshake the first frame must be small; the buffer may already hold
-            # what an honest peer sends right after its address (an append_entries, a snapshot
-            # chunk), so the buffer bound is the same for every connection.
-            frame_limit = PENDING_FRAME_BYTES if conn in unknown else self._max_frame_bytes
-            buf = conn._TcpConnection__readBuffer
-            if not isinstance(buf, bytearray):
-                buf = conn._TcpConnection__readBuffer = bytearray(buf)
-            before = len(buf)
-            more = read_once()
-            buf = conn._TcpConnection__readBuffer
-            taken[0] += len(buf) - before
-            claimed = struct.unpack("i", buf[:4])[0] if len(buf) >= 4 else 0  # pysyncobj's framing
-            if claimed > frame_limit or claimed < 0 or len(buf) > 2 * (self._max_frame_bytes + 4):
-                self.oversized_frames += 1
-                self._port_warning(f"incoming frame of {claimed} bytes exceeds the {frame_limit}-byte "
-                                   "limit; connection dropped")
-                conn.disconnect()
-                return False
-            # Leave the rest in the socket for the next poll: one connection cannot hold the
-            # Raft thread for more than one frame's worth of reading per event.
-            return more and taken[0] < self._max_frame_bytes + 4
-        conn._TcpConnection__processRead = bounded_read
-        conn._TcpConnection__tryReadBuffer = bounded_try_read
-        return conn
 
     # -- the one replicated method
 
@@ -733,7 +380,7 @@ class RaftNode(SyncObj):
         every new entry and the latest commit index."""
         self._read_before_election()
         self._storage_guard()
-        self._sweep_pending()
+        self.port_guard.sweep()
         self._append_entries_due = False
         self.__dict__["_SyncObj__sendAppendEntries"] = self._defer_append_entries
         try:
@@ -769,6 +416,7 @@ class RaftNode(SyncObj):
                 if self._fsync_journal:
                     self.journal.sync()  # before the next tick may commit and acknowledge
                 self.doTick(self._tick_period)
+                self._after_tick()
             except OSError as e:
                 if not is_no_space(e):
                     self.tick_errors += 1
@@ -784,6 +432,18 @@ class RaftNode(SyncObj):
             self._doDestroy()
         except Exception:
             log.exception("raft shutdown failed")
+
+    def _after_tick(self) -> None:
+        publish, st = self.on_tick, self.state
+        if publish is None or (id(st), st.applied, self._isLeader()) == self._ticked_at:
+            return
+        with self.state_lock:
+            st = self.state
+            self._ticked_at = (id(st), st.applied, self._isLeader())
+            try:
+                publish(st)
+            except Exception:
+                log.exception("read view publisher failed")
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping.set()
@@ -802,6 +462,7 @@ class RaftNode(SyncObj):
     def raft_status(self) -> dict:
         s = self.getStatus()
         leader = s.get("leader")
+        silence = self._leader_silence(s)
         return {
             "role": ROLE_NAMES.get(s.get("state"), "unknown"),
             "term": s.get("raft_term"),
@@ -810,20 +471,54 @@ class RaftNode(SyncObj):
             "applied_index": s.get("last_applied"),
             "leader_commit_index": s.get("leader_commit_idx"),
             "log_len": s.get("log_len"),
-            "has_quorum": bool(s.get("has_quorum")),
+            "has_quorum": self._counts_in_quorum(s, silence),
+            # Seconds since this follower heard from its leader (None on the leader, or without one).
+            "leader_silent_for": None if silence is None else round(min(silence, 1e9), 3),
             "partners_connected": [str(k)[len("partner_node_status_server_"):]
                                    for k, v in s.items()
                                    if str(k).startswith("partner_node_status_server_") and v == 2],
             "leader_changes": self.leader_changes,
-            "auth_failures": self.auth_failures,
-            "oversized_frames": self.oversized_frames,
-            "refused_connections": self.refused_connections,
+            "auth_failures": self.port_guard.auth_failures,
+            "oversized_frames": self.port_guard.oversized_frames,
+            "refused_connections": self.port_guard.refused_connections,
             "resends_trimmed": self.resends_trimmed,
             "snapshot_seconds": self.snapshots.last_duration,
         }
 
     def is_leader(self) -> bool:
         return self._isLeader()
+
+    def in_quorum(self) -> bool:
+        """raft_status()["has_quorum"], without the rest of the status (asked per submission)."""
+        for _ in range(3):  # the tick thread may change the member sets while we read them
+            try:
+                s = {"has_quorum": self.hasQuorum, "state": self._SyncObj__raftState,
+                     "leader": self._SyncObj__raftLeader}
+                break
+            except RuntimeError:
+                continue
+        else:
+            return True  # unknown: the commit itself decides
+        return self._counts_in_quorum(s, self._leader_silence(s))
+
+    def _leader_silence(self, s: dict) -> float | None:
+        """Seconds since a follower last heard from its leader (None on a leader or without one)."""
+        leader = s.get("leader")
+        if s.get("state") == 2 or leader is None:
+            return None
+        heard = self._heard.get(leader)
+        return float("inf") if heard is None else time.monotonic() - heard
+
+    def _counts_in_quorum(self, s: dict, silence: float | None) -> bool:
+        """pysyncobj's connected majority, and for a follower a leader heard lately: pysyncobj keeps
+        a connection it does not send on "connected", so a follower cut off with its old leader, or
+        stalled, would go on claiming a quorum (a follower without a leader has none to be in). A
+        leader steps down once no majority answers (leaderFallbackTimeout)."""
+        if not s.get("has_quorum"):
+            return False
+        if s.get("state") == 2:
+            return True
+        return silence is not None and silence <= LEADER_SILENCE_TIMEOUTS * self._election_timeout_max
 
     def responsive_partners(self, within: float) -> list[str]:
         """The leader's real view of its followers: the partners connected now that answered an
@@ -842,6 +537,3 @@ class RaftNode(SyncObj):
         since = pysyncobj_clock() - within
         return sorted(str(n) for n in list(self.otherNodes)
                       if self.isNodeConnected(n) and answered.get(n, since - 1) >= since)
-
-
-FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if isinstance(v, int)}

@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 from aiosmtpd.smtp import MISSING, AuthResult
 
+from raftmail.consensus.backoff import next_retry_delay
+
 log = logging.getLogger("raftmail.auth")
 
 SCHEME = "scrypt"
@@ -197,7 +199,7 @@ class FailureThrottle:
         count = self.recent(address, now)
         if count == 0:
             return 0.0
-        return min(self.cap, self.base_delay * 2 ** min(count - 1, 30))
+        return next_retry_delay(count, first=self.base_delay, max_interval=self.cap)
 
     def record_failure(self, address: str, now: float | None = None) -> int:
         """Note one failure; returns the number of recent failures from the address."""

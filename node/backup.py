@@ -18,18 +18,18 @@ import tarfile
 import time
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from aiohttp import web
 
-from raftmail.consensus.raft import encode_snapshot, fsync_dir
+from raftmail.consensus.journal import fsync_dir
+from raftmail.consensus.raft import RaftNode
+from raftmail.consensus.raft_snapshot import encode_snapshot
 from raftmail.consensus.restore import restored_state
 from raftmail.consensus.state import MailState
+from raftmail.node.admin_api import admin_refusal
 from raftmail.node.bodies import BodyStore, is_digest
 from raftmail.node.config import Config
-
-if TYPE_CHECKING:
-    from raftmail.node.runtime import MailNode
 
 FORMAT = "raftmail-backup"
 VERSION = 1
@@ -39,9 +39,11 @@ BODY_PREFIX = "bodies/"
 MAX_MANIFEST_BYTES = 256 * 2**20  # a manifest names every body: 64 hex + a little per body
 READ_CHUNK = 1 << 20  # bytes hashed at a time while verifying
 # The restored log starts at these entries (no-ops); pysyncobj resumes after the snapshot's last.
+# Term 1, not 0: a node that joins later starts with its own no-op at index 1 in term 0, and a
+# match there would let the leader send it the entries after the snapshot without the snapshot.
 _NOOP = b"\x01"
-RESTORED_PREV = (_NOOP, 1, 0)
-RESTORED_LAST = (_NOOP, 2, 0)
+RESTORED_PREV = (_NOOP, 1, 1)
+RESTORED_LAST = (_NOOP, 2, 1)
 
 
 class BackupError(Exception):
@@ -77,44 +79,46 @@ def _member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def add_backup_routes(app: web.Application, node: "MailNode") -> None:
+def add_backup_routes(app: web.Application, raft: RaftNode, admin_token: str | None, cluster: str, node_id: str,
+                      body: Callable[[str], Awaitable[bytes | None]]) -> None:
+    """GET /backup: the state at one applied index and every body it references, as a tar stream."""
     busy = asyncio.Lock()  # one backup at a time per node: each streams every body
 
     async def handler(request: web.Request) -> web.StreamResponse:
         # The file holds every address and body: never served by a cluster without an admin token.
-        if not node.config.cluster.admin_token:
+        if not admin_token:
             return web.json_response({"error": "backup needs [cluster] admin_token in the cluster file"}, status=403)
-        refused = node._unauthorized(request)
+        refused = admin_refusal(request, admin_token)
         if refused is not None:
             return refused
         if busy.locked():
             return web.json_response({"error": "a backup is already running on this node"}, status=409)
         async with busy:
-            return await _stream_backup(node, request)
+            return await _stream_backup(raft, cluster, node_id, body, request)
 
     app.router.add_get("/backup", handler)
 
 
-def _capture(node: "MailNode") -> tuple[bytes, dict]:
+def _capture(raft: RaftNode) -> tuple[bytes, dict]:
     """The state at one applied index, packed under the apply lock (compression comes after)."""
     def read(st: MailState) -> tuple[bytes, dict]:
         bodies = list(dict.fromkeys(s.body for s in st.submissions.values() if is_digest(s.body)))
-        return st._packed(), {"index": node.raft.raftLastApplied, "commands_applied": st.applied,
+        return st._packed(), {"index": raft.raftLastApplied, "commands_applied": st.applied,
                               "counts": st.queue_counts(), "batches": len(st.batches),
                               "submissions": len(st.submissions), "campaigns": len(st.campaigns),
                               "suppressed": len(st.suppressed), "archived": len(st.archived),
                               "bodies": bodies}
-    packed, info = node.raft.read(read)
+    packed, info = raft.read(read)
     return zlib.compress(packed, 1), info
 
 
-async def _stream_backup(node: "MailNode", request: web.Request) -> web.StreamResponse:
-    started = time.monotonic()
-    blob, info = await asyncio.to_thread(_capture, node)
+async def _stream_backup(raft: RaftNode, cluster: str, node_id: str, body: Callable[[str], Awaitable[bytes | None]],
+                         request: web.Request) -> web.StreamResponse:
+    blob, info = await asyncio.to_thread(_capture, raft)
     bodies = info.pop("bodies")
     manifest = {
-        "format": FORMAT, "version": VERSION, "cluster": node.config.cluster.name, "node": node.id,
-        "term": node.raft.raft_status()["term"], **info, "created_at": time.time(),
+        "format": FORMAT, "version": VERSION, "cluster": cluster, "node": node_id,
+        "term": raft.raft_status()["term"], **info, "created_at": time.time(),
         "parts": [{"name": STATE, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}]
         + [{"name": BODY_PREFIX + d, "sha256": d} for d in bodies],
     }
@@ -128,7 +132,7 @@ async def _stream_backup(node: "MailNode", request: web.Request) -> web.StreamRe
         await resp.write(out.take())
     del blob
     for digest in bodies:
-        data = await node.body(digest)
+        data = await body(digest)
         if data is None:  # the stream stops short: the client's check refuses the file
             raise RuntimeError(f"body {digest} is in no store of the cluster; backup abandoned")
         tar.addfile(_member(BODY_PREFIX + digest, len(data)), io.BytesIO(data))

@@ -4,14 +4,19 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from pysyncobj import FAIL_REASON
 
-from raftmail.consensus.raft import FAIL_NAMES, RaftNode
-from raftmail.consensus.state import encode_command, encode_group
+from raftmail.consensus.pysyncobj_compat import FAIL_NAMES
+from raftmail.consensus.raft import RaftNode
+from raftmail.consensus.commands import Command, encode_command, encode_group
 
 # Failures after which the command is certainly not in the log.
+# What a component gets to put a command in the log: (command, timeout) -> the applied result;
+# raises ProposalFailed when it is not known to be committed in time.
+Propose = Callable[[Command, float], Awaitable[Any]]
+
 _NOT_COMMITTED = {FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER,
                   FAIL_REASON.DISCARDED, FAIL_REASON.REQUEST_DENIED}
 
@@ -65,7 +70,7 @@ class Proposer:
         self.entries = 0
         self.commands = 0
 
-    async def propose(self, command: dict, timeout: float) -> Any:
+    async def propose(self, command: Command, timeout: float) -> Any:
         """Commit `command` on a majority and return its result as applied on this node."""
         if self.in_flight >= self.max_waiting:
             raise ProposalFailed("too many commands in flight", unknown=False)

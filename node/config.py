@@ -3,34 +3,50 @@
 Every refusal is a ConfigError whose text is a single line, "<file>: <key>: <what is wrong>", so an
 operator can fix the file without reading code. Nothing is defaulted silently that could lose mail
 or split the cluster: unknown keys, wrong types and inconsistent limits are all refused at load.
+
+The schema (frozen dataclasses) is in config_types.py, the key reader and value checks every
+parser shares in config_read.py; this module has one parser per section, in file order, and is
+long because each refusal is spelled out key by key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import json
-import math
-import os
 import re
 import string
 import tomllib
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, NoReturn
+from typing import Any
 from urllib.parse import urlsplit
+
+from raftmail.node.config_read import (AT_LEAST_ONE, CANONICAL_WHY, CLUSTER_NAME_RE, ConfigError,
+                                       EXAMPLE_SECRET, FRACTION, MIN_ADMIN_TOKEN_CHARS, MIN_SECRET_BYTES,
+                                       MIN_UNSUBSCRIBE_SECRET_BYTES, NODE_ID_RE, SECRET_WHY, UNSUBSCRIBE_SECRET_WHY,
+                                       UNLIMITED_IF_ZERO, _LABEL_RE, _QUOTE_DOMAIN_HINT, _QUOTE_ROUTE_HINT,
+                                       _Rule, _SELECTOR_RE, _Section, _TOML_POSITION_RE, _canonical_host,
+                                       _describe, _field_names, _ip, _is_localhost,
+                                       _numbers, _resolve_path, _toml_key)
+from raftmail.consensus.domains import normalise_domain
+from raftmail.node.content import BARE_NEWLINE_MODES
+from raftmail.node.config_types import (Address, ApiSection, ClusterSection, Config, DeliverySection, DkimSection,
+                                        DomainLimits, FeedbackSection, FRAME_OVERHEAD_BYTES, UNSUBSCRIBE_SCOPES, IntakeSection, MAX_LOGIN_CHARS,
+                                        MAX_WEBHOOK_BATCH, MonitoringSection, NodeConfig, RaftSection,
+                                        StorageSection, _default_allow_networks)
 
 __all__ = [
     "Address",
+    "ApiSection",
     "ClusterSection",
     "Config",
     "ConfigError",
     "DeliverySection",
     "DkimSection",
     "DomainLimits",
+    "FeedbackSection",
     "IntakeSection",
     "MonitoringSection",
     "NodeConfig",
@@ -39,510 +55,6 @@ __all__ = [
     "load_config",
 ]
 
-# Bytes, not characters: the secret feeds a key derivation, so its entropy is measured in bytes.
-# `raftmail secret` prints 32 random bytes (43 characters).
-MIN_SECRET_BYTES = 32
-MIN_ADMIN_TOKEN_CHARS = 16
-MIN_TOKEN_KEY_BYTES = 32
-# cluster.example.toml's secret: public, so only accepted while every address is loopback.
-EXAMPLE_SECRET = "change-me-example-secret-0123456789"
-NODE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
-CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_SELECTOR_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?"
-_SELECTOR_RE = re.compile(rf"{_SELECTOR_LABEL}(?:\.{_SELECTOR_LABEL})*")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-_TOML_POSITION_RE = re.compile(r"\s*\(at (line \d+, column \d+|end of document)\)\s*$")
-_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_MAX_SHOWN_CHARS = 60
-
-# TOML reads `a.test = ...` as a nested table, a common slip when naming domains.
-_QUOTE_ROUTE_HINT = 'quote domain names that contain dots, like "example.test" = "host:port"'
-_QUOTE_DOMAIN_HINT = 'quote domain names that contain dots: [delivery.domains."gmail.com"]'
-
-SECRET_WHY = (
-    "it authenticates and encrypts Raft traffic, and pysyncobj unpickles whatever it decrypts, "
-    "so anyone who knows it can run code on every node"
-)
-TOKEN_KEY_WHY = (
-    "it signs the unsubscribe links of [delivery] unsubscribe_url; it is its own random key, "
-    "never derived from the cluster secret (`raftmail secret` prints one)"
-)
-CANONICAL_WHY = (
-    "pysyncobj treats differently spelled addresses as different members, "
-    "so node addresses must be spelled one canonical way"
-)
-
-
-class ConfigError(Exception):
-    """A refused configuration. str(e) is one line: "<path>: <key>: <what is wrong>"."""
-
-    def __init__(self, path: str | Path, key: str | None = None, problem: str | None = None) -> None:
-        # All three go to Exception so the error survives pickling between processes.
-        super().__init__(str(path), key, problem)
-        self.path = str(path)
-        self.key = key
-        self.problem = problem
-
-    def __str__(self) -> str:
-        parts = [self.path] + [part for part in (self.key, self.problem) if part]
-        return re.sub(r"\s*[\r\n]+\s*", " ", ": ".join(parts))
-
-
-# --------------------------------------------------------------------------------------------
-# Dataclasses
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        # Brackets keep IPv6 round-trippable through parse(); pysyncobj itself wants host:port
-        # unbracketed, so consensus code should build its own string from host and port.
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    @classmethod
-    def parse(cls, text: str) -> Address:
-        """Parse "host:port" or "[ipv6]:port"; IP literals and host names come back canonical."""
-        if not isinstance(text, str):
-            raise ValueError('must be a "host:port" string')
-        if text.startswith("["):
-            end = text.find("]")
-            if end < 0 or text[end + 1 : end + 2] != ":":
-                raise ValueError('must be "[ipv6]:port"')
-            host, port_text = _canonical_ipv6(text[1:end]), text[end + 2 :]
-        else:
-            host, sep, port_text = text.rpartition(":")
-            if not sep or not host:
-                raise ValueError('must be "host:port"')
-            if ":" in host:
-                raise ValueError('IPv6 addresses need brackets, like "[::1]:25"')
-            host = _canonical_host(host)
-        return cls(host, _parse_port(port_text))
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    id: str
-    raft: Address
-    smtp: Address
-    admin: Address
-
-
-@dataclass(frozen=True)
-class ClusterSection:
-    name: str
-    secret: str = field(repr=False)
-    data_dir: Path
-    fsync: bool = False
-    # Bearer token for every admin route but /healthz, /readyz and /metrics; required when a
-    # node's admin address is not loopback.
-    admin_token: str | None = field(default=None, repr=False)
-    # Optional token that may only read (GET) the admin routes: status, campaigns, events.
-    read_token: str | None = field(default=None, repr=False)
-    # Key of the per-recipient unsubscribe tokens (the unsubscribe service verifies with it).
-    token_key: str | None = field(default=None, repr=False)
-    # Peer requests (body fetches, body streams) a node serves at once.
-    max_peer_requests: int = 64
-    # Sealed body batches a node keeps sending to slow peers in the background, in bytes.
-    max_background_push_bytes: int = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class RaftSection:
-    election_timeout_min: float = 0.3
-    election_timeout_max: float = 0.7
-    heartbeat_interval: float = 0.08
-    connection_timeout: float = 3.5
-    max_commands_in_flight: int = 200
-    # Group commit of every command a node proposes: entries in flight, and bytes per entry
-    # (under pysyncobj's 64 KiB append_entries batch, so a group never takes its chunked path).
-    max_entries_in_flight: int = 2
-    max_entry_bytes: int = 60000
-    compaction_min_entries: int = 5000
-    compaction_min_seconds: float = 300.0
-    snapshot_chunk_bytes: int = 262144
-    # The Raft port: the largest frame a peer may send (snapshots travel in snapshot_chunk_bytes
-    # chunks, log entries in 64 KiB batches), and connections that have not yet proven the
-    # cluster secret: how many at once, for how long.
-    max_frame_bytes: int = 4194304
-    max_pending_connections: int = 16
-    handshake_timeout: float = 5.0
-    # Disk space the Raft journal reserves ahead of use (allocated, so a full disk refuses an
-    # entry cleanly instead of killing the node); it grows by this much at a time.
-    journal_reserve_bytes: int = 8388608
-
-
-FRAME_OVERHEAD_BYTES = 65536  # room in a Raft frame beyond a snapshot chunk (framing, sealing)
-DEFAULT_ALLOW_NETWORKS = ("127.0.0.0/8", "::1/128")
-MAX_LOGIN_CHARS = 255
-
-
-def _default_allow_networks() -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    return tuple(ipaddress.ip_network(n) for n in DEFAULT_ALLOW_NETWORKS)
-
-
-def _no_users() -> Mapping[str, str]:
-    return MappingProxyType({})
-
-
-@dataclass(frozen=True)
-class IntakeSection:
-    max_message_bytes: int = 10485760
-    max_recipients: int = 1000
-    commit_timeout: float = 5.0
-    dedupe_window_seconds: float = 86400.0
-    # Idempotency keys (envelope sender, Message-ID, recipient) remembered at most, oldest
-    # forgotten first, so a key table never outgrows memory within the window.
-    dedupe_max_keys: int = 2000000
-    max_connections: int = 200
-    # Clients outside allow_networks: connections at once per IPv4 address or IPv6 /64, so one
-    # stranger cannot take every slot.
-    max_connections_per_client: int = 10
-    # Clients outside allow_networks that have not authenticated: connections at once, so
-    # strangers from many addresses cannot take the slots kept for allow_networks and users who
-    # authenticated. Unless set, half of max_connections (resolved when the file is read).
-    max_stranger_connections: int = 100
-    idle_timeout: float = 300.0
-    # Seconds a client outside allow_networks may stay connected without authenticating.
-    unauthenticated_timeout: float = 60.0
-    # Seconds from the 354 to the final dot, however steadily the text arrives.
-    data_timeout: float = 300.0
-    max_queued_recipients: int = 5000000
-    # Who may submit: clients in these networks without AUTH, everyone else only after AUTH.
-    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(
-        default_factory=_default_allow_networks)
-    users: Mapping[str, str] = field(default_factory=_no_users, repr=False)  # login -> scrypt hash
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    allow_plaintext_auth_on_loopback: bool = False
-    auth_fail_delay: float = 1.0  # seconds after a failed AUTH; doubles per recent failure ...
-    auth_fail_delay_max: float = 30.0  # ... up to this
-
-
-@dataclass(frozen=True)
-class DomainLimits:
-    max_connections: int = 10
-    max_per_minute: int = 0  # 0 = unlimited
-    # Never send to this domain in clear text: without STARTTLS the recipient is deferred.
-    require_tls: bool = False
-
-
-@dataclass(frozen=True)
-class DkimSection:
-    domain: str
-    selector: str
-    key_file: Path
-
-
-def _no_routes() -> Mapping[str, Address]:
-    return MappingProxyType({})
-
-
-def _default_domains() -> Mapping[str, DomainLimits]:
-    return MappingProxyType({"default": DomainLimits()})
-
-
-@dataclass(frozen=True)
-class DeliverySection:
-    relay: Address | None = None
-    relay_username: str | None = None
-    relay_password: str | None = field(default=None, repr=False)
-    routes: Mapping[str, Address] = field(default_factory=_no_routes)
-    domains: Mapping[str, DomainLimits] = field(default_factory=_default_domains)
-    helo_name: str = "localhost"
-    batch_size: int = 100
-    lease_seconds: float = 30.0
-    # The leader expires a lease only once its own monotonic clock says lease_seconds plus this
-    # much passed since it applied the batch's assignment or last renewal (covers heartbeats and
-    # apply delays between nodes; the heartbeat is 0.08 s).
-    lease_expiry_margin: float = 1.0
-    # A holder starts no SMTP command, and sends no final dot, within this much of its lease end
-    # as its own monotonic clock measures it.
-    lease_send_margin: float = 1.0
-    # Final dots sent without a reply (timeout, connection lost) before a recipient is not tried
-    # again: it ends `expired`, its event text saying it was maybe delivered.
-    max_maybe_delivered: int = 3
-    max_concurrent_batches: int = 20
-    connect_timeout: float = 30.0
-    command_timeout: float = 60.0
-    report_every: int = 50
-    report_interval: float = 0.2
-    retry_first: float = 300.0
-    retry_factor: float = 2.0
-    retry_max_interval: float = 14400.0
-    retry_jitter: float = 0.2
-    max_age: float = 259200.0
-    unsubscribe_url: str | None = None
-    dkim: DkimSection | None = None
-    # Verify the receiver's certificate (and host name) whenever relay credentials are sent or the
-    # domain has require_tls; plain opportunistic STARTTLS stays unverified, as MX certificates
-    # often are. tls_ca_file: a PEM bundle to trust instead of the system's CAs.
-    tls_verify: bool = True
-    tls_ca_file: Path | None = None
-
-    def limits_for(self, domain: str) -> DomainLimits:
-        """Limits for a recipient domain: its own [delivery.domains."x"] table, else the default."""
-        specific = self.domains.get(_normalise_domain(domain))
-        if specific is not None:
-            return specific
-        return self.domains.get("default", DomainLimits())
-
-
-@dataclass(frozen=True)
-class StorageSection:
-    # Bodies and per-recipient detail of finished submissions are kept this long (7 days) ...
-    body_retention_seconds: float = 604800.0
-    # ... then a compressed record of each recipient's final state, this long (30 days).
-    archive_retention_seconds: float = 2592000.0
-    # How often the leader applies the retention and each node deletes expired bodies.
-    maintenance_interval_seconds: float = 60.0
-    # Count bounds, whatever the retention, in recipients (oldest first): finished submissions
-    # keep per-recipient detail for at most this many recipients (then they are archived) ...
-    max_finished_recipients: int = 200000
-    # ... and the compact final-state records at most this many (then they are dropped) ...
-    max_archived_recipients: int = 2000000
-    # ... and addresses on the suppression list (the oldest entry is forgotten first).
-    max_suppressed_addresses: int = 1000000
-    # A body no live submission references is deleted only once its file is this old: a new
-    # submission of the same bytes, stored but not yet committed, refreshes it.
-    body_gc_grace_seconds: float = 3600.0
-    # Recently written or read bodies kept in memory for the sender (0: none; no body over a
-    # quarter of it is kept).
-    body_cache_bytes: int = 64 * 2**20
-
-
-# At most this many outcome events per webhook POST (the /events endpoint's own page limit).
-MAX_WEBHOOK_BATCH = 10000
-
-
-@dataclass(frozen=True)
-class MonitoringSection:
-    # Outcome events are POSTed here in batches by the Raft leader; None = no webhook.
-    # Not repr'd: the URL often carries the receiver's token.
-    webhook_url: str | None = field(default=None, repr=False)
-    webhook_batch: int = 500  # events per POST
-    webhook_timeout: float = 10.0  # seconds per POST
-    webhook_retry_first: float = 1.0  # seconds before the first retry; doubles per failure ...
-    webhook_max_retry_interval: float = 300.0  # ... up to this
-    # /readyz: ready only when the applied index is within this many entries of the leader's commit.
-    ready_max_lag: int = 100
-    # /readyz?write=1: a committed noop younger than this proves the quorum without a new write.
-    ready_write_window: float = 3.0
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    cluster: ClusterSection
-    nodes: tuple[NodeConfig, ...]
-    raft: RaftSection
-    intake: IntakeSection
-    delivery: DeliverySection
-    storage: StorageSection
-    monitoring: MonitoringSection = field(default_factory=MonitoringSection)
-
-    def node(self, node_id: str) -> NodeConfig:
-        for node in self.nodes:
-            if node.id == node_id:
-                return node
-        known = ", ".join(node.id for node in self.nodes)
-        raise ConfigError(self.path, "--node", f"unknown node id {json.dumps(node_id)}; known ids: {known}")
-
-    def node_data_dir(self, node_id: str) -> Path:
-        return self.cluster.data_dir / self.node(node_id).id
-
-    def majority(self) -> int:
-        return len(self.nodes) // 2 + 1
-
-
-# --------------------------------------------------------------------------------------------
-# Small parsing helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _parse_port(text: str) -> int:
-    if not _PORT_RE.fullmatch(text) or not 1 <= int(text) <= 65535:
-        raise ValueError("port must be a number from 1 to 65535")
-    return int(text)
-
-
-def _canonical_ipv6(text: str) -> str:
-    try:
-        return str(ipaddress.IPv6Address(text))
-    except ValueError:
-        raise ValueError("not a valid IPv6 address in brackets") from None
-
-
-def _canonical_host(text: str) -> str:
-    """An IPv4 literal in canonical form, or a lower-cased DNS host name."""
-    name = text.lower()
-    labels = name.split(".")
-    if all(label.isdigit() for label in labels):
-        try:
-            return str(ipaddress.IPv4Address(name))
-        except ValueError:
-            raise ValueError(f"{json.dumps(text)} is not a valid IPv4 address") from None
-    if len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
-        raise ValueError(f"{json.dumps(text)} is not a valid host name")
-    return name
-
-
-def _normalise_domain(domain: str) -> str:
-    return domain.strip().rstrip(".").lower()
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
-
-
-def _is_localhost(host: str) -> bool:
-    return host == "localhost" or host.endswith(".localhost")
-
-
-def _toml_key(name: str) -> str:
-    return name if _BARE_KEY_RE.fullmatch(name) else json.dumps(name, ensure_ascii=False)
-
-
-def _describe(value: Any) -> str:
-    """A value as it would appear in TOML, short enough for a one-line error."""
-    if isinstance(value, bool):
-        return f"{str(value).lower()} (a boolean)"
-    if isinstance(value, str):
-        shown = json.dumps(value, ensure_ascii=False)
-        return shown if len(shown) <= _MAX_SHOWN_CHARS else shown[: _MAX_SHOWN_CHARS - 4] + '..."'
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "an array"
-    return f"a {type(value).__name__}"
-
-
-def _kind_of(value: Any) -> str:
-    """Describe only the type, for values that must not be echoed (secrets, passwords)."""
-    if isinstance(value, str):
-        return "a string"
-    return _describe(value) if isinstance(value, (dict, list)) else f"a {type(value).__name__}"
-
-
-@dataclass(frozen=True)
-class _Rule:
-    """A numeric constraint; `wording` has a {kind} slot for "integer" or "number"."""
-
-    wording: str
-    test: Callable[[float], bool]
-
-
-POSITIVE = _Rule("a positive {kind}", lambda v: v > 0)
-UNLIMITED_IF_ZERO = _Rule("a non-negative {kind} (0 means unlimited)", lambda v: v >= 0)
-AT_LEAST_ONE = _Rule("a {kind} >= 1", lambda v: v >= 1)
-FRACTION = _Rule("a {kind} >= 0 and < 1", lambda v: 0 <= v < 1)
-
-
-class _Section:
-    """One TOML table being read; names its keys the way the errors print them."""
-
-    def __init__(self, src: str, label: str, table: Mapping[str, Any]) -> None:
-        self.src = src
-        self.label = label
-        self.table = table
-
-    def key(self, name: str) -> str:
-        return f"{self.label} {_toml_key(name)}"
-
-    def fail(self, name: str, problem: str) -> NoReturn:
-        raise ConfigError(self.src, self.key(name), problem)
-
-    def has(self, name: str) -> bool:
-        return name in self.table
-
-    def check_keys(self, allowed: Iterable[str], table_hint: str = "") -> None:
-        allowed = list(allowed)
-        for name, value in self.table.items():
-            if name in allowed:
-                continue
-            problem = f"unknown key; allowed keys: {', '.join(allowed)}"
-            close = difflib.get_close_matches(name, allowed, n=1)
-            if close:
-                problem += f" (did you mean {close[0]}?)"
-            if table_hint and isinstance(value, dict):
-                problem += f" ({table_hint})"
-            self.fail(name, problem)
-
-    def integer(self, name: str, rule: _Rule = POSITIVE) -> int:
-        value = self.table[name]
-        # bool is a subclass of int in Python, but `true` is never a sensible count.
-        if isinstance(value, bool) or not isinstance(value, int) or not rule.test(value):
-            self.fail(name, f"must be {rule.wording.format(kind='integer')}, got {_describe(value)}")
-        return value
-
-    def number(self, name: str, rule: _Rule = POSITIVE) -> float:
-        value = self.table[name]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or not rule.test(value):
-            self.fail(name, f"must be {rule.wording.format(kind='number')}, got {_describe(value)}")
-        return float(value)
-
-    def boolean(self, name: str) -> bool:
-        value = self.table[name]
-        if not isinstance(value, bool):
-            self.fail(name, f"must be true or false, got {_describe(value)}")
-        return value
-
-    def text(self, name: str, *, secret: bool = False) -> str:
-        value = self.table[name]
-        if not isinstance(value, str):
-            shown = _kind_of(value) if secret else _describe(value)
-            self.fail(name, f"must be a string, got {shown}")
-        if not value.strip():
-            self.fail(name, "must not be empty")
-        return value
-
-    def required_text(self, name: str, why: str = "", *, secret: bool = False) -> str:
-        if name not in self.table:
-            self.fail(name, f"is required{': ' + why if why else ''}")
-        return self.text(name, secret=secret)
-
-    def subtable(self, name: str, hint: str = "") -> Mapping[str, Any]:
-        value = self.table.get(name, {})
-        if not isinstance(value, dict):
-            self.fail(name, f"must be a table{' (' + hint + ')' if hint else ''}, got {_describe(value)}")
-        return value
-
-
-def _numbers(sec: _Section, cls: type, rules: Mapping[str, _Rule] | None = None) -> dict[str, Any]:
-    """Read the int/float fields of `cls` that the table sets; absent ones keep the class default."""
-    rules = rules or {}
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not sec.has(f.name) or type(f.default) not in (int, float):
-            continue
-        rule = rules.get(f.name, POSITIVE)
-        values[f.name] = sec.integer(f.name, rule) if type(f.default) is int else sec.number(f.name, rule)
-    return values
-
-
-def _resolve_path(base_dir: Path, value: str) -> Path:
-    """Relative paths mean "next to the config file", so the cluster runs from any working dir."""
-    path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = base_dir / path
-    return Path(os.path.normpath(path))
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -550,6 +62,11 @@ def _field_names(cls: type) -> list[str]:
 
 def _cluster_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> ClusterSection:
     sec = _Section(src, "[cluster]", table)
+    if sec.has("token_key"):
+        # Moved: it authenticates more than links now, and takes a list (rotation).
+        sec.fail("token_key", "is no longer read: unsubscribe links and VERP addresses are authenticated with "
+                              "[feedback] unsubscribe_secret = [\"<key>\"] (a list: the first key makes tokens, "
+                              "every key is tried when one is read); move the key there")
     sec.check_keys(_field_names(ClusterSection))
     name = sec.required_text("name", "it identifies this cluster in logs and reports")
     if not CLUSTER_NAME_RE.fullmatch(name):
@@ -568,17 +85,17 @@ def _cluster_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Clus
         sec.fail("read_token", "is set but admin_token is not: set admin_token too, or every route stays open")
     if read_token is not None and read_token == admin_token:
         sec.fail("read_token", "must differ from admin_token")
-    token_key = None
-    if sec.has("token_key"):
-        token_key = sec.text("token_key", secret=True)
-        key_bytes = len(token_key.encode("utf-8"))
-        if key_bytes < MIN_TOKEN_KEY_BYTES:
-            sec.fail("token_key", f"is {key_bytes} bytes, needs at least {MIN_TOKEN_KEY_BYTES}: {TOKEN_KEY_WHY}")
-        if token_key in (secret, admin_token, read_token):
-            sec.fail("token_key", "must differ from the secret and the admin tokens: "
-                                  "the unsubscribe service that holds it must not control the cluster")
     return ClusterSection(name=name, secret=secret, data_dir=data_dir, fsync=fsync, admin_token=admin_token,
-                          read_token=read_token, token_key=token_key, **_numbers(sec, ClusterSection))
+                          read_token=read_token, **_numbers(sec, ClusterSection))
+
+
+def _choice(sec: _Section, name: str, allowed: tuple[str, ...], default: str) -> str:
+    if not sec.has(name):
+        return default
+    value = sec.text(name)
+    if value not in allowed:
+        sec.fail(name, f"must be one of {', '.join(json.dumps(a) for a in allowed)}, got {_describe(value)}")
+    return value
 
 
 def _token(sec: _Section, name: str) -> str:
@@ -611,9 +128,23 @@ def _check_cross_sections(src: str, config: Config) -> None:
     if config.cluster.secret == EXAMPLE_SECRET and not all(_is_loopback(a) for a in addresses):
         raise ConfigError(src, "[cluster] secret", "is the example file's public secret, allowed only while "
                           "every node address is loopback; set your own (`raftmail secret` prints one)")
-    if config.delivery.unsubscribe_url is not None and config.cluster.token_key is None:
-        raise ConfigError(src, "[cluster] token_key", f"is required when [delivery] unsubscribe_url is set: "
-                          f"{TOKEN_KEY_WHY}")
+    fb = config.feedback
+    if not fb.unsubscribe_secret:
+        needs = [key for key, value in (("[delivery] unsubscribe_url", config.delivery.unsubscribe_url),
+                                        ("[feedback] bounce_domain", fb.bounce_domain),
+                                        ("[feedback] unsubscribe_mailto", fb.unsubscribe_mailto)) if value is not None]
+        if needs:
+            raise ConfigError(src, "[feedback] unsubscribe_secret", f"is required when {needs[0]} is set: "
+                              f"{UNSUBSCRIBE_SECRET_WHY}")
+    cluster = config.cluster
+    for key in fb.unsubscribe_secret:
+        if key in (cluster.secret, cluster.admin_token, cluster.read_token):
+            raise ConfigError(src, "[feedback] unsubscribe_secret", "must differ from the cluster secret and the "
+                              "admin tokens: a key every link and bounce address is checked with must not "
+                              "control the cluster")
+    if any(n.http is not None for n in config.nodes) and config.delivery.unsubscribe_url is None:
+        raise ConfigError(src, "[delivery] unsubscribe_url", "is required when a [[node]] has http: the public "
+                          "listener serves the unsubscribe links it names")
 
 
 def _node_address(sec: _Section, role: str) -> Address:
@@ -641,12 +172,13 @@ def _node(src: str, index: int, table: Any) -> NodeConfig:
         sec.fail("id", f"must be 1-32 characters from A-Z a-z 0-9 _ -, got {_describe(node_id)}")
     # From here on errors name the node by its id, which is how the operator knows it.
     sec.label = f"[[node]] {node_id}"
-    sec.check_keys(("id", "raft", "smtp", "admin"))
+    sec.check_keys(("id", "raft", "smtp", "admin", "http"))
     return NodeConfig(
         id=node_id,
         raft=_node_address(sec, "raft"),
         smtp=_node_address(sec, "smtp"),
         admin=_node_address(sec, "admin"),
+        http=_node_address(sec, "http") if sec.has("http") else None,
     )
 
 
@@ -668,8 +200,10 @@ def _nodes(src: str, raw: Any) -> tuple[NodeConfig, ...]:
                 f"[[node]] #{index} id",
                 f"{json.dumps(node.id)} is already used by [[node]] #{earlier}; node ids must be unique (ignoring case)",
             )
-        for role in ("raft", "smtp", "admin"):
-            address: Address = getattr(node, role)
+        for role in ("raft", "smtp", "admin", "http"):
+            address: Address | None = getattr(node, role)
+            if address is None:
+                continue
             owner = owner_by_address.setdefault((address.host, address.port), f"{node.id} {role}")
             if owner != f"{node.id} {role}":
                 problem = f"port {address.port} is already used by {owner} ({address})"
@@ -733,20 +267,30 @@ def _allow_networks(sec: _Section) -> tuple[ipaddress.IPv4Network | ipaddress.IP
 
 
 def _users(src: str, sec: _Section) -> Mapping[str, str]:
+    def bad_login(name: str) -> str | None:
+        if not name or len(name) > MAX_LOGIN_CHARS or not name.isprintable() or any(c.isspace() for c in name):
+            return f"a login must be 1-{MAX_LOGIN_CHARS} printable characters without spaces"
+        return None
+    return _hashes(src, sec, "users", 'write [intake.users] with name = "scrypt$..." lines', bad_login)
+
+
+def _hashes(src: str, sec: _Section, table: str, hint: str, bad_name: Callable[[str], str | None]) -> Mapping[str, str]:
+    """A table of name = salted hash (passwords, API keys), every hash checked."""
     from raftmail.node.auth import parse_hash
 
-    users_sec = _Section(src, "[intake.users]", sec.subtable("users", 'write [intake.users] with name = "scrypt$..." lines'))
-    users: dict[str, str] = {}
-    for name in users_sec.table:
-        if not name or len(name) > MAX_LOGIN_CHARS or not name.isprintable() or any(c.isspace() for c in name):
-            users_sec.fail(name, f"a login must be 1-{MAX_LOGIN_CHARS} printable characters without spaces")
-        value = users_sec.text(name, secret=True)
+    sub = _Section(src, f"{sec.label[:-1]}.{table}]", sec.subtable(table, hint))
+    out: dict[str, str] = {}
+    for name in sub.table:
+        why = bad_name(name)
+        if why:
+            sub.fail(name, why)
+        value = sub.text(name, secret=True)
         try:
             parse_hash(value)
         except ValueError as exc:
-            users_sec.fail(name, str(exc))
-        users[name] = value
-    return MappingProxyType(users)
+            sub.fail(name, str(exc))
+        out[name] = value
+    return MappingProxyType(out)
 
 
 def _tls_files(src: str, base_dir: Path, sec: _Section) -> tuple[Path | None, Path | None]:
@@ -787,6 +331,7 @@ def _intake_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Intak
         tls_cert=tls_cert,
         tls_key=tls_key,
         allow_plaintext_auth_on_loopback=plaintext_ok,
+        bare_newline=_choice(sec, "bare_newline", BARE_NEWLINE_MODES, IntakeSection.bare_newline),
     )
     if not sec.has("max_stranger_connections"):
         intake = dataclasses.replace(intake, max_stranger_connections=max(1, intake.max_connections // 2))
@@ -813,7 +358,7 @@ def _intake_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Intak
 
 
 def _domain_key(sec: _Section, name: str, *, allow_default: bool = False) -> str:
-    domain = _normalise_domain(name)
+    domain = normalise_domain(name)
     if allow_default and domain == "default":
         return domain
     labels = domain.split(".")
@@ -844,7 +389,7 @@ def _domains(src: str, table: Mapping[str, Any]) -> Mapping[str, DomainLimits]:
     outer = _Section(src, "[delivery.domains]", table)
     limits: dict[str, DomainLimits] = {}
     # The default table is read first: a domain's own table only overrides what it sets.
-    for name in sorted(table, key=lambda n: _normalise_domain(n) != "default"):
+    for name in sorted(table, key=lambda n: normalise_domain(n) != "default"):
         value = table[name]
         domain = _domain_key(outer, name, allow_default=True)
         if not isinstance(value, dict):
@@ -866,7 +411,7 @@ def _dkim_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> DkimSec
     sec = _Section(src, "[delivery.dkim]", table)
     sec.check_keys(_field_names(DkimSection))
     domain_text = sec.required_text("domain", "it is the d= domain of the DKIM signature")
-    domain = _normalise_domain(domain_text)
+    domain = normalise_domain(domain_text)
     if not all(_LABEL_RE.fullmatch(label) for label in domain.split(".")):
         sec.fail("domain", f"is not a valid domain name, got {_describe(domain_text)}")
     selector = sec.required_text("selector", "it is the s= selector that receivers look up in DNS")
@@ -1044,11 +589,67 @@ def _monitoring_section(src: str, table: Mapping[str, Any]) -> MonitoringSection
     return monitoring
 
 
+def _feedback_domain(sec: _Section, name: str) -> str:
+    text = sec.text(name)
+    domain = normalise_domain(text)
+    if len(domain) > 253 or "." not in domain or not all(_LABEL_RE.fullmatch(label) for label in domain.split(".")):
+        sec.fail(name, f"must be a domain name like bounces.example.com, got {_describe(text)}")
+    return domain
+
+
+def _feedback_section(src: str, table: Mapping[str, Any]) -> FeedbackSection:
+    sec = _Section(src, "[feedback]", table)
+    sec.check_keys(_field_names(FeedbackSection))
+    keys: tuple[str, ...] = ()
+    if sec.has("unsubscribe_secret"):
+        value = table["unsubscribe_secret"]
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(k, str) for k in value):
+            sec.fail("unsubscribe_secret", 'must be a list of keys like ["<key>"] (the first makes tokens)')
+        for key in value:
+            if len(key.encode("utf-8")) < MIN_UNSUBSCRIBE_SECRET_BYTES:
+                sec.fail("unsubscribe_secret", f"a key is {len(key.encode('utf-8'))} bytes, each needs at least "
+                                               f"{MIN_UNSUBSCRIBE_SECRET_BYTES}: {UNSUBSCRIBE_SECRET_WHY}")
+        if len(set(value)) != len(value):
+            sec.fail("unsubscribe_secret", "lists a key twice")
+        keys = tuple(value)
+    feedback_id = sec.text("feedback_id") if sec.has("feedback_id") else None
+    if feedback_id is not None and (not feedback_id.isascii() or not feedback_id.isprintable()
+                                    or any(c.isspace() for c in feedback_id) or len(feedback_id) > 200):
+        sec.fail("feedback_id", f"must be printable ASCII without spaces, at most 200 characters (it goes in a "
+                                f"header), got {_describe(feedback_id)}")
+    section = FeedbackSection(
+        unsubscribe_secret=keys,
+        unsubscribe_scope=_choice(sec, "unsubscribe_scope", UNSUBSCRIBE_SCOPES, FeedbackSection.unsubscribe_scope),
+        unsubscribe_mailto=_feedback_domain(sec, "unsubscribe_mailto") if sec.has("unsubscribe_mailto") else None,
+        bounce_domain=_feedback_domain(sec, "bounce_domain") if sec.has("bounce_domain") else None,
+        feedback_id=feedback_id,
+        **_numbers(sec, FeedbackSection),
+    )
+    return section
+
+
+def _api_section(src: str, table: Mapping[str, Any]) -> ApiSection:
+    sec = _Section(src, "[api]", table)
+    sec.check_keys(_field_names(ApiSection))
+    keys = _hashes(src, sec, "keys", 'write [api.keys] with name = "scrypt$..." lines (raftmail apikey NAME prints one)',
+                   lambda name: None if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name)
+                   else "a key name is 1-64 letters, digits, '-' or '_'")
+    api = ApiSection(**_numbers(sec, ApiSection),
+                     allow_networks=_allow_networks(sec) if sec.has("allow_networks") else _default_allow_networks(),
+                     keys=keys)
+    if api.recipients_per_submission > api.max_recipients:
+        sec.fail("recipients_per_submission", f"({api.recipients_per_submission}) must be at most max_recipients "
+                                              f"({api.max_recipients})")
+    return api
+
+
 # --------------------------------------------------------------------------------------------
 # File level
 # --------------------------------------------------------------------------------------------
 
-_SECTIONS = ("cluster", "node", "raft", "intake", "delivery", "storage", "monitoring")
+_SECTIONS = ("cluster", "node", "raft", "intake", "delivery", "storage", "monitoring", "feedback", "api")
 
 
 def _section_label(name: str, value: Any) -> str:
@@ -1104,6 +705,8 @@ def load_config(path: str | Path) -> Config:
         delivery=_delivery_section(src, base_dir, _top_level_table(src, document, "delivery")),
         storage=_storage_section(src, _top_level_table(src, document, "storage")),
         monitoring=_monitoring_section(src, _top_level_table(src, document, "monitoring")),
+        feedback=_feedback_section(src, _top_level_table(src, document, "feedback")),
+        api=_api_section(src, _top_level_table(src, document, "api")),
     )
     _check_cross_sections(src, config)
     return config

@@ -1,7 +1,7 @@
 """Sending one batch (one destination domain) over one reused SMTP connection.
 
-Route resolution picks where the domain's mail goes; `deliver_batch` sends each recipient its own
-transaction and reports one `Outcome` per recipient it attempted. SMTP and network trouble never
+`deliver_batch` sends each recipient its own transaction, over the routes node/routes.py picked,
+and reports one `Outcome` per recipient it attempted. SMTP and network trouble never
 raises out of here: it becomes a code-0 outcome, which the classifier treats as a deferral.
 """
 
@@ -10,27 +10,19 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import random
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import aiosmtplib
-import dns.asyncresolver
-import dns.exception
-import dns.name
-import dns.resolver
-
 from aiosmtplib.protocol import normalize_message_line_endings
 
 from raftmail.consensus.outcomes import parse_enhanced
+from raftmail.node.routes import Route
 from raftmail.node.tls import client_context
-
-if TYPE_CHECKING:
-    from raftmail.node.config import Address
 
 log = logging.getLogger(__name__)
 
@@ -61,109 +53,6 @@ class Outcome:
     maybe_delivered: bool = False
 
 
-@dataclass(frozen=True)
-class Route:
-    """One place to hand a domain's mail to, with AUTH credentials for a relay."""
-
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-
-    @property
-    def remote(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Route resolution
-
-
-async def resolve_routes(
-    domain: str,
-    *,
-    routes: Mapping[str, Address],
-    relay: Address | None,
-    relay_username: str | None,
-    relay_password: str | None,
-    resolver: dns.asyncresolver.Resolver | None = None,
-    port: int = 25,
-    dns_lifetime: float = 10.0,
-) -> list[Route]:
-    """Where to deliver `domain`'s mail, most preferred first; [] when the domain takes no mail.
-
-    A configured per-domain route wins, then the relay; otherwise MX records in preference order,
-    or the domain's own addresses when it has no MX (implicit MX, RFC 5321 5.1). A null MX
-    (RFC 7505), a missing domain, or a failed lookup give [] (the batch is then deferred).
-    """
-    key = _domain_key(domain)
-    configured = {_domain_key(name): address for name, address in routes.items()}
-    if key in configured:
-        address = configured[key]
-        return [Route(address.host, address.port)]
-    if relay is not None:
-        return [Route(relay.host, relay.port, relay_username, relay_password)]
-    literal = _address_literal(key)
-    if literal is not None:
-        return [Route(literal, port)]
-    resolver = resolver if resolver is not None else dns.asyncresolver.Resolver()
-    return await _mx_routes(key, resolver, port, dns_lifetime)
-
-
-def _domain_key(domain: str) -> str:
-    return domain.strip().rstrip(".").lower()
-
-
-def _address_literal(domain: str) -> str | None:
-    """The IP of a domain literal such as "[192.0.2.1]" or "[IPv6:2001:db8::1]" (RFC 5321 4.1.3)."""
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return None
-    text = domain[1:-1]
-    if text.lower().startswith("ipv6:"):
-        text = text[5:]
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        return None
-
-
-async def _mx_routes(
-    domain: str, resolver: dns.asyncresolver.Resolver, port: int, lifetime: float
-) -> list[Route]:
-    try:
-        answer = await resolver.resolve(domain, "MX", lifetime=lifetime)
-    except dns.resolver.NXDOMAIN:
-        return []
-    except dns.resolver.NoAnswer:
-        return await _implicit_mx_routes(domain, resolver, port, lifetime)
-    except dns.exception.DNSException as exc:
-        log.warning("MX lookup for %s failed: %s", domain, exc)
-        return []
-    # A null MX ("." ) says the domain accepts no mail; any other MX next to it is a
-    # misconfiguration (RFC 7505 3), so only real exchanges are used.
-    records = [(r.preference, r.exchange) for r in answer if r.exchange != dns.name.root]
-    # Equal preferences are shuffled to spread load, as RFC 5321 5.1 asks.
-    records.sort(key=lambda record: (record[0], random.random()))
-    return [Route(exchange.to_text(omit_final_dot=True), port) for _, exchange in records]
-
-
-async def _implicit_mx_routes(
-    domain: str, resolver: dns.asyncresolver.Resolver, port: int, lifetime: float
-) -> list[Route]:
-    routes: list[Route] = []
-    for rdtype in ("A", "AAAA"):
-        try:
-            answer = await resolver.resolve(domain, rdtype, lifetime=lifetime)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            continue
-        except dns.exception.DNSException as exc:
-            log.warning("%s lookup for %s failed: %s", rdtype, domain, exc)
-            continue
-        routes += [Route(record.address, port) for record in answer]
-    return routes
-
-
 # ---------------------------------------------------------------------------------------------
 # Sending one batch
 
@@ -171,7 +60,7 @@ async def _implicit_mx_routes(
 async def deliver_batch(
     routes: Sequence[Route],
     mail_from: str,
-    messages: AsyncIterator[tuple[int, str, bytes]] | Iterable[tuple[int, str, bytes]],
+    messages: AsyncIterator[tuple] | Iterable[tuple],
     *,
     helo_name: str,
     connect_timeout: float,
@@ -184,7 +73,8 @@ async def deliver_batch(
     tls_ca_file: Path | None = None,
     lease_left: Callable[[], float] | None = None,
 ) -> None:
-    """Send each (index, recipient, message) as its own transaction over one SMTP connection.
+    """Send each (index, recipient, message) as its own transaction over one SMTP connection; a
+    fourth item, when given, is that message's envelope sender instead of `mail_from` (VERP).
 
     `may_send` is asked before every message; once it says no, the batch stops and the remaining
     recipients get no outcome (their lease decides). Every attempted recipient gets exactly one
@@ -215,10 +105,10 @@ async def deliver_batch(
         lease_left=lease_left,
     )
     try:
-        async for index, recipient, message in _each(messages):
+        async for index, recipient, message, *envelope in _each(messages):
             if not may_send():
                 break
-            outcome = await sender.deliver(index, recipient, message)
+            outcome = await sender.deliver(index, recipient, message, envelope[0] if envelope else None)
             if outcome is None:
                 break  # the lease ran out before the final dot: nothing of it was sent
             on_outcome(outcome)
@@ -228,9 +118,7 @@ async def deliver_batch(
     await sender.quit()
 
 
-async def _each(
-    messages: AsyncIterator[tuple[int, str, bytes]] | Iterable[tuple[int, str, bytes]],
-) -> AsyncIterator[tuple[int, str, bytes]]:
+async def _each(messages: AsyncIterator[tuple] | Iterable[tuple]) -> AsyncIterator[tuple]:
     if hasattr(messages, "__aiter__"):
         async for item in messages:
             yield item
@@ -295,7 +183,7 @@ class _BatchSender:
 
     # -- per message ---------------------------------------------------------------------------
 
-    async def deliver(self, index: int, recipient: str, message: bytes) -> Outcome | None:
+    async def deliver(self, index: int, recipient: str, message: bytes, mail_from: str | None = None) -> Outcome | None:
         """The recipient's outcome, or None when the lease ran out before anything of this
         message could be sent (no outcome: the lease decides)."""
         if self._failure is None and not self._connected():
@@ -303,7 +191,7 @@ class _BatchSender:
         if self._failure is not None:
             text, enhanced, remote = self._failure
             return Outcome(index, 0, enhanced, text, remote)
-        return await self._transaction(index, recipient, message)
+        return await self._transaction(index, recipient, message, mail_from or self._mail_from)
 
     async def _bounded(self, command: Awaitable[T], stage: str) -> T:
         """Await one SMTP command's reply, at most `command_timeout` and never past the lease
@@ -327,15 +215,15 @@ class _BatchSender:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _transaction(self, index: int, recipient: str, message: bytes) -> Outcome | None:
+    async def _transaction(self, index: int, recipient: str, message: bytes, mail_from: str) -> Outcome | None:
         smtp = self._smtp
         assert smtp is not None
         stage = "MAIL FROM"
         try:
-            mail_options, encoding = self._envelope_options(recipient, message)
+            mail_options, encoding = self._envelope_options(mail_from, recipient, message)
             if self._lease_left is not None and self._lease_left() <= 0:
                 return None
-            await self._bounded(smtp.mail(self._mail_from, options=mail_options, encoding=encoding,
+            await self._bounded(smtp.mail(mail_from, options=mail_options, encoding=encoding,
                                           timeout=None), stage)
             stage = "RCPT TO"
             await self._bounded(smtp.rcpt(recipient, encoding=encoding, timeout=None), stage)
@@ -387,11 +275,11 @@ class _BatchSender:
             smtp.close()
             raise
 
-    def _envelope_options(self, recipient: str, message: bytes) -> tuple[list[str], str]:
+    def _envelope_options(self, mail_from: str, recipient: str, message: bytes) -> tuple[list[str], str]:
         assert self._smtp is not None
         options: list[str] = []
         encoding = "ascii"
-        if not (self._mail_from.isascii() and recipient.isascii()) and self._smtp.supports_extension(
+        if not (mail_from.isascii() and recipient.isascii()) and self._smtp.supports_extension(
             "smtputf8"
         ):
             options.append("SMTPUTF8")

@@ -1,4 +1,4 @@
-"""Per-recipient rendering of a submitted message: ids, unsubscribe tokens, headers, DKIM.
+"""Per-recipient rendering of a submitted message: ids, headers, DKIM.
 
 The submitted body is kept byte for byte; only the header block is edited, line by line, so a
 retry on another node renders exactly the same bytes (apart from the DKIM timestamp).
@@ -6,9 +6,6 @@ retry on another node renders exactly the same bytes (apart from the DKIM timest
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import re
 from collections import Counter
 
@@ -30,9 +27,8 @@ DKIM_HEADERS: tuple[bytes, ...] = (
     b"to",
     b"list-unsubscribe",
     b"list-unsubscribe-post",
+    b"feedback-id",
 )
-
-UNSUBSCRIBE_TOKEN_BYTES = 24
 
 # RFC 5322 atext plus "." : what may stand in a Message-ID's left part.
 _ID_LEFT_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
@@ -49,30 +45,6 @@ def recipient_message_id(submission_id: str, index: int, sender_domain: str) -> 
     if not _DOMAIN_RE.match(sender_domain):
         raise ValueError(f"sender domain not usable in a Message-ID: {sender_domain!r}")
     return f"<{submission_id}.{index}.rm@{sender_domain}>"
-
-
-def unsubscribe_token(token_key: str, campaign_id: str, recipient: str) -> str:
-    """An opaque token proving that `recipient` of `campaign_id` was issued this unsubscribe link.
-
-    `token_key` is [cluster] token_key: its own random key, never the cluster secret. Every link
-    is an HMAC anyone can collect, so it must not be a way to test guesses of a key that controls
-    the cluster; and the unsubscribe service that verifies links holds this key, not the secret.
-    """
-    if not token_key:
-        raise ValueError("unsubscribe tokens need [cluster] token_key")
-    mac = hmac.new(token_key.encode(), f"raftmail unsubscribe v2\0{campaign_id}\0{recipient}".encode(),
-                   hashlib.sha256)
-    return base64.urlsafe_b64encode(mac.digest()[:UNSUBSCRIBE_TOKEN_BYTES]).rstrip(b"=").decode()
-
-
-def verify_unsubscribe_token(token_key: str, campaign_id: str, recipient: str, token: str) -> bool:
-    """True when `token` was made by `unsubscribe_token` with the same key, campaign and recipient."""
-    expected = unsubscribe_token(token_key, campaign_id, recipient).encode()
-    try:
-        given = token.encode("ascii")
-    except UnicodeEncodeError:
-        return False
-    return hmac.compare_digest(expected, given)
 
 
 class DkimSigner:
@@ -107,22 +79,36 @@ class DkimSigner:
 def render_for_recipient(
     body: bytes,
     *,
-    mail_from: str,
     recipient: str,
     message_id: str,
     unsubscribe_url: str | None = None,
+    unsubscribe_mailto: str | None = None,
+    feedback_id: str | None = None,
     dkim: DkimSigner | None = None,
 ) -> bytes:
-    """One recipient's copy of a submitted message: owned headers replaced, body bytes untouched."""
-    for name, value in (("mail_from", mail_from), ("recipient", recipient), ("message_id", message_id)):
-        _reject_line_breaks(name, value)
+    """One recipient's copy of a submitted message: owned headers replaced, body bytes untouched.
+
+    `unsubscribe_url` (https) and `unsubscribe_mailto` (an address) make the RFC 2369
+    List-Unsubscribe header; the https one also makes it RFC 8058 one-click. `feedback_id` is
+    Gmail's Feedback-ID header (it replaces a submitted one)."""
+    for name, value in (("recipient", recipient), ("message_id", message_id), ("unsubscribe_url", unsubscribe_url),
+                        ("unsubscribe_mailto", unsubscribe_mailto), ("feedback_id", feedback_id)):
+        if value is not None:
+            _reject_line_breaks(name, value)
     eol = _line_ending(body)
     header_lines, rest = _split_header_block(body)
-    kept = [line for name, field in _header_fields(header_lines) if name not in REPLACED_HEADERS for line in field]
-    added = [f"Return-Path: <{mail_from}>", f"Message-ID: {message_id}"]
+    dropped = REPLACED_HEADERS | ({b"feedback-id"} if feedback_id is not None else set())
+    kept = [line for name, field in _header_fields(header_lines) if name not in dropped for line in field]
+    # No Return-Path: only the final delivery adds one (RFC 5321 4.4); a submitted one is dropped.
+    added = [f"Message-ID: {message_id}"]
+    targets = ([f"<{unsubscribe_url}>"] if unsubscribe_url is not None else []) + (
+        [f"<mailto:{unsubscribe_mailto}>"] if unsubscribe_mailto is not None else [])
+    if targets:
+        added.append(f"List-Unsubscribe: {', '.join(targets)}")
     if unsubscribe_url is not None:
-        _reject_line_breaks("unsubscribe_url", unsubscribe_url)
-        added += [f"List-Unsubscribe: <{unsubscribe_url}>", "List-Unsubscribe-Post: List-Unsubscribe=One-Click"]
+        added.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
+    if feedback_id is not None:
+        added.append(f"Feedback-ID: {feedback_id}")
     rendered = b"".join(h.encode() + eol for h in added) + b"".join(kept) + rest
     if dkim is not None:
         rendered = dkim.sign(rendered) + rendered

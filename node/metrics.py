@@ -1,8 +1,10 @@
 """Monitoring for one node: Prometheus metrics on the admin address (`/metrics`), and the health
 probes load balancers ask (`/healthz`, `/readyz`).
 
-Metrics are read from the node and its replicated state at scrape time, or counted by small hooks
-in the I/O shell (intake, sender). Nothing here writes to the state machine. Label values are
+Metrics are read at scrape time from the sources the node wires in (`NodeSources`: the Raft
+node, the read view, the body store, the task supervisor, and the intake, webhook and feedback desk
+once they run), or counted by small hooks in the I/O shell (intake, sender). Nothing here writes to
+the state machine. Label values are
 bounded: reply codes, SMTP commands, recipient states, member ids, and destination domains capped
 to the names of the cluster file's [delivery.domains] tables plus "other".
 """
@@ -11,19 +13,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from aiohttp import web
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram,
                                disable_created_metrics, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
+from raftmail.consensus.commands import Noop
+from raftmail.consensus.domains import normalise_domain
 from raftmail.consensus.outcomes import STATE_NAMES
-from raftmail.node.bridge import ProposalFailed
+from raftmail.node.bridge import Propose, ProposalFailed
+from raftmail.node.config import MonitoringSection
 
 if TYPE_CHECKING:
-    from raftmail.node.intake import Intake
-    from raftmail.node.runtime import MailNode
+    from raftmail.consensus.raft import RaftNode
+    from raftmail.consensus.view import StateView
+    from raftmail.node.bodies import BodyStore
+    from raftmail.node.tasks import Tasks
 
 OTHER_DOMAIN = "other"
 ROLES = ("leader", "follower", "candidate")
@@ -38,7 +46,7 @@ READY_WRITE_TIMEOUT = 1.0  # seconds a /readyz?write=1 noop may take to commit
 
 def domain_label(domain: str, known: frozenset[str]) -> str:
     """A destination domain as a label value: a configured [delivery.domains] name, else "other"."""
-    d = domain.strip().rstrip(".").lower()
+    d = normalise_domain(domain)
     return d if d in known else OTHER_DOMAIN
 
 
@@ -52,12 +60,19 @@ def readiness(rs: dict, members: int, max_lag: int) -> tuple[bool, str]:
     """Is this node fit to take SMTP submissions? (ready, reason), from its Raft status.
 
     Ready means part of a quorum (pysyncobj connected to a majority, and a known leader that is
-    this node or connected to it) and caught up (applied index within `max_lag` entries of the
+    this node or connected to it and heard from lately) and caught up (applied index within `max_lag` entries of the
     leader's commit index as this node last heard it)."""
     connected = len(rs.get("partners_connected") or [])
+    leader = rs.get("leader_addr")
+    silent = rs.get("leader_silent_for")
+    if not rs.get("has_quorum") and 2 * (connected + 1) > members:
+        # Connected to a majority: it is the leader that is missing or silent.
+        if leader is None:
+            return False, "no known leader (election in progress?)"
+        if silent is not None:
+            return False, f"no quorum: nothing heard from the leader {leader} for {silent:.1f}s"
     if not rs.get("has_quorum"):
         return False, f"no quorum: connected to {connected + 1} of {members} members"
-    leader = rs.get("leader_addr")
     if leader is None:
         return False, "no known leader (election in progress?)"
     if rs.get("role") != "leader" and leader not in (rs.get("partners_connected") or []):
@@ -72,12 +87,34 @@ def readiness(rs: dict, members: int, max_lag: int) -> tuple[bool, str]:
     return True, f"ready: in a quorum with leader {leader}, {max(lag, 0)} entries behind"
 
 
+@dataclass
+class NodeSources:
+    """What a scrape reads, each piece named. The components that start with the node's loop
+    (intake, webhook, feedback desk, proposer) are attached when they exist: until then their
+    metrics are absent, not guessed."""
+
+    node_id: str
+    cluster: str
+    monitoring: MonitoringSection
+    raft: "RaftNode"
+    view: Callable[[], "StateView"]  # the published read view
+    members: Callable[[], dict]  # id -> member record
+    storage_problems: Callable[[], dict[str, str]]
+    store: "BodyStore"
+    bodies_fetched: Callable[[], int]
+    tasks: "Tasks"
+    propose: Propose | None = None
+    intake_connections: Callable[[], dict[str, int]] | None = None
+    webhook: Any = None  # webhook.WebhookPoster, when one is configured
+    feedback_counters: Callable[[], dict[str, int]] | None = None
+
+
 class NodeMetrics:
     """The metric registry of one node, and the hooks the I/O shell calls."""
 
-    def __init__(self, node: "MailNode") -> None:
-        self.node = node
-        self.domains = frozenset(d for d in node.config.delivery.domains if d != "default")
+    def __init__(self, sources: NodeSources, domains: frozenset[str]) -> None:
+        self.sources = sources
+        self.domains = frozenset(d for d in domains if d != "default")
         # `_created` series would double the series count and say nothing an operator watches.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -88,7 +125,7 @@ class NodeMetrics:
         self.recipients = Counter("raftmail_intake_recipients", "Recipients of SMTP submissions answered "
                                   "by this node, by result: accepted, duplicate, refused",
                                   ["result"], registry=reg)
-        self.refused = Counter("raftmail_intake_refused", "SMTP commands this node refused, by command "
+        self.refused_replies = Counter("raftmail_intake_refused", "SMTP commands this node refused, by command "
                                "and reply code", ["command", "code"], registry=reg)
         self.intake_seconds = Histogram("raftmail_intake_seconds", "Seconds from the end of DATA to the "
                                         "reply (body replication and Raft commit)",
@@ -107,39 +144,18 @@ class NodeMetrics:
 
     # ---------------------------------------------------------------- hooks
 
-    def watch_intake(self, intake: "Intake") -> None:
-        """Count every reply of `intake` and time its DATA handling, by wrapping the three methods
-        the SMTP handler calls (intake.py stays free of metrics code)."""
-        accept, check_sender, check_recipient = intake.accept, intake.check_sender, intake.check_recipient
+    # -- the intake observer (smtp_server.IntakeObserver): every refusal and every DATA answer
 
-        async def timed_accept(sender: str, recipients: Sequence[str], message: bytes) -> str:
-            started = time.monotonic()
-            reply = await accept(sender, recipients, message)
-            self.intake_reply(reply, len(recipients), time.monotonic() - started)
-            return reply
+    def refused(self, command: str, reply: str) -> None:
+        self.refused_replies.labels(command, reply_code(reply)).inc()
 
-        def counted_sender(address: str) -> str | None:
-            return self._count_refusal("MAIL", check_sender(address))
-
-        def counted_recipient(address: str, already: int) -> str | None:
-            return self._count_refusal("RCPT", check_recipient(address, already))
-
-        intake.accept = timed_accept  # type: ignore[method-assign]
-        intake.check_sender = counted_sender  # type: ignore[method-assign]
-        intake.check_recipient = counted_recipient  # type: ignore[method-assign]
-
-    def _count_refusal(self, command: str, refusal: str | None) -> str | None:
-        if refusal:
-            self.refused.labels(command, reply_code(refusal)).inc()
-        return refusal
-
-    def intake_reply(self, reply: str, n_recipients: int, seconds: float) -> None:
+    def data_answered(self, reply: str, n_recipients: int, seconds: float) -> None:
         self.intake_seconds.observe(seconds)
         if reply.startswith("250"):
             result = "duplicate" if "Already queued" in reply else "accepted"
         else:
             result = "refused"
-            self.refused.labels("DATA", reply_code(reply)).inc()
+            self.refused("DATA", reply)
         self.submissions.labels(result).inc()
         self.recipients.labels(result).inc(n_recipients)
 
@@ -162,15 +178,14 @@ class NodeMetrics:
     # ---------------------------------------------------------------- probes
 
     def ready(self) -> tuple[bool, str]:
-        node = self.node
-        return readiness(node.raft.raft_status(), len(node.raft.otherNodes) + 1,
-                         node.config.monitoring.ready_max_lag)
+        src = self.sources
+        return readiness(src.raft.raft_status(), len(src.raft.otherNodes) + 1, src.monitoring.ready_max_lag)
 
     async def prove_quorum(self) -> tuple[bool, str]:
         """A committed noop, unless one committed within [monitoring] ready_write_window. Probes
         arriving while a noop is in flight share its answer: at most one noop at a time, and at
         most one per window, however many probes come."""
-        if time.monotonic() - self._write_proof < self.node.config.monitoring.ready_write_window:
+        if time.monotonic() - self._write_proof < self.sources.monitoring.ready_write_window:
             return True, "a noop committed recently"
         if self._proving is None:
             self._proving = asyncio.ensure_future(self._commit_noop())
@@ -178,8 +193,10 @@ class NodeMetrics:
         return await asyncio.shield(self._proving)
 
     async def _commit_noop(self) -> tuple[bool, str]:
+        if self.sources.propose is None:
+            return False, "the node is still starting"
         try:
-            await self.node.proposer.propose({"op": "noop"}, READY_WRITE_TIMEOUT)
+            await self.sources.propose(Noop(), READY_WRITE_TIMEOUT)
         except ProposalFailed as e:
             return False, f"a noop write did not commit: {e.reason}"
         self._write_proof = time.monotonic()
@@ -196,18 +213,19 @@ class _NodeCollector:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        node = self.metrics.node
+        node = self.metrics.sources
         yield from self._raft(node)
         yield from self._queue(node)
         yield from self._intake(node)
         yield from self._bodies(node)
         yield from self._disk(node)
         yield from self._webhook(node)
+        yield from self._feedback(node)
 
-    def _raft(self, node: "MailNode") -> Iterator[Metric]:
+    def _raft(self, node: NodeSources) -> Iterator[Metric]:
         rs = node.raft.raft_status()
         info = InfoMetricFamily("raftmail_node", "This node's id and cluster name")
-        info.add_metric([], {"node": node.id, "cluster": node.config.cluster.name})
+        info.add_metric([], {"node": node.node_id, "cluster": node.cluster})
         yield info
         role = GaugeMetricFamily("raftmail_raft_role", "1 for this node's current Raft role", labels=["role"])
         for r in ROLES:
@@ -236,18 +254,15 @@ class _NodeCollector:
                      "snapshot)", rs["log_len"] or 0)
         yield _counter("raftmail_raft_tick_errors", "Exceptions in this node's Raft tick thread",
                        node.raft.tick_errors)
-        ready, _ = readiness(rs, len(node.raft.otherNodes) + 1, node.config.monitoring.ready_max_lag)
+        yield _counter("raftmail_task_crashes", "Background tasks of this node that died with an exception "
+                       "(each one is a bug; long-running ones are started again)", node.tasks.crashes)
+        ready, _ = readiness(rs, len(node.raft.otherNodes) + 1, node.monitoring.ready_max_lag)
         yield _gauge("raftmail_ready", "1 when /readyz answers 200 (caught up and in a quorum)", 1 if ready else 0)
 
-    def _queue(self, node: "MailNode") -> Iterator[Metric]:
-        def read(st: Any) -> dict:
-            per_node: dict[str, int] = {}
-            for b in st.batches.values():
-                per_node[b.node] = per_node.get(b.node, 0) + 1
-            return {"counts": list(st.counts), "batches": per_node, "stats": dict(st.stats),
-                    "submissions": len(st.submissions), "campaigns": len(st.campaigns),
-                    "suppressed": len(st.suppressed), "events": st.event_seq}
-        q = node.raft.read(read)
+    def _queue(self, node: NodeSources) -> Iterator[Metric]:
+        v = node.view()  # the published view: a scrape never waits for the apply lock
+        q = {"counts": v.counts, "batches": v.node_batches, "stats": v.stats, "submissions": v.submissions,
+             "campaigns": v.campaigns, "suppressed": v.suppressed, "events": v.event_seq}
         states = GaugeMetricFamily("raftmail_recipients", "Recipients in the cluster's queue by state "
                                    "(replicated: the same on every caught-up node)", labels=["state"])
         for i, name in enumerate(STATE_NAMES):
@@ -280,8 +295,10 @@ class _NodeCollector:
                        "exception: a bug, logged with the command (replicated)", s.get("apply_errors", 0))
         yield _counter("raftmail_outcome_events", "Recipient outcome events committed (replicated)", q["events"])
 
-    def _intake(self, node: "MailNode") -> Iterator[Metric]:
-        conns = getattr(getattr(node, "intake", None), "connections", None) or {}
+    def _intake(self, node: NodeSources) -> Iterator[Metric]:
+        if node.intake_connections is None:
+            return
+        conns = node.intake_connections()
         yield _gauge("raftmail_intake_connections_open", "SMTP client connections open on this node",
                      conns.get("open", 0))
         yield _counter("raftmail_intake_connections_refused", "SMTP connections refused with 421 (too many)",
@@ -298,7 +315,7 @@ class _NodeCollector:
         yield _counter("raftmail_intake_data_timeouts", "SMTP sessions closed with 421 for message text "
                        "not complete within data_timeout (nothing queued)", conns.get("data_timeouts", 0))
 
-    def _disk(self, node: "MailNode") -> Iterator[Metric]:
+    def _disk(self, node: NodeSources) -> Iterator[Metric]:
         full = GaugeMetricFamily("raftmail_disk_full", "1 while this node cannot store for want of disk "
                                  "space (it then refuses submissions with 452)", labels=["store"])
         problems = node.storage_problems()
@@ -306,15 +323,15 @@ class _NodeCollector:
             full.add_metric([store], 1 if store in problems else 0)
         yield full
 
-    def _bodies(self, node: "MailNode") -> Iterator[Metric]:
+    def _bodies(self, node: NodeSources) -> Iterator[Metric]:
         count, size = node.store.stats()
         yield _gauge("raftmail_body_store_bodies", "Message bodies in this node's body store", count)
         yield _gauge("raftmail_body_store_bytes", "Bytes of message bodies in this node's body store", size)
         yield _counter("raftmail_bodies_fetched", "Bodies this node fetched from peers",
-                       getattr(node, "bodies_fetched", 0))
+                       node.bodies_fetched())
 
-    def _webhook(self, node: "MailNode") -> Iterator[Metric]:
-        hook = getattr(node, "webhook", None)
+    def _webhook(self, node: NodeSources) -> Iterator[Metric]:
+        hook = node.webhook
         if hook is None:
             return
         yield _gauge("raftmail_webhook_cursor", "Last outcome event seq the webhook acknowledged to this node",
@@ -325,6 +342,16 @@ class _NodeCollector:
                        hook.events_posted)
         yield _counter("raftmail_webhook_events_skipped", "Outcome events that left the ring before the "
                        "webhook got them", hook.events_skipped)
+
+    def _feedback(self, node: NodeSources) -> Iterator[Metric]:
+        if node.feedback_counters is None:
+            return
+        family = CounterMetricFamily("raftmail_feedback", "What this node did with reports mailed to the "
+                                     "feedback domains and one-click unsubscribes, by result (unparsed: "
+                                     "accepted, nothing recognised; forged: a token no key made)", labels=["result"])
+        for result, n in node.feedback_counters().items():
+            family.add_metric([result], n)
+        yield family
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -337,32 +364,25 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 # ---------------------------------------------------------------- HTTP
 
-def add_monitoring_routes(app: web.Application, node: "MailNode") -> None:
-    """GET /metrics, /healthz and /readyz on the node's admin app."""
-    app.router.add_get("/metrics", _handler(node, _h_metrics))
-    app.router.add_get("/healthz", _handler(node, _h_healthz))
-    app.router.add_get("/readyz", _handler(node, _h_readyz))
+def add_monitoring_routes(app: web.Application, metrics: NodeMetrics, started: float) -> None:
+    """GET /metrics, /healthz and /readyz on the node's admin app (`started`: the node's start,
+    wall clock, for the uptime it reports)."""
+    node_id = metrics.sources.node_id
 
+    async def h_metrics(request: web.Request) -> web.Response:
+        # In a thread: the body store walk must not stall SMTP intake.
+        body = await asyncio.to_thread(metrics.exposition)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-def _handler(node: "MailNode", fn: Callable[["MailNode", web.Request], Awaitable[web.Response]]
-             ) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handle(request: web.Request) -> web.Response:
-        return await fn(node, request)
-    return handle
+    async def h_healthz(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "node": node_id, "uptime": round(time.time() - started, 1)})
 
+    async def h_readyz(request: web.Request) -> web.Response:
+        ready, reason = metrics.ready()
+        if ready and request.query.get("write") in ("1", "true", "yes"):
+            ready, reason = await metrics.prove_quorum()
+        return web.json_response({"ready": ready, "node": node_id, "reason": reason}, status=200 if ready else 503)
 
-async def _h_metrics(node: "MailNode", request: web.Request) -> web.Response:
-    # In a thread: the body store walk and the state lock must not stall SMTP intake.
-    body = await asyncio.to_thread(node.metrics.exposition)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def _h_healthz(node: "MailNode", request: web.Request) -> web.Response:
-    return web.json_response({"ok": True, "node": node.id, "uptime": round(time.time() - node.started, 1)})
-
-
-async def _h_readyz(node: "MailNode", request: web.Request) -> web.Response:
-    ready, reason = node.metrics.ready()
-    if ready and request.query.get("write") in ("1", "true", "yes"):
-        ready, reason = await node.metrics.prove_quorum()
-    return web.json_response({"ready": ready, "node": node.id, "reason": reason}, status=200 if ready else 503)
+    app.router.add_get("/metrics", h_metrics)
+    app.router.add_get("/healthz", h_healthz)
+    app.router.add_get("/readyz", h_readyz)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Any, Awaitable, Callable
 
+from raftmail.consensus.commands import Assign, Command, Expire, ExpireUnsent, Prune
+from raftmail.consensus.view import StateView
 from raftmail.node.bridge import ProposalFailed
-
-if TYPE_CHECKING:
-    from raftmail.node.config import Config
-    from raftmail.node.runtime import MailNode
+from raftmail.node.config_types import DeliverySection, IntakeSection, StorageSection
+from raftmail.node.leases import LeaseClock
 
 log = logging.getLogger("raftmail.scheduler")
 
@@ -25,18 +25,30 @@ MAX_EXPIRE = 1000  # batches named in one expire command
 UNSENT_CHECK_INTERVAL = 1.0  # seconds between the leader's scans for waiting recipients past max_age
 
 
-def prune_command(config: "Config", now: float) -> dict:
+def prune_command(storage: StorageSection, intake: IntakeSection, now: float) -> Prune:
     """The retention and count bounds, as the command every replica applies the same way."""
-    st = config.storage
-    return {"op": "prune", "now": now, "retention": st.body_retention_seconds,
-            "archive_retention": st.archive_retention_seconds, "max_finished": st.max_finished_recipients,
-            "max_archived": st.max_archived_recipients, "max_suppressed": st.max_suppressed_addresses,
-            "dedupe_window": config.intake.dedupe_window_seconds, "max_dedupe": config.intake.dedupe_max_keys}
+    st = storage
+    return Prune(now, retention=st.body_retention_seconds, archive_retention=st.archive_retention_seconds,
+                 max_finished=st.max_finished_recipients, max_archived=st.max_archived_recipients,
+                 max_suppressed=st.max_suppressed_addresses, dedupe_window=intake.dedupe_window_seconds,
+                 max_dedupe=intake.dedupe_max_keys)
 
 
 class Scheduler:
-    def __init__(self, node: "MailNode") -> None:
-        self.node = node
+    """Reads only the published view (node/readview.py): a round never waits for the apply lock."""
+
+    def __init__(self, view: Callable[[], StateView], propose: Callable[[Command, float], Awaitable[Any]],
+                 delivery: DeliverySection, intake: IntakeSection, storage: StorageSection, leases: LeaseClock,
+                 live_nodes: Callable[[], list[str]], is_leader: Callable[[], bool], term: Callable[[], int]) -> None:
+        self.view = view
+        self.propose = propose
+        self.delivery = delivery
+        self.intake = intake
+        self.storage = storage
+        self.leases = leases
+        self.live_nodes = live_nodes
+        self.is_leader = is_leader
+        self.term = term
         self.rounds = 0
         self.assigned_batches = 0
         self._rr = 0  # round-robin start, so idle nodes share batches evenly
@@ -48,7 +60,7 @@ class Scheduler:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(SCHEDULE_INTERVAL)
-            if self.stopping or not self.node.raft.is_leader():
+            if self.stopping or not self.is_leader():
                 continue
             try:
                 await self.round()
@@ -58,54 +70,46 @@ class Scheduler:
                 log.exception("scheduling round failed")
 
     async def round(self) -> None:
-        node, d = self.node, self.node.config.delivery
-        timeout = node.config.intake.commit_timeout
+        d = self.delivery
+        timeout = self.intake.commit_timeout
         now = time.time()
         self.rounds += 1
         await self.expire_leases()
         await self.expire_unsent(now)
-        if now - self._last_prune > node.config.storage.maintenance_interval_seconds or self._prune_more:
+        if now - self._last_prune > self.storage.maintenance_interval_seconds or self._prune_more:
             self._last_prune = now
-            res = await node.proposer.propose(prune_command(node.config, now), timeout)
+            res = await self.propose(prune_command(self.storage, self.intake, now), timeout)
             # Each prune does bounded work in the tick thread; a backlog is worked off a round at a time.
             self._prune_more = bool(res.get("more"))
             if res.get("archived") or res.get("dropped"):
                 log.info("retention: %d finished submissions archived, %d archives dropped",
                          res["archived"], res["dropped"])
+        view = self.view()
         # Only node processes that announced their incarnation take batches (node/sender.py).
-        announced = node.raft.read(lambda st: set(st.incarnations))
-        live = [n for n in node.live_nodes() if n in announced]
+        live = [n for n in self.live_nodes() if n in view.incarnations]
         if not live:
             return
         capacity = d.max_concurrent_batches * len(live)
-
-        def read(st):
-            load: dict[str, int] = {}
-            for b in st.batches.values():
-                load[b.node] = load.get(b.node, 0) + 1
-            room = capacity - len(st.batches)
-            if room <= 0:
-                return {}, load, {}, {}
-            # Assigned in the last minute per domain, counted without st.sent_last_minute(),
-            # which prunes: a read must not change replicated state.
-            recent = {dom: sum(n for t, n in q if t > now - 60) for dom, q in st.domain_recent.items()}
-            return st.eligible(now, room * d.batch_size), load, dict(st.domain_batches), recent
-        eligible, load, domain_batches, recent = node.raft.read(read)
-        term = node.raft.raftCurrentTerm
+        room = capacity - len(view.batches)
+        if room <= 0:
+            return
+        load = dict(view.node_batches)
+        domain_batches = dict(view.domain_batches)
+        eligible = view.eligible(now, room * d.batch_size)
+        term = self.term()
         for domain, items in eligible.items():
             limits = d.limits_for(domain)
-            if 0 < limits.max_per_minute <= recent.get(domain, 0):
+            if 0 < limits.max_per_minute <= view.sent_last_minute(domain, now):
                 continue  # quota used up: an assign would only commit a refusal every round
             while items and domain_batches.get(domain, 0) < limits.max_connections:
                 target = self._pick(live, load, d.max_concurrent_batches)
                 if target is None:
                     return
                 chunk, items = items[:d.batch_size], items[d.batch_size:]
-                res = await node.proposer.propose({
-                    "op": "assign", "node": target, "domain": domain, "items": chunk, "now": now,
-                    "lease": d.lease_seconds, "term": term,
-                    "max_connections": limits.max_connections, "max_per_minute": limits.max_per_minute,
-                }, timeout)
+                res = await self.propose(Assign(
+                    node=target, domain=domain, now=now, lease=d.lease_seconds, term=term,
+                    max_connections=limits.max_connections, max_per_minute=limits.max_per_minute,
+                    items=chunk), timeout)
                 if not res.get("batch"):
                     break  # throttled or nothing left for this domain
                 self.assigned_batches += 1
@@ -118,31 +122,29 @@ class Scheduler:
         """Batches whose lease ran out on this leader's own monotonic clock, counted from when it
         applied their assignment or last renewal; named with the renewal count it saw, so a
         renewal committed meanwhile keeps the batch."""
-        node, d = self.node, self.node.config.delivery
         mono = time.monotonic()
-        leases = node.leases
-        held = node.raft.read(lambda st: [(b.id, b.renewals, b.lease) for b in st.batches.values()])
-        leases.forget_except({bid for bid, _, _ in held})
-        due = [[bid, renewals] for bid, renewals, lease in held
-               if leases.since(bid, renewals, mono) > lease + d.lease_expiry_margin]
+        leases = self.leases
+        held = self.view().batches.values()
+        leases.forget_except({b.id for b in held})
+        due = [[b.id, b.renewals] for b in held
+               if leases.since(b.id, b.renewals, mono) > b.lease + self.delivery.lease_expiry_margin]
         if not due:
             return
-        res = await node.proposer.propose({"op": "expire", "now": time.time(), "batches": due[:MAX_EXPIRE]},
-                                          node.config.intake.commit_timeout)
+        res = await self.propose(Expire(time.time(), due[:MAX_EXPIRE]), self.intake.commit_timeout)
         if res.get("expired"):
             log.warning("leases expired for batches %s: %d recipients back in the queue",
                         ",".join(res["expired"]), res["returned"])
 
     async def expire_unsent(self, now: float) -> None:
         """`max_age` for recipients still waiting (never attempted, or not due for a retry)."""
-        node, max_age = self.node, self.node.config.delivery.max_age
+        max_age = self.delivery.max_age
         if time.monotonic() - self._last_unsent_check < UNSENT_CHECK_INTERVAL:
             return
         self._last_unsent_check = time.monotonic()
-        if not node.raft.read(lambda st: st.expire_unsent(now, max_age, 1)):
+        oldest = self.view().oldest_waiting
+        if oldest is None or oldest + max_age >= now:
             return
-        res = await node.proposer.propose({"op": "expire_unsent", "now": now, "max_age": max_age},
-                                          node.config.intake.commit_timeout)
+        res = await self.propose(ExpireUnsent(now, max_age), self.intake.commit_timeout)
         if res.get("expired"):
             log.warning("%d recipients expired unsent: older than max_age (%gs)", res["expired"], max_age)
 

@@ -1,5 +1,6 @@
-"""TLS: the server context for STARTTLS on intake from a PEM certificate and key, the client
-contexts for delivery, and a self-signed pair for test setups (`raftmail certs`)."""
+"""TLS: every SSLContext a node uses is built here: the server context for STARTTLS on intake from
+a PEM certificate and key, the client contexts for delivery and the webhook, and a self-signed pair
+for test setups (`raftmail certs`)."""
 from __future__ import annotations
 
 import datetime
@@ -51,7 +52,8 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
 
 @functools.lru_cache(maxsize=8)
 def client_context(*, verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:
-    """The SSLContext for STARTTLS on delivery (TLS 1.2 or later), built once per kind.
+    """The SSLContext for STARTTLS on delivery and for HTTPS webhooks (TLS 1.2 or later), built
+    once per kind.
     verify: the certificate must chain to ca_file (a PEM bundle; the system's CAs when None) and
     name the host connected to. Without verify: encryption only (opportunistic TLS, RFC 7435).
     Raises TLSConfigError when ca_file cannot be read or holds no certificate."""

@@ -7,8 +7,9 @@ cursor, which may be older than the old leader's: the receiver then gets some ev
 (deduplicate on `seq`), never fewer. Events are lost to the webhook only if they leave the
 replicated ring (EVENT_RING events) before any leader posted them; that is logged and counted.
 
-Posting runs in its own task and reads the state under its lock only to copy a page of events:
-a slow or dead receiver never holds up intake or delivery.
+Posting runs in its own task and reads the state under its lock only to copy a page of events,
+in a worker thread, and only when the node's read view shows events past the cursor: a slow or
+dead receiver never holds up intake or delivery.
 """
 from __future__ import annotations
 
@@ -19,11 +20,15 @@ import os
 import random
 from pathlib import Path
 from typing import Any, Callable
+
+from raftmail.node.config_types import MonitoringSection
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from raftmail.consensus.backoff import next_retry_delay
 from raftmail.consensus.state import EVENT_FIELDS
+from raftmail.node.tls import client_context
 
 log = logging.getLogger("raftmail.webhook")
 
@@ -50,9 +55,11 @@ def state_reader(raft: Any) -> EventReader:
 
 
 def retry_delay(failures: int, first: float, max_interval: float, jitter: float) -> float:
-    """Seconds before retry number `failures` (1, 2, ...): doubling from `first`, capped, jittered."""
-    base = min(max_interval, first * 2 ** min(failures - 1, 30))
-    return min(max_interval, base * (1 + random.uniform(-jitter, jitter)))
+    """Seconds before retry number `failures` (1, 2, ...): doubling from `first`, jittered by
+    +-`jitter`, never more than `max_interval` (the operator's longest wait, jitter included)."""
+    delay = next_retry_delay(failures, first=first, max_interval=max_interval,
+                             jitter_fraction=jitter, jitter=random.random())
+    return min(max_interval, delay)
 
 
 def display_url(url: str) -> str:
@@ -86,7 +93,7 @@ class WebhookPoster:
     def __init__(self, url: str, cursor_path: Path, read_events: EventReader, is_leader: Callable[[], bool], *,
                  batch: int = 500, timeout: float = 10.0, retry_first: float = 1.0,
                  max_retry_interval: float = 300.0, headers: dict[str, str] | None = None,
-                 poll_interval: float = IDLE_POLL) -> None:
+                 poll_interval: float = IDLE_POLL, newest_event: Callable[[], int] | None = None) -> None:
         self.url = url
         self.cursor_path = cursor_path
         self.read_events = read_events
@@ -97,12 +104,19 @@ class WebhookPoster:
         self.max_retry_interval = max_retry_interval
         self.headers = {"Content-Type": "application/json", "User-Agent": "raftmail-webhook", **(headers or {})}
         self.poll_interval = poll_interval
+        self.newest_event = newest_event  # the newest event seq without a locked read (the read view)
         self.cursor = load_cursor(cursor_path)
         self.failures = 0
         self.posts_ok = self.posts_failed = self.events_posted = self.events_skipped = 0
 
+    def session(self) -> aiohttp.ClientSession:
+        # The same TLS policy as delivery's verified connections (node/tls.py): TLS 1.2 or later,
+        # the certificate checked against the system's CAs and the host name.
+        return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                     connector=aiohttp.TCPConnector(ssl=client_context(verify=True)))
+
     async def run(self) -> None:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
+        async with self.session() as session:
             while True:
                 await asyncio.sleep(await self.step(session))
 
@@ -111,7 +125,9 @@ class WebhookPoster:
         if not self.is_leader():
             self.failures = 0
             return self.poll_interval
-        events, oldest, newest = self.read_events(self.cursor, self.batch)
+        if self.newest_event is not None and self.newest_event() <= self.cursor:
+            return self.poll_interval
+        events, oldest, newest = await asyncio.to_thread(self.read_events, self.cursor, self.batch)
         self._skip_lost(oldest, newest)
         if not events:
             return self.poll_interval
@@ -159,12 +175,14 @@ class WebhookPoster:
             return f"{type(e).__name__}: {e}"
 
 
-def poster_for(node: Any) -> WebhookPoster | None:
+def poster_for(monitoring: MonitoringSection, cursor_path: Path, raft: Any, newest_event: Callable[[], int],
+               cluster: str, node_id: str) -> WebhookPoster | None:
     """The node's webhook poster per [monitoring], or None when no webhook_url is set."""
-    m = node.config.monitoring
+    m = monitoring
     if not m.webhook_url:
         return None
-    return WebhookPoster(m.webhook_url, node.data_dir / "webhook.cursor", state_reader(node.raft), node.raft.is_leader,
+    return WebhookPoster(m.webhook_url, cursor_path, state_reader(raft), raft.is_leader,
                          batch=m.webhook_batch, timeout=m.webhook_timeout, retry_first=m.webhook_retry_first,
                          max_retry_interval=m.webhook_max_retry_interval,
-                         headers={"X-Raftmail-Cluster": node.config.cluster.name, "X-Raftmail-Node": node.id})
+                         headers={"X-Raftmail-Cluster": cluster, "X-Raftmail-Node": node_id},
+                         newest_event=newest_event)

@@ -4,49 +4,29 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import smtplib
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Callable
 
+from raftmail.node.local_cluster import (ADMIN_OPENER, LOOPBACK as LOCAL,  # noqa: F401 (the tests' too)
+                                         LocalCluster, free_ports, local_nodes,
+                                         poll, port_open, render_config)
+
 PY = sys.executable
 SECRET = "test-cluster-secret-0123456789abcdef"
-LOCAL = "127.0.0.1"
-# Admin calls go straight to the node: never through a proxy named in the environment.
-ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition", interval: float = 0.05) -> Any:
     """Poll `pred` until it returns something truthy, or fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last_exc = None
-    while time.monotonic() < deadline:
-        try:
-            v = pred()
-            if v:
-                return v
-        except Exception as e:  # a node that is starting or dead: keep polling
-            last_exc = e
-        time.sleep(interval)
+    value, last_exc = poll(pred, timeout, interval, tolerate=Exception)
+    if value:
+        return value
     raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
 
 
@@ -87,7 +67,7 @@ class Sink:
     def start(self) -> None:
         self.log = open(self.root / "sink.log", "ab")
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=self.log)
-        wait_for(lambda: _port_open(self.port, self.host), 15, "sink to listen")
+        wait_for(lambda: port_open(self.port, self.host), 15, "sink to listen")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -108,13 +88,6 @@ class Sink:
         return self.events("message")
 
 
-def _port_open(port: int, host: str = LOCAL) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((host, port)) == 0
-
-
-
 LIBFAKETIME_PATHS = (Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
                      Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"),
                      Path("/usr/lib/faketime/libfaketime.so.1"), Path("/usr/local/lib/faketime/libfaketime.so.1"))
@@ -125,59 +98,44 @@ def libfaketime() -> Path | None:
     return next((p for p in LIBFAKETIME_PATHS if p.exists()), None)
 
 
+FAKETIME_SITE = Path(__file__).parent / "faketime"  # its sitecustomize mends time.sleep under libfaketime
+
+
 def skewed_launch(offset: int) -> list[str]:
     """A command prefix (Cluster's `launch`) that runs a node with its wall clock `offset` seconds
     off and its monotonic clock true, as on another machine. libfaketime is preloaded into the node
-    itself: the `faketime` wrapper forks, so a signal to the wrapper would miss the node."""
+    itself: the `faketime` wrapper forks, so a signal to the wrapper would miss the node. Debian's
+    libfaketime breaks time.sleep when the monotonic clock is left true; the node's Python mends
+    it at start (tests/faketime/sitecustomize.py)."""
     lib = libfaketime()
     assert lib is not None, "libfaketime is not installed"
+    path = os.pathsep.join(filter(None, [str(FAKETIME_SITE), os.environ.get("PYTHONPATH")]))
     return ["env", f"LD_PRELOAD={lib}", f"FAKETIME={offset:+d}s", "FAKETIME_DONT_FAKE_MONOTONIC=1",
-            "FAKETIME_NO_CACHE=1"]
+            "FAKETIME_NO_CACHE=1", f"PYTHONPATH={path}"]
 
-class Cluster:
+class Cluster(LocalCluster):
     def __init__(self, root: Path, n: int = 3, *, sink: Sink | None = None, extra_toml: str = "",
                  lease_seconds: float = 4.0, retry_first: float = 1.0, batch_size: int = 50,
                  compaction_min_entries: int = 5000, commit_timeout: float = 3.0,
                  hosts: dict[str, str] | None = None, launch: dict[str, list[str]] | None = None) -> None:
-        self.root = root
-        self.ids = [f"n{i + 1}" for i in range(n)]
-        # Each node's address (127.0.0.1 unless a test gives it a namespace's), and the command
-        # prefix that starts it there (e.g. `ip netns exec NAME`).
-        self.hosts = {nid: (hosts or {}).get(nid, LOCAL) for nid in self.ids}
-        self.launch = {nid: (launch or {}).get(nid, []) for nid in self.ids}
-        # All at once (so they differ), and never the sink's port, which was picked earlier.
-        ports = [p for p in free_ports(3 * n + 2) if sink is None or p != sink.port]
-        self.raft = {nid: ports[3 * i] for i, nid in enumerate(self.ids)}
-        self.smtp = {nid: ports[3 * i + 1] for i, nid in enumerate(self.ids)}
-        self.admin = {nid: ports[3 * i + 2] for i, nid in enumerate(self.ids)}
-        self.sink = sink
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.config_path = root / "cluster.toml"
-        lines = ["[cluster]", 'name = "test"', f'secret = "{SECRET}"', 'data_dir = "data"', ""]
-        for nid in self.ids:
-            host = self.hosts[nid]
-            lines += ["[[node]]", f'id = "{nid}"', f'raft = "{host}:{self.raft[nid]}"',
-                      f'smtp = "{host}:{self.smtp[nid]}"', f'admin = "{host}:{self.admin[nid]}"', ""]
-        lines += ["[raft]", f"compaction_min_entries = {compaction_min_entries}", "",
-                  "[intake]", f"commit_timeout = {commit_timeout}", "max_recipients = 1000", ""]
-        lines += ["[delivery]", f"lease_seconds = {lease_seconds}", f"retry_first = {retry_first}",
-                  f"batch_size = {batch_size}", "report_interval = 0.1", "connect_timeout = 5",
-                  "command_timeout = 10"]
+        # Never the sink's port, which was picked earlier.
+        nodes = local_nodes(n, hosts, avoid=[sink.port] if sink is not None else [])
         # Always a local relay: without one the sender would look up MX records on the internet.
         # With no sink, the relay is a port nobody listens on (deliveries defer).
-        relay = f"{sink.host}:{sink.port}" if sink is not None else f"{LOCAL}:{ports[3 * n]}"
-        lines += [f'relay = "{relay}"']
-        lines += ["", extra_toml]
-        self.config_path.write_text("\n".join(lines))
-
-    # -- processes
-
-    def start(self, nid: str | None = None) -> None:
-        for node in [nid] if nid else self.ids:
-            log = open(self.root / f"{node}.log", "ab")
-            self.procs[node] = subprocess.Popen(
-                [*self.launch[node], PY, "-m", "raftmail.cli", "start", "--config", str(self.config_path),
-                 "--node", node], stdout=log, stderr=log)
+        relay = f"{sink.host}:{sink.port}" if sink is not None else f"{LOCAL}:{free_ports(1)[0]}"
+        sections = {
+            "cluster": {"name": "test", "secret": SECRET, "data_dir": "data"},
+            "raft": {"compaction_min_entries": compaction_min_entries},
+            "intake": {"commit_timeout": commit_timeout, "max_recipients": 1000},
+            "delivery": {"lease_seconds": lease_seconds, "retry_first": retry_first, "batch_size": batch_size,
+                         "report_interval": 0.1, "connect_timeout": 5, "command_timeout": 10, "relay": relay},
+        }
+        super().__init__(root, nodes, render_config(sections, nodes, extra_toml), python=PY, launch=launch)
+        self.hosts = {node.id: node.host for node in nodes}
+        self.raft = {node.id: node.raft for node in nodes}
+        self.smtp = {node.id: node.smtp for node in nodes}
+        self.admin = {node.id: node.admin for node in nodes}
+        self.sink = sink
 
     def start_all_and_wait(self, timeout: float = 30.0) -> str:
         if self.sink is not None and self.sink.proc is None:
@@ -187,87 +145,38 @@ class Cluster:
             wait_for(lambda nid=nid: self.status(nid), timeout, f"{nid} to answer /status")
         return self.wait_leader(timeout)
 
-    def signal(self, nid: str, sig: int) -> None:
-        p = self.procs.get(nid)
-        if p is not None and p.poll() is None:
-            os.kill(p.pid, sig)
-
-    def kill(self, nid: str) -> None:
-        self.signal(nid, signal.SIGKILL)
-        self.procs[nid].wait(10)
-
-    def stop(self, nid: str) -> None:
-        p = self.procs.get(nid)
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-
-    def alive(self, nid: str) -> bool:
-        p = self.procs.get(nid)
-        return p is not None and p.poll() is None
-
     def close(self) -> None:
-        for nid in self.ids:
-            self.signal(nid, signal.SIGCONT)
-            self.signal(nid, signal.SIGKILL)
-        for p in self.procs.values():
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                pass
+        super().close()
         if self.sink is not None:
             self.sink.stop()
 
-    def data_dir(self, nid: str) -> Path:
-        return self.root / "data" / nid
-
-    def log_text(self, nid: str) -> str:
-        p = self.root / f"{nid}.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    # -- admin API
-
-    def _cluster_section(self) -> dict:
-        import tomllib
-        return tomllib.loads(self.config_path.read_text()).get("cluster", {})
-
-    def token(self) -> str | None:
-        """The token an operator's CLI would send to read: from the cluster file, if it has one."""
-        cluster = self._cluster_section()
-        return cluster.get("read_token") or cluster.get("admin_token")
-
-    def admin_token(self) -> str | None:
-        """The token that may change things, if the cluster file has one."""
-        return self._cluster_section().get("admin_token")
-
-    def get(self, nid: str, path: str, timeout: float = 2.0) -> Any:
-        token = self.token()
-        req = urllib.request.Request(f"http://{self.hosts[nid]}:{self.admin[nid]}{path}",
-                                     headers={"Authorization": f"Bearer {token}"} if token else {})
-        with ADMIN_OPENER.open(req, timeout=timeout) as r:
-            return json.loads(r.read())
-
-    def status(self, nid: str) -> dict | None:
+    def status(self, nid: str, timeout: float = 2.0) -> dict | None:
         try:
-            return self.get(nid, "/status")
+            return self.get(nid, "/status", timeout)
         except Exception:
             return None
 
-    def leader(self, among: list[str] | None = None) -> str | None:
-        """A node that says it leads, has a quorum, and that every other live node follows."""
-        nodes = among or [n for n in self.ids if self.alive(n)]
-        sts = {n: self.status(n) for n in nodes}
-        leaders = [n for n, s in sts.items() if s and s["role"] == "leader" and s["has_quorum"]]
-        if len(leaders) != 1:
+    def hand_leadership(self, away_from: str | None = None, to: str | None = None, timeout: float = 20.0) -> str:
+        """Ask the leader to hand leadership over (to `to`, else to a caught-up follower) until
+        `to` leads, or `away_from` no longer does; returns the leader. A transfer is refused while
+        no follower is caught up (right after a start, say), so it is asked again."""
+        def done() -> str | None:
+            ld = self.leader()
+            if ld is not None and (ld == to if to else ld != away_from):
+                return ld
+            if ld is not None:
+                token = self.admin_token()
+                req = urllib.request.Request(
+                    self.admin_url(ld, "/cluster/transfer"), data=json.dumps({"to": to} if to else {}).encode(),
+                    method="POST", headers={"Content-Type": "application/json",
+                                            **({"Authorization": f"Bearer {token}"} if token else {})})
+                try:
+                    ADMIN_OPENER.open(req, timeout=5).read()
+                except OSError:
+                    pass
             return None
-        ld = leaders[0]
-        if all(s and (n == ld or s["leader"] == ld) for n, s in sts.items()):
-            return ld
-        return None
+        return wait_for(done, timeout, f"{to} to lead" if to else f"leadership to move off {away_from}",
+                        interval=0.5)
 
     def wait_leader(self, timeout: float = 30.0, among: list[str] | None = None) -> str:
         return wait_for(lambda: self.leader(among), timeout, "a leader followed by every live node")
@@ -302,11 +211,14 @@ class Cluster:
     # -- SMTP
 
     def submit(self, nid: str, rcpts: list[str], message: bytes | None = None,
-               sender: str = "news@example.com", timeout: float = 15.0) -> tuple[int, str]:
-        """One SMTP transaction; returns the reply to the final dot (or to the first refusal)."""
+               sender: str = "news@example.com", timeout: float = 15.0,
+               source: str | None = None) -> tuple[int, str]:
+        """One SMTP transaction (from the local address `source`, when given); returns the reply
+        to the final dot (or to the first refusal)."""
         message = message if message is not None else make_message()
         try:
-            with smtplib.SMTP(self.hosts[nid], self.smtp[nid], timeout=timeout) as s:
+            with smtplib.SMTP(self.hosts[nid], self.smtp[nid], timeout=timeout,
+                              source_address=(source, 0) if source else None) as s:
                 s.ehlo("client.test")
                 code, text = s.mail(sender)
                 if code != 250:
@@ -351,9 +263,34 @@ def set_config(c: Cluster, section: str, **values: Any) -> None:
     c.config_path.write_text("\n".join(lines))
 
 
+def founders_only(c: Cluster, n: int) -> str:
+    """The cluster file as the founding members see it: the first n [[node]] tables (the others
+    join at run time)."""
+    head, *nodes = c.config_path.read_text().split("[[node]]")
+    kept = nodes[:n]
+    tail = nodes[-1][nodes[-1].index("[raft]"):]
+    kept[-1] = kept[-1] if "[raft]" not in kept[-1] else kept[-1][:kept[-1].index("[raft]")]
+    return head + "".join("[[node]]" + k for k in kept) + tail
+
+
+def start_founders(c: Cluster, n: int) -> tuple[str, str]:
+    """Start the sink and the first n nodes with a cluster file that lists only them (the others
+    join at run time); returns the whole file's text, for later, and the founders' leader."""
+    full = c.config_path.read_text()
+    c.config_path.write_text(founders_only(c, n))
+    c.sink.start()
+    founders = c.ids[:n]
+    for nid in founders:
+        c.start(nid)
+    return full, c.wait_leader(30, among=founders)
+
+
 def submission_count(c: Cluster, nid: str) -> int:
-    """Submissions in a node's applied state (retries answered as duplicates do not add one)."""
-    return c.get(nid, "/status")["submissions"]
+    """Submissions in a node's applied state (retries answered as duplicates do not add one), from
+    a /status whose view shows every command applied when it was asked."""
+    status = wait_for(lambda: (lambda s: s if s["view_behind"] == 0 else None)(c.get(nid, "/status")), 10,
+                      f"{nid}'s read view to show what it applied")
+    return status["submissions"]
 
 
 def run_cli(config_path: Path, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
 """Shared fixtures: clusters of real node processes, torn down whatever happens."""
 from __future__ import annotations
 
+import compileall
 import sys
 from pathlib import Path
 
@@ -9,6 +10,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from cluster import Cluster, Sink, SlowSink  # noqa: E402
+
+ROOT = Path(__file__).parent.parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite starts a few hundred node and CLI processes: compile the package once here, so
+    none of them compiles it from source again where Python is told not to write bytecode
+    (PYTHONDONTWRITEBYTECODE), which cost each process about 0.15 s."""
+    for package in ("node", "consensus", "cli"):
+        compileall.compile_dir(ROOT / package, quiet=1)
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(150)]
 
 ADMIN = "admin-token-0123456789abcdef"
 READ = "read-token-0123456789abcdef"
+EVERY_MEMBER_ACTIVE = {"n1": "active", "n2": "active", "n3": "active"}
 
 
 def call(c: Cluster, nid: str, path: str, token: str | None = None, method: str = "GET",
@@ -127,7 +128,7 @@ def test_every_route_but_the_probes_needs_a_token(tokened: Cluster) -> None:
     # Made-up members cannot be joined without the token.
     fake = json.dumps({"id": "evil", "raft": "127.0.0.1:1", "smtp": "127.0.0.1:2", "admin": "127.0.0.1:3"})
     assert call(c, leader, "/cluster/join", READ, method="POST", body=fake.encode())[0] == 403
-    assert len(call(c, leader, "/status", READ)[1]["connected"]) == 2
+    assert call(c, leader, "/status", READ)[1]["members"] == EVERY_MEMBER_ACTIVE
 
 
 @pytest.mark.parametrize(("method", "path", "body", "words"), [
@@ -145,6 +146,9 @@ def test_every_route_but_the_probes_needs_a_token(tokened: Cluster) -> None:
     ("POST", "/cluster/join", b'{"id": "x", "raft": "nowhere", "smtp": "a:1", "admin": "a:2"}', "raft"),
     ("POST", "/cluster/leave", b'{"id": "n3", "timeout": "soon"}', "timeout"),
     ("POST", "/cluster/leave", b'{"id": 7}', "id"),
+    ("POST", "/cluster/transfer", b'{"to": "n9"}', "to must name another member"),
+    ("POST", "/cluster/transfer", b'{"to": ["n2"]}', "to must name another member"),
+    ("POST", "/cluster/transfer", b'{"to": "n1"}', "to must name another member"),
 ])
 def test_bad_parameters_get_a_clear_400(tokened: Cluster, method: str, path: str, body: bytes | None,
                                         words: str) -> None:
@@ -152,7 +156,27 @@ def test_bad_parameters_get_a_clear_400(tokened: Cluster, method: str, path: str
     assert status == 400, (path, status, answer)
     assert isinstance(answer, dict) and words in answer["error"], answer
     assert "Traceback" not in json.dumps(answer)
-    assert len(tokened.get("n1", "/status")["connected"]) == 2  # nothing joined or left
+    # Nothing joined or left (who is connected at this moment is not the question: pysyncobj
+    # redials a peer it could not reach at start only after its retry interval).
+    assert tokened.get("n1", "/status")["members"] == EVERY_MEMBER_ACTIVE
+
+
+def test_leadership_goes_to_the_member_named(tokened: Cluster) -> None:
+    """POST /cluster/transfer {"to": id}: that member leads. Named here: the member pysyncobj never
+    picks by itself (of the caught-up followers it takes the one with the highest address)."""
+    c = tokened
+    target = min(c.ids, key=lambda n: f"127.0.0.1:{c.raft[n]}")
+
+    def led_by(want) -> bool:
+        ld = c.leader()
+        if ld is not None and want(ld):
+            return True
+        if ld:
+            body = {} if ld == target else {"to": target}
+            call(c, ld, "/cluster/transfer", ADMIN, method="POST", body=json.dumps(body).encode())
+        return False
+    wait_for(lambda: led_by(lambda ld: ld != target), 20, f"leadership off {target}", interval=0.5)
+    wait_for(lambda: led_by(lambda ld: ld == target), 20, f"{target} to lead", interval=0.5)
 
 
 def test_the_write_probe_cannot_flood_the_raft_log(tokened: Cluster) -> None:

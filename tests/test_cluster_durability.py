@@ -155,7 +155,7 @@ def test_sigkill_inside_the_journal_rewrite_on_every_node_loses_nothing(make_clu
     of rewriting its journal (after the first kept entry), under load. Restarted, every
     submission answered 250 is there on every node."""
     from raftmail.consensus.journal import KILL_IN_REWRITE_ENV
-    from raftmail.consensus.raft import SNAPSHOT_DELAY_ENV
+    from raftmail.consensus.raft_snapshot import SNAPSHOT_DELAY_ENV
     monkeypatch.setenv(KILL_IN_REWRITE_ENV, "1")
     # A snapshot that takes a second (as a large state does): the rewrite then keeps a second's
     # worth of committed, acknowledged entries, which an in-place rewrite cut at the kill.

@@ -25,13 +25,12 @@ pytestmark = pytest.mark.timeout(30)
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "cluster.example.toml"
 SECRET = "test-secret-0123456789abcdef-0123456789"
-TOKEN_KEY = "test-token-key-0123456789abcdef-0123456789"
+FEEDBACK_KEY = "test-feedback-key-0123456789abcdef-0123456789"
 
 CLUSTER = f"""
 [cluster]
 name = "test"
 secret = "{SECRET}"
-token_key = "{TOKEN_KEY}"
 data_dir = "state"
 """
 
@@ -55,7 +54,16 @@ smtp = "127.0.0.1:2503"
 admin = "127.0.0.1:8103"
 """
 
-BASE = CLUSTER + NODES
+FEEDBACK = f"""
+[feedback]
+unsubscribe_secret = ["{FEEDBACK_KEY}"]
+"""
+
+BASE = CLUSTER + FEEDBACK + NODES
+
+
+def with_feedback(lines: str) -> str:
+    return BASE.replace(FEEDBACK, FEEDBACK + lines)
 
 
 def write(tmp_path: Path, text: str, name: str = "cluster.toml") -> Path:
@@ -935,7 +943,7 @@ def test_strangers_share_is_half_of_max_connections_unless_set(tmp_path: Path) -
     refused(write(tmp_path, BASE + "\n[intake]\nmax_stranger_connections = 0\n"), "[intake] max_stranger_connections")
 
 
-# ---------------------------------------------------------------- admin tokens, token_key, the example secret
+# ---------------------------------------------------------------- admin tokens, feedback keys, the example secret
 
 
 def test_a_31_byte_secret_is_refused(tmp_path: Path) -> None:
@@ -957,13 +965,48 @@ def test_the_example_file_secret_is_the_one_refused_off_loopback() -> None:
     assert f'secret = "{EXAMPLE_SECRET}"' in EXAMPLE.read_text()
 
 
-def test_unsubscribe_url_needs_its_own_token_key(tmp_path: Path) -> None:
-    text = BASE.replace(f'token_key = "{TOKEN_KEY}"\n', "") + '[delivery]\nunsubscribe_url = "https://u.example/{token}"\n'
-    refused(write(tmp_path, text), "[cluster] token_key", "required", "unsubscribe_url")
-    short = BASE.replace(TOKEN_KEY, "k" * 20)
-    message = refused(write(tmp_path, short), "[cluster] token_key", "20 bytes", "32")
+def test_unsubscribe_links_need_their_own_feedback_key(tmp_path: Path) -> None:
+    text = CLUSTER + NODES + '[delivery]\nunsubscribe_url = "https://u.example/{token}"\n'
+    refused(write(tmp_path, text), "[feedback] unsubscribe_secret", "required", "unsubscribe_url")
+    refused(write(tmp_path, CLUSTER + NODES + '[feedback]\nbounce_domain = "b.example.com"\n'),
+            "[feedback] unsubscribe_secret", "required", "bounce_domain")
+    short = BASE.replace(FEEDBACK_KEY, "k" * 20)
+    message = refused(write(tmp_path, short), "[feedback] unsubscribe_secret", "20 bytes", "32")
     assert "k" * 20 not in message
-    refused(write(tmp_path, BASE.replace(TOKEN_KEY, SECRET)), "[cluster] token_key", "must differ")
+    refused(write(tmp_path, BASE.replace(FEEDBACK_KEY, SECRET)), "[feedback] unsubscribe_secret", "must differ")
+    rotated = BASE.replace(f'["{FEEDBACK_KEY}"]', f'["{"n" * 32}", "{FEEDBACK_KEY}"]')
+    assert load_config(write(tmp_path, rotated)).feedback.unsubscribe_secret == ("n" * 32, FEEDBACK_KEY)
+
+
+def test_the_old_token_key_is_refused_with_where_it_went(tmp_path: Path) -> None:
+    old = BASE.replace('data_dir = "state"\n', f'data_dir = "state"\ntoken_key = "{FEEDBACK_KEY}"\n')
+    message = refused(write(tmp_path, old), "[cluster] token_key", "no longer read", "[feedback] unsubscribe_secret")
+    assert FEEDBACK_KEY not in message
+
+
+def test_feedback_section(tmp_path: Path) -> None:
+    text = with_feedback('bounce_domain = "Bounces.Example.COM."\nunsubscribe_mailto = "unsub.example.com"\n'
+                         'unsubscribe_scope = "cluster"\nfeedback_id = "acme:news"\n')
+    fb = load_config(write(tmp_path, text)).feedback
+    assert (fb.bounce_domain, fb.unsubscribe_mailto, fb.unsubscribe_scope, fb.feedback_id) == (
+        "bounces.example.com", "unsub.example.com", "cluster", "acme:news")
+    assert fb.domains() == {"bounces.example.com", "unsub.example.com"}
+    refused(write(tmp_path, with_feedback('unsubscribe_scope = "world"\n')), "[feedback] unsubscribe_scope", '"domain"')
+    refused(write(tmp_path, with_feedback('bounce_domain = "not a domain"\n')), "[feedback] bounce_domain")
+    refused(write(tmp_path, with_feedback('feedback_id = "a b"\n')), "[feedback] feedback_id", "without spaces")
+    refused(write(tmp_path, with_feedback('unsubscribe_secrets = []\n')), "[feedback] unsubscribe_secrets", "unknown key")
+
+
+def test_node_http_and_bare_newline(tmp_path: Path) -> None:
+    with_http = BASE.replace('admin = "127.0.0.1:8101"\n', 'admin = "127.0.0.1:8101"\nhttp = "127.0.0.1:8443"\n')
+    refused(write(tmp_path, with_http), "[delivery] unsubscribe_url", "http")
+    config = load_config(write(tmp_path, with_http + '[delivery]\nunsubscribe_url = "https://u.example/u/{token}"\n'))
+    assert str(config.node("n1").http) == "127.0.0.1:8443" and config.node("n2").http is None
+    clash = BASE.replace('admin = "127.0.0.1:8101"\n', 'admin = "127.0.0.1:8101"\nhttp = "127.0.0.1:2502"\n')
+    refused(write(tmp_path, clash), "[[node]] n", "already used")
+    assert load_config(write(tmp_path, BASE)).intake.bare_newline == "normalize"
+    assert load_config(write(tmp_path, BASE + '[intake]\nbare_newline = "reject"\n')).intake.bare_newline == "reject"
+    refused(write(tmp_path, BASE + '[intake]\nbare_newline = "yes"\n'), "[intake] bare_newline", '"normalize"')
 
 
 def test_read_token_needs_an_admin_token_and_differs_from_it(tmp_path: Path) -> None:

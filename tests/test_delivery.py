@@ -25,10 +25,9 @@ from raftmail.node.delivery import (
     TLS_NOT_OFFERED_TEXT,
     TLS_UNTRUSTED_TEXT,
     Outcome,
-    Route,
     deliver_batch,
-    resolve_routes,
 )
+from raftmail.node.routes import Route, resolve_routes
 
 try:
     from raftmail.node.config import Address
@@ -381,11 +380,9 @@ def test_require_tls_without_starttls_defers_everything() -> None:
 def self_signed_relay(tmp_path: Path) -> tuple[ssl.SSLContext, Path]:
     """A server context with the project's self-signed certificate for 127.0.0.1 (what
     `raftmail certs --host 127.0.0.1` writes), and the certificate's path to trust it by."""
-    from raftmail.node.tls import write_self_signed
+    from raftmail.node.tls import server_context, write_self_signed
     cert_path, key_path = write_self_signed(tmp_path / "relay-tls", "127.0.0.1", overwrite=True)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_path, key_path)
-    return context, cert_path
+    return server_context(cert_path, key_path), cert_path
 
 
 async def relay_batch(tmp_path: Path, route_login: tuple[str, str] | None, **options: Any

@@ -7,7 +7,6 @@ with 4.7.5."""
 from __future__ import annotations
 
 import re
-import ssl
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,7 +16,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from cluster import Cluster, free_ports, make_message, queued_as, wait_for
-from raftmail.node.tls import write_self_signed
+from raftmail.node.tls import server_context, write_self_signed
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
@@ -43,10 +42,8 @@ class Receiver:
 
 def tls_receiver(folder: Path, port: int, receiver: Receiver) -> Controller:
     cert, key = write_self_signed(folder, "127.0.0.1")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
     controller = Controller(receiver, hostname="127.0.0.1", port=port, server_hostname="receiver.test",
-                            tls_context=context, authenticator=receiver.authenticate, auth_require_tls=True)
+                            tls_context=server_context(cert, key), authenticator=receiver.authenticate, auth_require_tls=True)
     controller.start()
     return controller
 

@@ -1,4 +1,4 @@
-"""Issue 2: bad SMTP input on a real 3-node cluster. Each gets its reply code, nothing is queued
+"""Bad SMTP input on a real 3-node cluster. Each gets its reply code, nothing is queued
 for it, and the same node keeps serving the next client."""
 from __future__ import annotations
 

@@ -274,7 +274,8 @@ import asyncio, json, socket, ssl, subprocess, sys, time, base64
 from pathlib import Path
 from raftmail.node.auth import hash_password
 from raftmail.node.config import load_config
-from raftmail.node.intake import Intake, start_smtp_server
+from raftmail.node.intake import Intake
+from raftmail.node.smtp_server import start_smtp_server
 from raftmail.node.tls import write_self_signed
 
 root = Path(sys.argv[1])

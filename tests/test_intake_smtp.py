@@ -12,7 +12,8 @@ from aiosmtpd.smtp import SMTP, auth_mechanism
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raftmail.node.intake import Intake, IntakeHandler, IntakeSMTP, _HookListing, start_smtp_server
+from raftmail.node.intake import Intake
+from raftmail.node.smtp_server import IntakeHandler, IntakeSMTP, _HookListing, start_smtp_server
 
 from test_security import intake_for
 
@@ -304,7 +305,7 @@ DOCUMENTED_OVERRIDES = {"connection_made", "connection_lost", "push"}
 def test_the_installed_aiosmtpd_has_every_internal_intake_relies_on() -> None:
     import aiosmtpd
 
-    from raftmail.node.intake import AIOSMTPD_VERSION, aiosmtpd_mismatches, check_aiosmtpd
+    from raftmail.node.smtp_server import AIOSMTPD_VERSION, aiosmtpd_mismatches, check_aiosmtpd
     assert aiosmtpd.__version__ == AIOSMTPD_VERSION
     assert aiosmtpd_mismatches() == []
     check_aiosmtpd()
@@ -313,7 +314,7 @@ def test_the_installed_aiosmtpd_has_every_internal_intake_relies_on() -> None:
 def test_every_aiosmtpd_name_intake_overrides_or_reads_is_listed() -> None:
     import re
 
-    from raftmail.node import intake
+    from raftmail.node import smtp_server as intake
     listed = {name for name, _, _ in intake.AIOSMTPD_INTERNALS}
     overridden = {n for n in vars(IntakeSMTP) if hasattr(SMTP, n) and not n.startswith("__")}
     assert overridden - DOCUMENTED_OVERRIDES <= listed
@@ -337,7 +338,7 @@ async def _renamed_async(self: Any, argument: str) -> None:
 ])
 def test_the_check_names_an_internal_that_is_gone_or_changed(monkeypatch: pytest.MonkeyPatch, name: str,
                                                               change: Any, phrase: str) -> None:
-    from raftmail.node.intake import AiosmtpdMismatch, check_aiosmtpd
+    from raftmail.node.smtp_server import AiosmtpdMismatch, check_aiosmtpd
     if change is None:
         monkeypatch.delattr(SMTP, name)
     else:
@@ -348,7 +349,7 @@ def test_the_check_names_an_internal_that_is_gone_or_changed(monkeypatch: pytest
 
 
 def test_the_check_names_an_attribute_init_no_longer_sets() -> None:
-    from raftmail.node.intake import aiosmtpd_mismatches
+    from raftmail.node.smtp_server import aiosmtpd_mismatches
 
     class Renamed(SMTP):
         def __init__(self) -> None:  # sets neither _timeout_handle nor _timeout_duration

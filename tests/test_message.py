@@ -1,4 +1,4 @@
-"""Per-recipient rendering: header replacement, byte-exact bodies, unsubscribe tokens, DKIM."""
+"""Per-recipient rendering: header replacement, byte-exact bodies, List-Unsubscribe, Feedback-ID, DKIM."""
 
 import base64
 import re
@@ -12,8 +12,6 @@ from raftmail.node.message import (
     DkimSigner,
     recipient_message_id,
     render_for_recipient,
-    unsubscribe_token,
-    verify_unsubscribe_token,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -107,14 +105,12 @@ def test_message_id_rejects_unsafe_parts(sid: str, index: int, domain: str) -> N
 def test_headers_prepended_in_order_and_old_ones_removed(eol: bytes) -> None:
     out = render_for_recipient(
         submitted(eol),
-        mail_from="bounce+abc@news.example.com",
         recipient="reader@example.org",
         message_id="<sub.1.rm@news.example.com>",
         unsubscribe_url=UNSUB_URL,
     )
     lines = header_block(out).split(eol)
-    assert lines[:4] == [
-        b"Return-Path: <bounce+abc@news.example.com>",
+    assert lines[:3] == [
         b"Message-ID: <sub.1.rm@news.example.com>",
         b"List-Unsubscribe: <https://news.example.com/u/AbCd>",
         b"List-Unsubscribe-Post: List-Unsubscribe=One-Click",
@@ -123,9 +119,9 @@ def test_headers_prepended_in_order_and_old_ones_removed(eol: bytes) -> None:
     for gone in (b"old-bounce", b"folded-old-id", b"old.example", b"mailto:old", b"b=AAAA", b"DKIM-Signature"):
         assert gone not in headers
     assert headers.lower().count(b"message-id:") == 1
-    assert headers.lower().count(b"return-path:") == 1
+    assert b"return-path:" not in headers.lower()  # only the final delivery adds one (RFC 5321 4.4)
     # Other headers, including their folded continuation lines, are kept untouched and in order.
-    assert lines[4:] == [
+    assert lines[3:] == [
         b"From: Shop <shop@news.example.com>",
         b"To: reader@example.org",
         b"Subject: Weekly",
@@ -138,11 +134,11 @@ def test_headers_prepended_in_order_and_old_ones_removed(eol: bytes) -> None:
 
 def test_crlf_and_lf_are_kept_as_submitted() -> None:
     crlf = render_for_recipient(
-        submitted(b"\r\n"), mail_from="b@x.example", recipient="r@y.example", message_id="<m@x.example>",
+        submitted(b"\r\n"), recipient="r@y.example", message_id="<m@x.example>",
         unsubscribe_url=UNSUB_URL,
     )
     lf = render_for_recipient(
-        submitted(b"\n"), mail_from="b@x.example", recipient="r@y.example", message_id="<m@x.example>",
+        submitted(b"\n"), recipient="r@y.example", message_id="<m@x.example>",
         unsubscribe_url=UNSUB_URL,
     )
     assert re.search(rb"(?<!\r)\n", crlf) is None
@@ -152,19 +148,19 @@ def test_crlf_and_lf_are_kept_as_submitted() -> None:
 
 def test_without_unsubscribe_url_no_list_headers() -> None:
     out = render_for_recipient(
-        submitted(b"\r\n"), mail_from="", recipient="r@y.example", message_id="<m@x.example>"
+        submitted(b"\r\n"), recipient="r@y.example", message_id="<m@x.example>"
     )
-    assert out.startswith(b"Return-Path: <>\r\nMessage-ID: <m@x.example>\r\nFrom: ")
+    assert out.startswith(b"Message-ID: <m@x.example>\r\nFrom: ")
     assert b"list-unsubscribe" not in out.lower()
 
 
 def test_message_without_body_separator_or_headers() -> None:
     only_headers = b"From: a@x.example\r\nSubject: s\r\n"
-    out = render_for_recipient(only_headers, mail_from="b@x.example", recipient="r@y", message_id="<m@x>")
-    assert out == b"Return-Path: <b@x.example>\r\nMessage-ID: <m@x>\r\n" + only_headers
+    out = render_for_recipient(only_headers, recipient="r@y", message_id="<m@x>")
+    assert out == b"Message-ID: <m@x>\r\n" + only_headers
     no_headers = b"\nbody only\n"
-    out = render_for_recipient(no_headers, mail_from="b@x.example", recipient="r@y", message_id="<m@x>")
-    assert out == b"Return-Path: <b@x.example>\nMessage-ID: <m@x>\n" + no_headers
+    out = render_for_recipient(no_headers, recipient="r@y", message_id="<m@x>")
+    assert out == b"Message-ID: <m@x>\n" + no_headers
 
 
 def test_body_bytes_are_not_reencoded() -> None:
@@ -172,31 +168,32 @@ def test_body_bytes_are_not_reencoded() -> None:
         b"From: a@x.example\r\nContent-Type: text/plain; charset=latin-1\r\n"
         b"Content-Transfer-Encoding: 8bit\r\n\r\ncaf\xe9 \xff\x00 bytes\r\nno final newline"
     )
-    out = render_for_recipient(raw, mail_from="b@x.example", recipient="r@y", message_id="<m@x>")
+    out = render_for_recipient(raw, recipient="r@y", message_id="<m@x>")
     assert out.endswith(raw[raw.index(b"\r\n\r\n") :])
 
 
-@pytest.mark.parametrize("field", ["mail_from", "message_id", "unsubscribe_url"])
+@pytest.mark.parametrize("field", ["message_id", "unsubscribe_url", "unsubscribe_mailto", "feedback_id"])
 def test_header_injection_is_refused(field: str) -> None:
-    values = dict(mail_from="b@x.example", recipient="r@y", message_id="<m@x>", unsubscribe_url=UNSUB_URL)
+    values = dict(recipient="r@y", message_id="<m@x>", unsubscribe_url=UNSUB_URL, unsubscribe_mailto="u1@u.example",
+                  feedback_id="c:x")
     values[field] = values[field] + "\r\nBcc: victim@example.org"
     with pytest.raises(ValueError):
         render_for_recipient(submitted(b"\r\n"), **values)
 
 
-def test_unsubscribe_token_verifies_only_its_own_recipient() -> None:
-    token = unsubscribe_token("s3cret", "camp-1", "reader@example.org")
-    assert re.fullmatch(r"[A-Za-z0-9_-]{32}", token)  # 24 bytes, base64url, no padding
-    assert token == unsubscribe_token("s3cret", "camp-1", "reader@example.org")
-    assert verify_unsubscribe_token("s3cret", "camp-1", "reader@example.org", token)
-    assert not verify_unsubscribe_token("s3cret", "camp-1", "other@example.org", token)
-    assert not verify_unsubscribe_token("s3cret", "camp-2", "reader@example.org", token)
-    assert not verify_unsubscribe_token("other", "camp-1", "reader@example.org", token)
-    altered = token[:-1] + ("B" if token.endswith("A") else "A")
-    assert not verify_unsubscribe_token("s3cret", "camp-1", "reader@example.org", altered)
-    assert not verify_unsubscribe_token("s3cret", "camp-1", "reader@example.org", "ünïcode")
-    # campaign and recipient are separated, so shifting text between them changes the token
-    assert unsubscribe_token("s", "ab", "c") != unsubscribe_token("s", "a", "bc")
+def test_mailto_and_feedback_id_headers() -> None:
+    out = render_for_recipient(submitted(b"\r\n").replace(b"MIME-Version", b"Feedback-ID: theirs:1\r\nMIME-Version"),
+                               recipient="r@y.example", message_id="<m@x>", unsubscribe_url=UNSUB_URL,
+                               unsubscribe_mailto="uabc@unsub.example", feedback_id="spring:acme")
+    lines = header_block(out).split(b"\r\n")
+    assert lines[1:4] == [b"List-Unsubscribe: <https://news.example.com/u/AbCd>, <mailto:uabc@unsub.example>",
+                          b"List-Unsubscribe-Post: List-Unsubscribe=One-Click", b"Feedback-ID: spring:acme"]
+    assert b"theirs" not in out
+    # mailto alone is no one-click (RFC 8058 needs an HTTPS URI)
+    only_mailto = render_for_recipient(submitted(b"\r\n"), recipient="r@y.example", message_id="<m@x>",
+                                       unsubscribe_mailto="uabc@unsub.example")
+    assert b"List-Unsubscribe: <mailto:uabc@unsub.example>\r\n" in only_mailto
+    assert b"List-Unsubscribe-Post" not in only_mailto
 
 
 @pytest.mark.parametrize("eol", [b"\r\n", b"\n"], ids=["crlf", "lf"])
@@ -209,7 +206,6 @@ def test_dkim_signature_verifies_and_covers_list_unsubscribe(rsa_key, eol, key_f
     signer = DkimSigner(DOMAIN, SELECTOR, pem(rsa_key, key_format))
     out = render_for_recipient(
         submitted(eol),
-        mail_from="bounce@news.example.com",
         recipient="reader@example.org",
         message_id="<sub.1.rm@news.example.com>",
         unsubscribe_url=UNSUB_URL,
@@ -218,7 +214,7 @@ def test_dkim_signature_verifies_and_covers_list_unsubscribe(rsa_key, eol, key_f
     assert out.startswith(b"DKIM-Signature: ")
     assert out.count(b"DKIM-Signature:") == 1
     after_signature = re.split(eol + rb"(?=\S)", out, maxsplit=1)[1]
-    assert after_signature.startswith(b"Return-Path: <bounce@news.example.com>" + eol + b"Message-ID: ")
+    assert after_signature.startswith(b"Message-ID: ")
     if eol == b"\n":
         assert b"\r" not in out
     dnsfunc = dnsfunc_for(rsa_key)
@@ -235,7 +231,7 @@ def test_dkim_signature_verifies_and_covers_list_unsubscribe(rsa_key, eol, key_f
 def test_dkim_detects_tampering_with_list_unsubscribe(rsa_key) -> None:
     signer = DkimSigner(DOMAIN, SELECTOR, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
     out = render_for_recipient(
-        submitted(b"\r\n"), mail_from="b@news.example.com", recipient="reader@example.org",
+        submitted(b"\r\n"), recipient="reader@example.org",
         message_id="<m@news.example.com>", unsubscribe_url=UNSUB_URL, dkim=signer,
     )
     tampered = out.replace(UNSUB_URL.encode(), b"https://evil.example/u/AbCd")
@@ -248,7 +244,7 @@ def test_dkim_detects_tampering_with_list_unsubscribe(rsa_key) -> None:
 def test_dkim_signs_only_headers_present(rsa_key) -> None:
     signer = DkimSigner(DOMAIN, SELECTOR, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
     plain = b"From: a@news.example.com\r\nSubject: hi\r\n\r\nbody\r\n"
-    out = render_for_recipient(plain, mail_from="b@news.example.com", recipient="r@y", message_id="<m@x>", dkim=signer)
+    out = render_for_recipient(plain, recipient="r@y", message_id="<m@x>", dkim=signer)
     signature = dkim.DKIM(out)
     assert signature.verify(dnsfunc=dnsfunc_for(rsa_key))
     signed = {h.strip().lower() for h in signature.signature_fields[b"h"].split(b":")}

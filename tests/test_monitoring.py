@@ -1,4 +1,4 @@
-"""Issue 7 on real 3-node clusters: Prometheus metrics, outcome events (`raftmail events --follow`)
+"""Monitoring on real 3-node clusters: Prometheus metrics, outcome events (`raftmail events --follow`)
 across a leader kill, the leader's webhook with a failing receiver, /readyz losing and regaining
 the quorum, and the live view; plus the pure parts (readiness, domain labels, watch model)."""
 from __future__ import annotations
@@ -374,6 +374,48 @@ def test_webhook_does_not_follow_redirects(tmp_path: Path) -> None:
     assert poster.cursor == 0 and delay > 0  # retried later, nothing acknowledged
 
 
+def test_webhook_checks_the_receivers_certificate(tmp_path: Path) -> None:
+    """Over https the receiver must present a certificate the node trusts: a self-signed one is a
+    failed POST, and no event reaches it."""
+    import ssl
+
+    from aiohttp import web
+
+    from raftmail.node.tls import server_context, write_self_signed
+    cert, key = write_self_signed(tmp_path / "tls", "127.0.0.1")
+    received: list[list] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    ring = [[1, 1.0, "delivered", "c", "s", 0, "r1@example.com", "n1", "h:25", 250, "ok", 1]]
+    poster = WebhookPoster("https://127.0.0.1:1/hook", tmp_path / "cursor", lambda after, limit: (ring, 1, 1),
+                           lambda: True, timeout=5, retry_first=0.05, max_retry_interval=0.2)
+
+    async def drive() -> None:
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context(cert, key))
+        await site.start()
+        poster.url = f"https://127.0.0.1:{runner.addresses[0][1]}/hook"
+        try:
+            async with poster.session() as session:
+                await poster.step(session)
+            # The receiver does serve TLS: a client that trusts its certificate gets through.
+            trusting = ssl.create_default_context(cafile=str(cert))
+            async with aiohttp.ClientSession() as session:
+                async with session.post(poster.url, json=[], ssl=trusting) as resp:
+                    assert resp.status == 200
+        finally:
+            await runner.cleanup()
+    asyncio.run(asyncio.wait_for(drive(), 20))
+    assert received == [[]]  # only the trusting client's empty list
+    assert poster.posts_failed == 1 and poster.posts_ok == 0 and poster.cursor == 0
+
+
 # ---------------------------------------------------------------- readiness
 
 @pytest.mark.cluster
@@ -422,8 +464,12 @@ def test_readiness_verdicts() -> None:
                                                                   "entries behind the leader's commit index 120 "
                                                                   "(ready within 100)")
     assert "no quorum: connected to 1 of 3" in readiness({**base, "has_quorum": False, "partners_connected": []}, 3, 100)[1]
+    # Connected, but the leader went silent (a follower cut off with it, or stalled).
+    assert readiness({**base, "has_quorum": False, "leader_silent_for": 2.25}, 3, 100) == \
+        (False, "no quorum: nothing heard from the leader 10.0.0.1:7000 for 2.2s")
     assert "not connected" in readiness({**base, "partners_connected": ["10.0.0.3:7000"]}, 3, 100)[1]
     assert "no known leader" in readiness({**base, "leader_addr": None}, 3, 100)[1]
+    assert "no known leader" in readiness({**base, "has_quorum": False, "leader_addr": None}, 3, 100)[1]
     assert readiness({**base, "role": "leader", "leader_addr": "10.0.0.2:7000"}, 3, 100)[0] is True
     assert readiness({**base, "leader_commit_index": None}, 3, 100)[0] is False
 

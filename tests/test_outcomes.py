@@ -17,9 +17,10 @@ from raftmail.consensus.outcomes import (
     SUPPRESSED,
     Verdict,
     classify,
-    next_retry_delay,
+    judge_reply,
     parse_enhanced,
 )
+from raftmail.consensus.backoff import next_retry_delay
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -85,6 +86,16 @@ def test_classify_table(code: int, text: str, expected: Verdict) -> None:
 )
 def test_parse_enhanced(text: str, expected: str | None) -> None:
     assert parse_enhanced(text) == expected
+
+
+@given(code=st.integers(-1000, 1000), enhanced=st.sampled_from([None, "", "5.1.1", "4.2.0", "2.0.0"]),
+       text=st.sampled_from(["", "5.1.1 no such user", "4.7.1 later", "2.0.0 ok", "no code here"]))
+def test_judge_reply_is_classify_with_the_enhanced_code_of_the_text(code: int, enhanced: str | None,
+                                                                    text: str) -> None:
+    verdict = judge_reply(code, enhanced, text)
+    expected_enhanced = enhanced or parse_enhanced(text)
+    assert verdict == classify(code, expected_enhanced) and verdict.enhanced == expected_enhanced
+    assert verdict.deferred == (verdict.state == DEFERRED)
 
 
 def test_retry_delays_grow_then_cap() -> None:

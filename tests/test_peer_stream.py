@@ -14,14 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from raftmail.node.peers import (
-    AUTH_HEADER,
-    STREAM_CLAIM,
-    STREAM_MAX_IN_PROGRESS,
-    STREAM_ROUTE,
-    PeerClient,
-    PeerCrypto,
-)
+from raftmail.node.peer_client import PeerClient
+from raftmail.node.peer_wire import AUTH_HEADER, PeerCrypto, STREAM_CLAIM, STREAM_MAX_IN_PROGRESS, STREAM_ROUTE
 from test_peers import (
     CLUSTER,
     NEWSLETTER,

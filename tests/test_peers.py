@@ -17,18 +17,10 @@ from aiohttp import web
 
 from raftmail.consensus.seal import MAX_PEER_KEYS
 from raftmail.node.bodies import BodyStore
-from raftmail.node.peers import (
-    AUTH_HEADER,
-    PeerAuthError,
-    PeerClient,
-    PeerCrypto,
-    STREAM_ROUTE,
-    add_peer_routes,
-    batch_sealed_limit,
-    pack_batch,
-    sealed_size,
-    unpack_batch,
-)
+from raftmail.consensus.seal import sealed_size
+from raftmail.node.peer_client import PeerClient
+from raftmail.node.peer_server import add_peer_routes
+from raftmail.node.peer_wire import AUTH_HEADER, PeerAuthError, PeerCrypto, STREAM_ROUTE, batch_sealed_limit, pack_batch, unpack_batch
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -112,7 +104,7 @@ class PeerNode:
 async def stream_answers(http: aiohttp.ClientSession, node: PeerNode, crypto: PeerCrypto,
                          tokens: list[bytes]) -> list[int]:
     """Send sealed batches over one stream; the answer byte of each (1 stored, 0 refused)."""
-    from raftmail.node.peers import STREAM_CLAIM
+    from raftmail.node.peer_wire import STREAM_CLAIM
     frame = struct.Struct(">Q")
     url = f"http://{node.address}{STREAM_ROUTE}"
     async with http.ws_connect(url, headers={AUTH_HEADER: crypto.seal_text(STREAM_CLAIM)}) as ws:
@@ -756,6 +748,7 @@ def test_the_old_put_route_is_gone_and_answers_before_any_body_is_read(tmp_path:
             status = await asyncio.wait_for(reader.readline(), 5.0)  # no body bytes were sent
             assert status.split()[1] in (b"404", b"405"), status
             writer.close()
+            await writer.wait_closed()
             assert node.store.stats() == (0, 0) and node.store.batches == 0
         finally:
             await node.stop()
@@ -818,7 +811,7 @@ def test_a_replayed_batch_or_header_is_refused(tmp_path: Path) -> None:
     """A captured sealed batch (or stream header) sent again within its freshness window is
     refused: each is accepted once."""
     async def main() -> None:
-        from raftmail.node.peers import STREAM_CLAIM
+        from raftmail.node.peer_wire import STREAM_CLAIM
         crypto = PeerCrypto(SECRET, CLUSTER)
         node = await PeerNode(tmp_path / "n", crypto).start()
         body = b"Subject: once\r\n\r\nonly once\r\n"
@@ -845,7 +838,7 @@ def test_a_replayed_batch_or_header_is_refused(tmp_path: Path) -> None:
 
 def test_peer_requests_served_at_once_are_capped(tmp_path: Path) -> None:
     async def main() -> None:
-        from raftmail.node.peers import STREAM_CLAIM
+        from raftmail.node.peer_wire import STREAM_CLAIM
         crypto = PeerCrypto(SECRET, CLUSTER)
         node = await PeerNode(tmp_path / "n", crypto, max_requests=2).start()
         url = f"http://{node.address}{STREAM_ROUTE}"

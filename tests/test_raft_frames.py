@@ -10,8 +10,8 @@ import pytest
 from cryptography.fernet import Fernet
 from pysyncobj import FAIL_REASON, SyncObj
 
-from raftmail.consensus.raft import FrameSealer, RaftNode
-from raftmail.consensus.seal import SealError
+from raftmail.consensus.raft import RaftNode
+from raftmail.consensus.seal import FrameSealer, SealError
 from raftmail.consensus.state import encode_command
 
 from test_raft_wrapper import SECRET, free_port, submit_cmd, wait_for

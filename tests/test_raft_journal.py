@@ -14,7 +14,7 @@ from pysyncobj.journal import FileJournal
 
 from raftmail.consensus.journal import (KILL_IN_REWRITE_ENV, JournalFull, ReservedJournal,
                                         write_atomically)
-from raftmail.consensus.raft import remove_stale_snapshot_temps
+from raftmail.consensus.raft_snapshot import remove_stale_snapshot_temps
 
 pytestmark = pytest.mark.timeout(60)
 

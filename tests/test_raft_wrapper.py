@@ -14,7 +14,8 @@ from pysyncobj import FAIL_REASON
 from pysyncobj import pickle as psy_pickle
 from pysyncobj.journal import createJournal
 
-from raftmail.consensus.raft import RaftNode, decode_snapshot, encode_snapshot
+from raftmail.consensus.raft import LEADER_SILENCE_TIMEOUTS, RaftNode
+from raftmail.consensus.raft_snapshot import decode_snapshot, encode_snapshot
 from raftmail.consensus.state import MailState, encode_command
 
 pytestmark = pytest.mark.timeout(60)
@@ -233,3 +234,94 @@ def test_stale_resend_does_not_truncate_the_follower_log(tmp_path: Path, cls, ke
     else:
         assert now[-1] == entries[k + 4][1], "expected pysyncobj as shipped to truncate (the defect)"
     node.stop()
+
+
+class CutRaftNode(RaftNode):
+    """A member whose incoming Raft messages from the peers in `cut` are dropped, as a network
+    partition drops them; the TCP connections stay up (frames flow, their messages are discarded),
+    so pysyncobj counts every peer as connected."""
+
+    cut: frozenset = frozenset()
+
+    def _SyncObj__onMessageReceived(self, node, message) -> None:
+        if str(node) in self.cut:
+            return
+        RaftNode._SyncObj__onMessageReceived(self, node, message)
+
+
+class LateFallbackRaftNode(CutRaftNode):
+    """pysyncobj's own leaderFallbackTimeout (30 s) instead of ours."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self._SyncObj__conf.leaderFallbackTimeout = 30.0
+
+
+def start_members(tmp_path: Path, n: int, cls=RaftNode, **kw) -> list[RaftNode]:
+    addrs = [f"127.0.0.1:{free_port()}" for _ in range(n)]
+    nodes = [cls(a, addrs, tmp_path / f"m{i}", password=SECRET, **kw) for i, a in enumerate(addrs)]
+    wait_for(lambda: sum(x.is_leader() for x in nodes) == 1
+             and all(x.raft_status()["has_quorum"] for x in nodes), what="a leader followed by every member")
+    return nodes
+
+
+CUT_CONNECTION_TIMEOUT = 1.5  # [raft] connection_timeout of these members: the leader's fallback
+
+
+@pytest.mark.parametrize("cls,steps_down", [(CutRaftNode, True), (LateFallbackRaftNode, False)])
+def test_a_leader_cut_off_with_a_minority_steps_down(tmp_path: Path, cls, steps_down: bool) -> None:
+    """Five members; the leader and one follower are cut off from the other three (each side
+    drops what the other sends). The old leader must step down once no majority answered for
+    connection_timeout, and its follower must stop claiming a quorum; pysyncobj as shipped kept
+    both for 30 s."""
+    nodes = start_members(tmp_path, 5, cls, connection_timeout=CUT_CONNECTION_TIMEOUT)
+    try:
+        leader = next(x for x in nodes if x.is_leader())
+        follower = next(x for x in nodes if x is not leader)
+        minority = [leader, follower]
+        majority = [x for x in nodes if x not in minority]
+        for side, other in ((minority, majority), (majority, minority)):
+            for x in side:
+                x.cut = frozenset(str(o.selfNode) for o in other)
+
+        def stepped_down() -> bool:
+            return not leader.is_leader() and not any(x.raft_status()["has_quorum"] for x in minority)
+        bound = CUT_CONNECTION_TIMEOUT + LEADER_SILENCE_TIMEOUTS * 0.7 + 1.0
+        if steps_down:
+            wait_for(stepped_down, bound, "the cut-off leader to step down and its follower to lose the quorum")
+            wait_for(lambda: any(x.is_leader() for x in majority), 10, "the majority to elect a leader")
+        else:
+            time.sleep(bound)  # what the defect keeps for 30 s, it keeps past our bound
+            assert leader.is_leader() and follower.raft_status()["has_quorum"], \
+                "expected pysyncobj as shipped to keep the cut-off leader (the defect)"
+    finally:
+        for x in nodes:
+            x.stop()
+
+
+def test_a_stalled_follower_reports_no_quorum(tmp_path: Path) -> None:
+    """A follower whose Raft thread hears nothing (stalled here; cut off alike) keeps its
+    connections and its leader in pysyncobj's view; it must not report a quorum once it has
+    not heard from the leader for LEADER_SILENCE_TIMEOUTS election timeouts."""
+    nodes = start_members(tmp_path, 3)
+    try:
+        follower = next(x for x in nodes if not x.is_leader())
+        gate, stalled = threading.Event(), threading.Event()
+
+        def stall() -> None:
+            stalled.set()
+            gate.wait(30)
+        follower.addOnTickCallback(stall)
+        assert stalled.wait(5)
+        started = time.monotonic()
+        wait_for(lambda: not follower.raft_status()["has_quorum"], 5, "the stalled follower to report no quorum")
+        took = time.monotonic() - started
+        assert follower.raft_status()["leader_addr"] is not None, "pysyncobj still names the leader"
+        assert took <= LEADER_SILENCE_TIMEOUTS * 0.7 + 0.5, took
+        gate.set()  # before the removal: pysyncobj holds its callback lock while one runs
+        follower.removeOnTickCallback(stall)
+        wait_for(lambda: follower.raft_status()["has_quorum"], 5, "the follower to count again once it hears")
+    finally:
+        gate.set()
+        for x in nodes:
+            x.stop()

@@ -1,4 +1,4 @@
-"""Issue 5, intake security: who may submit (allow_networks, SMTP AUTH after STARTTLS), not an
+"""Intake security: who may submit (allow_networks, SMTP AUTH after STARTTLS), not an
 open relay, the slow-down for failed AUTH, `raftmail passwd` / `raftmail certs`, and config
 mistakes refused at start. Cluster tests run real node processes; clients outside the allowed
 network bind to other loopback addresses (127.0.0.2 and up)."""

@@ -483,7 +483,7 @@ def test_submit_refuses_when_the_queue_would_overflow() -> None:
 
 def test_suppressed_address_is_suppressed_at_submit() -> None:
     state = MailState()
-    assert run(state, {"op": "suppress", "address": "Gone@X.test", "reason": "complaint", "now": T0}) == {"ok": True}
+    assert run(state, {"op": "suppress", "address": "Gone@X.test", "reason": "complaint", "now": T0}) == {"ok": True, "new": True}
     run(state, submit_cmd(T0 + 1, submission("s1", ["gone@x.test", "here@x.test", "GONE@x.TEST"])))
     assert [state_of(state, "s1", i) for i in range(3)] == ["suppressed", "pending", "suppressed"]
     assert state.queue_counts()["suppressed"] == 2
@@ -882,6 +882,7 @@ CAMPAIGNS = ["c0", "c1", "c-unknown"]
 DOMAINS = ["a.test", "b.test"]
 ADDRESSES = [f"u{i}@{d}" for i in range(3) for d in DOMAINS] + ["U0@A.test"]
 NODES = ["n0", "n1", "n2"]
+SCOPES = st.sampled_from(["", "", "shop.test", "Other.TEST"])  # From: domains of suppressions and submissions
 BATCH_IDS = [f"b{i}" for i in range(1, 6)]
 CODES = [250, 250, 250, 451, 421, 0, 550, 554, 999]
 ENHANCED = [None, "5.1.1", "5.7.1", "4.2.0", "2.0.0"]
@@ -916,10 +917,13 @@ def report_row(item: list, now: float) -> st.SearchStrategy:
 @st.composite
 def submit_command(draw, now: float) -> dict:
     subs = draw(st.lists(st.builds(
-        lambda sid, camp, rcpts, key: submission(sid, rcpts, camp, key),
+        lambda sid, camp, rcpts, key, scope, send_at: {**submission(sid, rcpts, camp, key),
+                                                       **({"scope": scope} if scope else {}),
+                                                       **({"not_before": now + send_at} if send_at else {})},
         st.sampled_from(SIDS + ["s5", "s6"]), st.sampled_from(CAMPAIGNS[:2]),
         st.lists(st.sampled_from(ADDRESSES), min_size=1, max_size=MAX_RCPTS),
-        st.sampled_from([None, "k0", "k1"])), min_size=1, max_size=2))
+        st.sampled_from([None, "k0", "k1"]), SCOPES, st.sampled_from([0, 0, 0, 30, HOUR, -10])),
+        min_size=1, max_size=2))
     return submit_cmd(now, *subs, window=draw(st.sampled_from([0, 30, HOUR])),
                       max_queued=draw(st.sampled_from([3, 12, 1000, 1000])))
 
@@ -959,7 +963,7 @@ def valid_command(draw, now: float, hint: dict) -> dict:
     # Lean towards what the state invites: leases when recipients wait, reports when batches exist.
     ops = ["submit"] * 3 + ["assign"] * (6 if hint["eligible"] else 1) + \
         ["report"] * (6 if hint["batches"] else 1) + [
-        "expire", "renew", "pause", "resume", "cancel", "suppress", "unsuppress", "noop", "prune", "member"]
+        "expire", "renew", "pause", "resume", "cancel", "suppress", "unsuppress", "noop", "prune", "member", "suppress_many", "feedback"]
     op = draw(st.sampled_from(ops))
     if op == "submit":
         return draw(submit_command(now))
@@ -975,9 +979,19 @@ def valid_command(draw, now: float, hint: dict) -> dict:
     if op in ("pause", "resume", "cancel"):
         return campaign_cmd(op, draw(st.sampled_from(CAMPAIGNS)), now)
     if op == "suppress":
-        return {"op": "suppress", "address": draw(st.sampled_from(ADDRESSES)), "reason": "test", "now": now}
+        return {"op": "suppress", "address": draw(st.sampled_from(ADDRESSES)), "reason": "test", "now": now,
+                "scope": draw(SCOPES)}
     if op == "unsuppress":
-        return {"op": "unsuppress", "address": draw(st.sampled_from(ADDRESSES))}
+        return {"op": "unsuppress", "address": draw(st.sampled_from(ADDRESSES)), "scope": draw(SCOPES)}
+    if op == "suppress_many":
+        return {"op": "suppress_many", "now": now, "entries": draw(st.lists(
+            st.tuples(st.sampled_from(ADDRESSES), SCOPES, st.just("import")).map(list), min_size=1, max_size=3))}
+    if op == "feedback":
+        kind = draw(st.sampled_from(["bounce", "complaint", "unsubscribe"]))
+        code, enhanced = draw(st.sampled_from([(550, "5.1.1"), (550, "5.7.1"), (450, "4.2.2")]))
+        return {"op": "feedback", "kind": kind, "submission": draw(st.sampled_from(SIDS)),
+                "index": draw(st.integers(0, 3)), "now": now, "node": "n1", "code": code, "enhanced": enhanced,
+                "scope": draw(st.sampled_from(["domain", "cluster"]))}
     if op == "prune":
         # Archives are kept longer than any history runs: dropping them breaks the recount
         # (test_counts_still_match_after_archives_are_dropped).
@@ -1126,3 +1140,24 @@ def test_a_group_applies_its_commands_in_order_exactly_as_alone() -> None:
     nested = grouped.apply_blob(encode_command({"op": "group", "cmds": [{"op": "group", "cmds": []}]}))
     assert nested == [{"error": "a group may not hold a group"}]
     assert grouped.apply_blob(encode_command({"op": "group", "cmds": []})) == {"error": "cmds must be a non-empty list"}
+
+
+def test_a_submissions_answer_reads_back_from_the_applied_state() -> None:
+    """What a proposer that lost track of its commit answers from: the same answer the submit
+    command gave, or None while the state does not show the submission."""
+    state = MailState()
+    rcpts = ["ann@example.com", "bob@example.net"]
+    assert state.submission_answer("s1", "k1", rcpts) is None
+    assert run(state, submit_cmd(T0, submission("s1", rcpts, key="k1"))) == [["ok", "s1"]]
+    assert state.submission_answer("s1", "k1", rcpts) == ["ok", "s1"]
+    # A retry under a new id, every recipient already queued under the key: a duplicate of s1.
+    assert run(state, submit_cmd(T0 + 1, submission("s2", rcpts, key="k1"))) == [["duplicate", "s1"]]
+    assert state.submission_answer("s2", "k1", rcpts) == ["duplicate", "s1"]
+    # One more recipient under the same key: only it is queued.
+    more = rcpts + ["cy@example.org"]
+    assert run(state, submit_cmd(T0 + 2, submission("s3", more, key="k1"))) == [["ok", "s3", 1, 2]]
+    assert state.submission_answer("s3", "k1", more) == ["ok", "s3", 1, 2]
+    # Not applied (another id, a recipient the key has not seen, or no key): nothing to say.
+    assert state.submission_answer("s4", "k1", ["dee@example.com"]) is None
+    assert state.submission_answer("s4", None, rcpts) is None
+    assert state.submission_answer("s4", "k2", rcpts) is None

@@ -121,10 +121,7 @@ def test_a_node_keeps_a_resubmitted_body_it_holds_before_it_applies_the_submissi
     set_config(c, "storage", body_retention_seconds=0.5, maintenance_interval_seconds=0.2)
     c.start_all_and_wait()
     lagging = min(c.ids, key=lambda n: f"127.0.0.1:{c.raft[n]}")
-    if c.leader() == lagging:
-        post_admin(c, lagging, "/cluster/transfer")
-        wait_for(lambda: c.leader() not in (None, lagging), 20, "leadership to move")
-    leader = c.leader()
+    leader = c.hand_leadership(away_from=lagging)
     msg = make_message(message_id="<same-bytes@example.com>")
     code, text = c.submit(leader, ["first@example.com"], msg)
     assert code == 250, text

@@ -32,13 +32,14 @@ def fault_cluster(tmp_path: Path):
 def partition_cluster(tmp_path: Path):
     """Clusters whose nodes each run in a network namespace of their own (see netns.py), with
     the sink and the clients in the root namespace: factory(n) -> (cluster, network). Every
-    node process is killed and every namespace removed afterwards, whatever happens."""
+    node process is killed and every namespace removed afterwards, whatever happens. `raft` sets
+    keys of the cluster file's [raft] section."""
     reason = netns.unavailable()
     if reason:
         pytest.skip(reason)
     made: list[tuple[Cluster | None, netns.Network]] = []
 
-    def factory(n: int = 3, **kw) -> tuple[Cluster, netns.Network]:
+    def factory(n: int = 3, raft: dict | None = None, **kw) -> tuple[Cluster, netns.Network]:
         root = tmp_path / f"c{len(made)}"
         root.mkdir()
         net = netns.Network([f"n{i + 1}" for i in range(n)])
@@ -50,6 +51,8 @@ def partition_cluster(tmp_path: Path):
         set_config(c, "intake", allow_networks=[str(net.subnet)])
         # Admin addresses off loopback need a token (a node refuses to start without one).
         set_config(c, "cluster", admin_token="partition-suite-admin-token-0123456789")
+        if raft:  # [raft] keys of this cluster (timeouts)
+            set_config(c, "raft", **raft)
         made[-1] = (c, net)
         c.start_all_and_wait()
         return c, net

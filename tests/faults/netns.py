@@ -6,9 +6,10 @@ the root namespace, on the bridge's root-side address) reach every node. The add
 node namespaces have no default route, so nothing a node sends can leave the machine.
 
 Faults are nftables rules in the receiving node's namespace that silently drop packets from
-chosen node addresses (input hook): a dropped TCP segment times out as it would on a real cut
-link, rather than failing at once as an output-hook drop would. Clients and the sink are never
-blocked, so a client can still reach a node that is cut off from its peers.
+chosen node addresses (input hook), or only their TCP segments to and from chosen ports (the Raft
+ports, say, while body pushes on the admin port still flow): a dropped TCP segment times out as
+it would on a real cut link, rather than failing at once as an output-hook drop would. Clients
+and the sink are never blocked, so a client can still reach a node that is cut off from its peers.
 
 Needs root and iproute2 + nftables; names carry the test process id, so a run that crashed
 cannot collide with the next one, which also removes what a dead run left behind."""
@@ -120,6 +121,8 @@ class Network:
         self.gateway = ""  # the root namespace's address on the bridge
         self.hosts: dict[str, str] = {}
         self.blocked: dict[str, set[str]] = {nid: set() for nid in self.ids}  # receiver -> senders dropped
+        # receiver -> (sender, port) pairs: the sender's TCP segments to or from that port dropped
+        self.port_blocked: dict[str, set[tuple[str, int]]] = {nid: set() for nid in self.ids}
         self.made: list[str] = []  # namespaces created, for close()
 
     # ---------------------------------------------------------------- setup and teardown
@@ -151,7 +154,13 @@ class Network:
                 self._nft(nid, f"""
                     table inet {TABLE} {{
                         set blocked {{ type ipv4_addr; }}
-                        chain input {{ type filter hook input priority 0; policy accept; ip saddr @blocked drop; }}
+                        set blocked_port {{ type ipv4_addr . inet_service; }}
+                        chain input {{
+                            type filter hook input priority 0; policy accept;
+                            ip saddr @blocked drop
+                            ip saddr . tcp dport @blocked_port drop
+                            ip saddr . tcp sport @blocked_port drop
+                        }}
                     }}""")
         except BaseException:
             self.close()
@@ -186,28 +195,38 @@ class Network:
     def _nft(self, nid: str, script: str) -> None:
         _run(*self.launch(nid), "nft", "-f", "-", stdin=script)
 
-    def _apply(self, blocked: dict[str, set[str]]) -> float:
-        """Make each node drop what it receives from the nodes in blocked[node]; returns the
-        moment the last rule was in place."""
+    def _apply(self, blocked: dict[str, set[str]], port_blocked: dict[str, set[tuple[str, int]]] | None = None) -> float:
+        """Make each node drop what it receives from the nodes in blocked[node], and the TCP
+        segments to or from port p of each (sender, p) in port_blocked[node]; returns the moment
+        the last rule was in place."""
+        port_blocked = port_blocked or {}
         for nid in self.ids:
             want = set(blocked.get(nid, set()))
-            if want == self.blocked[nid]:
+            want_ports = set(port_blocked.get(nid, set()))
+            if want == self.blocked[nid] and want_ports == self.port_blocked[nid]:
                 continue
-            script = f"flush set inet {TABLE} blocked\n"
+            script = f"flush set inet {TABLE} blocked\nflush set inet {TABLE} blocked_port\n"
             if want:
                 script += f"add element inet {TABLE} blocked {{ {', '.join(self.hosts[s] for s in sorted(want))} }}\n"
+            if want_ports:
+                pairs = ", ".join(f"{self.hosts[s]} . {port}" for s, port in sorted(want_ports))
+                script += f"add element inet {TABLE} blocked_port {{ {pairs} }}\n"
             self._nft(nid, script)
-            self.blocked[nid] = want
+            self.blocked[nid], self.port_blocked[nid] = want, want_ports
         return time.time()
 
-    def partition(self, *sides: list[str]) -> float:
-        """Nodes on different sides hear nothing from each other; a node on no side is cut off
-        from every other node. Replaces any earlier fault. Returns the moment it holds."""
+    def _apart(self, sides: tuple[list[str], ...]) -> dict[str, set[str]]:
+        """Each node -> the nodes on other sides (a node on no side is apart from every other)."""
         side_of = {nid: k for k, side in enumerate(sides) for nid in side}
 
         def apart(a: str, b: str) -> bool:
             return a != b and (a not in side_of or side_of.get(b) != side_of[a])
-        return self._apply({nid: {o for o in self.ids if apart(nid, o)} for nid in self.ids})
+        return {nid: {o for o in self.ids if apart(nid, o)} for nid in self.ids}
+
+    def partition(self, *sides: list[str]) -> float:
+        """Nodes on different sides hear nothing from each other; a node on no side is cut off
+        from every other node. Replaces any earlier fault. Returns the moment it holds."""
+        return self._apply(self._apart(sides))
 
     def isolate(self, nid: str) -> float:
         """`nid` hears no other node and no other node hears it (clients and the sink still do)."""
@@ -217,9 +236,24 @@ class Network:
         """What `sender` sends to `receiver` is lost; the other direction still works."""
         return self._apply({receiver: {sender}})
 
+    def drop_ports(self, ports: dict[str, int], blocked: dict[str, set[str]]) -> float:
+        """Each node loses the TCP traffic of the nodes in blocked[node] on `ports` (node id -> the
+        port it listens on, e.g. its Raft port): their segments to its own port and from theirs,
+        so every connection between the two on those ports, whoever opened it. Everything else
+        (SMTP, the admin port's body pushes) still flows. Replaces any earlier fault."""
+        return self._apply({}, {r: {(s, ports[r]) for s in senders} | {(s, ports[s]) for s in senders}
+                                for r, senders in blocked.items()})
+
+    def partition_ports(self, ports: dict[str, int], *sides: list[str]) -> float:
+        """`partition`, on `ports` only: nodes on different sides lose each other's traffic there."""
+        return self.drop_ports(ports, self._apart(sides))
+
     def heal(self) -> float:
         return self._apply({})
 
     def describe(self) -> str:
         cut = {nid: sorted(s) for nid, s in self.blocked.items() if s}
-        return f"drops (receiver <- senders): {cut}" if cut else "no drops"
+        ports = {nid: sorted(s) for nid, s in self.port_blocked.items() if s}
+        what = ([f"drops (receiver <- senders): {cut}"] if cut else []) + \
+            ([f"port drops (receiver <- (sender, port)): {ports}"] if ports else [])
+        return "; ".join(what) or "no drops"

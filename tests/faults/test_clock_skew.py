@@ -1,22 +1,25 @@
 """Fault scenario: nodes whose wall clocks disagree by 10 s each way (libfaketime, wall clock only:
-the monotonic clock, which leases use, is left alone). Campaigns go in while the leader runs ahead,
-a node running behind holds batches, a holder is SIGKILLed and restarted at once while the leader
-is ahead, and leadership moves from the skewed leader to another node. Same invariants as the
-other scenarios (driver.verify). Needs the `faketime` package (libfaketime).
+the monotonic clock, which leases use, is left alone; see skewed_launch in tests/cluster.py).
+Campaigns go in while the leader runs ahead, a node running behind holds batches, a holder is
+SIGKILLed and restarted at once while the leader is ahead, and leadership moves from the skewed
+leader to another node. Same invariants as the other scenarios (driver.verify). Needs the
+`faketime` package (libfaketime); skipped with the reason without it.
 
 Seeds as in test_faults.py (RAFTMAIL_FAULT_SEED, RAFTMAIL_FAULT_SEEDS)."""
 from __future__ import annotations
 
-import os
+import json
 import random
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from cluster import libfaketime, skewed_launch, wait_for
+from cluster import PY, libfaketime, skewed_launch
 
-from .driver import (Traffic, admin_post, check, holders, kill, make_fault_cluster, make_letters, record,
-                     restart, seeds, verify, wait_back, wait_holder)
+from .driver import (Traffic, check, holders, kill, make_fault_cluster, make_letters, record,
+                     restart, seeds, verify, wait_holder)
 from .test_faults import SCENARIO_TIMEOUT, wait_acked
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.timeout(SCENARIO_TIMEOUT)]
@@ -26,25 +29,30 @@ HOLDER_WAIT = 30.0
 
 
 def transfer_to(c, target: str, timeout: float = 30.0) -> None:
-    """Ask the leader to hand leadership over until `target` leads (pysyncobj picks the successor)."""
-    def led():
-        ld = c.leader()
-        if ld == target:
-            return True
-        if ld:
-            try:
-                admin_post(c, ld, "/cluster/transfer")
-            except Exception:
-                pass
-        return False
-    wait_for(led, timeout, f"{target} to lead", interval=0.5)
+    """Ask the leader to hand leadership to `target` until it leads (a transfer to a follower
+    that is not caught up does nothing: asked again)."""
+    c.hand_leadership(to=target, timeout=timeout)
 
 
 @pytest.mark.skipif(libfaketime() is None, reason="libfaketime (package faketime) is not installed")
-@pytest.mark.skipif(not os.environ.get("RAFTMAIL_FAULT_SKEW"),
-                    reason="set RAFTMAIL_FAULT_SKEW=1: Debian's libfaketime makes time.sleep fail (EINVAL) in a "
-                           "node whose monotonic clock it leaves true, so this scenario is flaky for the tool's "
-                           "sake; tests/test_leases.py covers skewed clocks in make test")
+@pytest.mark.parametrize("offset", [SKEW_SECONDS, -SKEW_SECONDS])
+def test_a_skewed_node_has_its_wall_clock_off_its_monotonic_clock_true_and_can_sleep(offset: int) -> None:
+    """What the scenario's nodes run under (skewed_launch): the wall clock `offset` off, the
+    monotonic clock the machine's, and time.sleep working (Debian's libfaketime alone makes it
+    fail with EINVAL: tests/faketime/sitecustomize.py)."""
+    probe = ("import json, time; m0 = time.monotonic(); time.sleep(0.05); "
+             "print(json.dumps([time.time(), m0, time.monotonic() - m0]))")
+    before_wall, before_mono = time.time(), time.monotonic()
+    run = subprocess.run([*skewed_launch(offset), PY, "-c", probe], capture_output=True, text=True, timeout=30)
+    after_wall, after_mono = time.time(), time.monotonic()
+    assert run.returncode == 0, run.stderr
+    wall, mono, slept = json.loads(run.stdout)
+    assert before_wall + offset - 1 <= wall <= after_wall + offset + 1, (wall - before_wall, offset)
+    assert before_mono <= mono <= after_mono, "the monotonic clock must be left true"
+    assert 0.05 <= slept < 1.0, slept
+
+
+@pytest.mark.skipif(libfaketime() is None, reason="libfaketime (package faketime) is not installed")
 @pytest.mark.parametrize("seed", seeds())
 def test_clock_skew_leader_ahead_holder_behind(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)

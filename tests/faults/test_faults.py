@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.timeout(SCENA
 SEEDS = seeds()
 HOLDER_WAIT = 30.0  # seconds to wait for a node to hold batches
 KILL_ATTEMPTS = 3  # tries to catch a follower while it holds batches (a batch may finish first)
+FOLLOWER_KILL_ROUNDS = 2  # followers killed while holding batches, each round on its own backlog
 COMPACTION_MIN_ENTRIES = 100  # low, so the wiped node can only come back from a snapshot
 COMPACTED_MARGIN = 20  # the leader's log must be this much shorter than its commit index
 
@@ -103,9 +104,17 @@ def test_five_nodes_leader_and_a_holder_sigkilled_together(fault_cluster, seed: 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_follower_holding_batches_sigkilled(fault_cluster, seed: int) -> None:
     c = fault_cluster(3)
-    rng, traffic = start_campaign(c, seed, "follower_kill", letters=40, pace=0.25)
+    # Each round after the first has a campaign of its own, held back until the round starts: a
+    # fresh backlog of batches to catch a follower holding, however fast the earlier rounds'
+    # mail was delivered (once, the whole campaign was done before the second round looked).
+    held = [f"{TAIL}{r}" for r in range(1, FOLLOWER_KILL_ROUNDS)]
+    rng, traffic = start_campaign(c, seed, "follower_kill", letters=40, pace=0.25, campaigns=("main", *held))
+    for campaign in held:
+        hold_campaign(c, traffic, campaign)
     expiries_seen = 0
-    for _round in range(2):
+    for rnd in range(FOLLOWER_KILL_ROUNDS):
+        if rnd:
+            resume_campaign(c, held[rnd - 1])
         order = rng.sample(c.ids, len(c.ids))
         for _attempt in range(KILL_ATTEMPTS):
             victim = wait_holder(c, lambda h, ld: next((n for n in order if n != ld and n in h), None),

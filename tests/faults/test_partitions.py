@@ -5,15 +5,18 @@ capture sink stay reachable from every node throughout: only node-to-node traffi
 
 Beyond the fault suite's invariants (driver.verify: 0 accepted lost, 0 skipped, equal state
 digests, duplicates within the counted bound), while a minority is cut off no node of it answers
-`250`, and every try there gets `451` within `commit_timeout` (+ REPLY_SLACK); after each heal
-the whole cluster converges again (one leader followed by all, every node applied the leader's
-commit index), timed as recover_s in the summary line.
+`250`, and every try there gets `451` within `commit_timeout` (+ REPLY_SLACK), at once (within
+FAST_REFUSAL) once the node reports itself out of the quorum (/readyz 503); after each heal the
+whole cluster converges again (one leader followed by all, every node applied the leader's
+commit index), timed as recover_s in the summary line. One scenario cuts only the Raft ports:
+bodies still reach every node, so the cut-off side proposes, and its `451`s may say "may still
+be queued" (the checker counts such a letter as maybe accepted).
 
 Root, iproute2 and nftables are needed; otherwise the tests skip and say why. Seeds as in the
 rest of the fault suite: $RAFTMAIL_FAULT_SEED; $RAFTMAIL_FAULT_SEEDS=N runs N seeds and makes it
 a soak (every scenario on 3 and 5 nodes, longer schedules).
 
-    flock /tmp/raftmail-cluster.lock .venv/bin/pytest -q tests/faults/test_partitions.py -s
+    .venv/bin/pytest -q tests/faults/test_partitions.py -s
     RAFTMAIL_FAULT_SEEDS=5 .venv/bin/pytest -q tests/faults/test_partitions.py
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from cluster import ADMIN_OPENER, Cluster, queued_as, wait_for
+from cluster import ADMIN_OPENER, Cluster, make_message, queued_as, submission_count, wait_for
 
 from .driver import (CLIENT_TIMEOUT, LEASE_SECONDS, TAIL, Attempt, Letter, Traffic, assignments, check, hold_campaign, holders, make_letters,
                      outcome_lines, record, resume_campaign, seeds, stats, verify, wait_acked, wait_holder)
@@ -39,6 +42,7 @@ SEEDS = seeds()
 SOAK = len(SEEDS) > 1  # several seeds asked for: also the other cluster size, longer schedules
 COMMIT_TIMEOUT = 3.0  # [intake] commit_timeout of these clusters
 REPLY_SLACK = 1.0  # seconds over commit_timeout a cut-off node may take to answer 451
+FAST_REFUSAL = COMMIT_TIMEOUT / 2  # seconds for a 451 from a node that knows it is out of the quorum
 HOLD = 5.0  # seconds a partition lasts at least: longer than commit_timeout, so tries there end inside it
 LETTERS = 30  # client letters per scenario
 MAX_RCPTS = 8  # recipients per letter at most: small campaigns, so the scenarios stay short
@@ -55,11 +59,10 @@ ASYMMETRIC_HOLD = LEASE_SECONDS + 3.0  # longer than a lease: a stuck holder's b
 MAX_MINORITY_LETTERS = 40  # per minority client thread
 CLIENT_JOIN = CLIENT_TIMEOUT + 2  # seconds for a minority client's last try to end
 RETRIES_AFTER_HEAL = 3  # tries per letter refused while cut off, once healed
-# Whether a follower cut off with the old leader must also turn /readyz 503. Not yet: pysyncobj
-# 0.3.17 checks a connection's read timeout only when it sends or the socket has an event, and a
-# follower sends nothing, so it keeps counting its dead links as connected (has_quorum stays true)
-# for as long as the partition lasts. Set to True once the Raft wrapper notices dead links.
-MINORITY_FOLLOWER_READYZ = False
+# A commit whose outcome the proposer lost: long election timeouts, so the steps of that test
+# land between elections, and a commit_timeout that spans two of them.
+LOST_OUTCOME_RAFT = {"election_timeout_min": 2.0, "election_timeout_max": 2.5, "connection_timeout": 4.0}
+LOST_OUTCOME_COMMIT_TIMEOUT = 12.0
 
 
 def sizes(default: list[int]) -> list[int]:
@@ -131,21 +134,32 @@ def inside(cut: Cut, traffic: Traffic) -> list:
             if a.node in cut.minority and a.started >= cut.at and a.ended <= cut.healed]
 
 
-def minority_problems(cuts: list[Cut], traffic: Traffic) -> tuple[list[str], str]:
-    """Tries on a cut-off minority answered other than 451 within commit_timeout + slack."""
-    problems, tries, slowest = [], 0, 0.0
+def minority_problems(cuts: list[Cut], traffic: Traffic,
+                      unready: dict[str, float] | None = None) -> tuple[list[str], str]:
+    """Tries on a cut-off minority answered other than 451 within commit_timeout + slack, or,
+    when started after the node reported /readyz 503 (`unready`: node -> seconds into the cut),
+    not within FAST_REFUSAL."""
+    problems, tries, slowest, fast = [], 0, 0.0, []
     for cut in cuts:
         for a in inside(cut, traffic):
             tries += 1
             took = a.ended - a.started
             slowest = max(slowest, took)
+            known_out = unready is not None and a.node in unready and a.started >= cut.at + unready[a.node]
+            limit = FAST_REFUSAL if known_out else COMMIT_TIMEOUT + REPLY_SLACK
+            if known_out:
+                fast.append(took)
             if a.code == 250:
                 problems.append(f"minority {cut.minority} answered 250 on {a.node} {a.started - cut.at:.2f}s into "
                                 f"the partition: {a.text}")
-            elif a.code != 451 or took > COMMIT_TIMEOUT + REPLY_SLACK:
-                problems.append(f"{a.node} (minority {cut.minority}) answered {a.code} after {took:.2f}s "
-                                f"(want 451 within {COMMIT_TIMEOUT + REPLY_SLACK}s): {a.text}")
-    return problems, f"minority side: {tries} tries while cut off, slowest answer {slowest:.2f}s"
+            elif a.code != 451 or took > limit:
+                problems.append(f"{a.node} (minority {cut.minority}) answered {a.code} after {took:.2f}s, "
+                                f"{a.started - cut.at:.2f}s into the partition (want 451 within {limit}s"
+                                f"{', it said it was out of the quorum' if known_out else ''}): {a.text}")
+    summary = f"minority side: {tries} tries while cut off, slowest answer {slowest:.2f}s"
+    if fast:
+        summary += f"; {len(fast)} after it said /readyz 503, slowest {max(fast):.2f}s"
+    return problems, summary
 
 
 def acks_inside(cut: Cut, traffic: Traffic, nodes: list[str]) -> int:
@@ -212,11 +226,12 @@ def start_campaign(c: Cluster, seed: int, tag: str, campaigns: tuple[str, ...] =
 
 
 def finish(c: Cluster, traffic: Traffic, name: str, seed: int, cuts: list[Cut], failovers: list[float],
-           recoveries: list[float], notes: list[str], extra_problems: list[str] = ()) -> None:
+           recoveries: list[float], notes: list[str], extra_problems: list[str] = (),
+           unready: dict[str, float] | None = None) -> None:
     """verify(), then the partition checks on top, one summary line, and the verdict."""
     v = verify(c, traffic, name, seed, failovers)
     v.recoveries = list(recoveries)
-    problems, summary = minority_problems(cuts, traffic)
+    problems, summary = minority_problems(cuts, traffic, unready)
     v.notes += notes + [summary]
     if len(recoveries) > 1:
         v.notes.append(f"recovery after each heal: {', '.join(f'{r:.2f}' for r in recoveries)} s")
@@ -236,27 +251,33 @@ def finish(c: Cluster, traffic: Traffic, name: str, seed: int, cuts: list[Cut], 
 
 # ---------------------------------------------------------------- 1. the leader alone in the minority
 
-@pytest.mark.parametrize("n", sizes([3, 5]))
+def leader_cuts(default: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    return [(n, what) for n in (3, 5) for what in ("net", "raft")] if SOAK else default
+
+
+@pytest.mark.parametrize("n,what", leader_cuts([(3, "net"), (5, "net"), (3, "raft")]))
 @pytest.mark.parametrize("seed", SEEDS)
-def test_leader_cut_off_in_the_minority(partition_cluster, seed: int, n: int) -> None:
+def test_leader_cut_off_in_the_minority(partition_cluster, seed: int, n: int, what: str) -> None:
     """The leader (with one more node of five) is cut off from the majority while the campaign is
-    submitted to every node: the minority answers only 451, the majority elects a leader and
-    goes on accepting; after the heal the old leader follows and every replica agrees."""
+    submitted to every node: the minority answers only 451 (at once once it reports /readyz 503,
+    followers included), the majority elects a leader and goes on accepting; after the heal the
+    old leader follows and every replica agrees. `what`: "net" cuts every packet between the
+    sides, "raft" only the Raft ports (bodies still reach every node, so the minority proposes)."""
     c, net = partition_cluster(n, commit_timeout=COMMIT_TIMEOUT)
-    name = f"partition_leader_{n}"
+    name = f"partition_leader_{n}" if what == "net" else f"partition_raft_{n}"
     rng, traffic = start_campaign(c, seed, name)
     wait_acked(traffic, 6)
     ld = c.wait_leader()
     others = rng.sample([x for x in c.ids if x != ld], n - 1)
     minority = [ld] + others[:(n - 1) // 2 - 1]
     majority = [x for x in c.ids if x not in minority]
-    cut = Cut(minority, net.partition(minority, majority))
+    at = net.partition(minority, majority) if what == "net" else net.partition_ports(c.raft, minority, majority)
+    cut = Cut(minority, at)
     with MinorityClients(traffic, minority, f"m{seed}") as clients:
         failover = traffic.failover(cut.at, majority)
         new_leader = c.wait_leader(among=majority)
-        # A load balancer must stop sending clients to the cut-off side: its /readyz turns 503.
-        # (A minority follower is only recorded while pysyncobj keeps its dead links "connected".)
-        must_be_unready = minority if MINORITY_FOLLOWER_READYZ else [ld]
+        # A load balancer must stop sending clients to the cut-off side: its /readyz turns 503,
+        # on the old leader and on a follower cut off with it alike.
         unready: dict[str, float] = {}
         last_ready: dict[str, tuple] = {}
 
@@ -269,11 +290,13 @@ def test_leader_cut_off_in_the_minority(partition_cluster, seed: int, n: int) ->
                                      st.get("connected"))
                     if code == 503:
                         unready[m] = time.time() - cut.at
-            return time.time() >= cut.at + HOLD and all(m in unready for m in must_be_unready) and all(
-                any(a.node == m for a in inside(Cut(minority, cut.at, time.time()), traffic)) for m in minority)
+            # Every minority node also answered a try it got after it said 503 (that one fast).
+            return time.time() >= cut.at + HOLD and all(m in unready for m in minority) and all(
+                any(a.node == m and a.started >= cut.at + unready[m]
+                    for a in inside(Cut(minority, cut.at, time.time()), traffic)) for m in minority)
         try:
             wait_for(held_long_enough, HOLD + 3 * COMMIT_TIMEOUT,
-                     "a finished try on, and /readyz 503 from, every minority node while cut off", interval=0.1)
+                     "/readyz 503 from every minority node while cut off, then a finished try on it", interval=0.1)
         except AssertionError as e:
             raise AssertionError(f"seed {seed}: {e}; /readyz 503 after (s): {unready}; last /readyz and "
                                  f"/status (code, s, role, has_quorum, connected): {last_ready}") from None
@@ -286,15 +309,12 @@ def test_leader_cut_off_in_the_minority(partition_cluster, seed: int, n: int) ->
     term_after = (c.status(after) or {}).get("term") if after else None
     print(f"  cut off {minority} (leader {ld}) for {cut.healed - cut.at:.1f}s; {new_leader} led the majority "
           f"after {failover:.2f}s; converged {recovered:.2f}s after the heal", flush=True)
-    still_ready = {m: last_ready[m] for m in minority if m not in unready}
-    notes = [f"minority node(s) still answering /readyz 200 (code, s, role, has_quorum, connected): {still_ready}"
-             ] if still_ready else []
-    notes += [f"cut off {minority} (leader {ld}) for {cut.healed - cut.at:.1f}s; majority {majority} "
+    notes = [f"cut off {minority} (leader {ld}) for {cut.healed - cut.at:.1f}s; majority {majority} "
              f"acknowledged {acks_inside(cut, traffic, majority)} tries meanwhile; the old leader's role "
              f"before the heal: {old_role}; leader (term) before the heal {new_leader} ({term_before}), "
              f"after it {after} ({term_after}); minority /readyz 503 after (s): "
              f"{ {m: round(t, 2) for m, t in unready.items()} }"]
-    finish(c, traffic, name, seed, [cut], [failover], [recovered], notes)
+    finish(c, traffic, name, seed, [cut], [failover], [recovered], notes, unready=unready)
 
 
 # ---------------------------------------------------------------- 2. a batch holder cut off past its lease
@@ -413,3 +433,36 @@ def test_follower_hears_the_leader_but_cannot_answer(partition_cluster, seed: in
     notes = [f"dropped {victim} -> leader {ld} for {cut.healed - cut.at:.1f}s; leaders (node, term) seen "
              f"meanwhile {seen}; {acks} tries acknowledged meanwhile"]
     finish(c, traffic, name, seed, [], [], [recovered], notes)
+
+
+# ---------------------------------------------------------------- 5. a commit whose outcome the proposer lost
+
+def test_a_commit_whose_outcome_the_proposer_lost_is_answered_250(partition_cluster) -> None:
+    """A follower forwards a submission to the leader and never hears back (the leader's Raft
+    traffic to it is cut, one way), while the leader commits it with the other follower; then the
+    leader is cut off altogether and the other follower, which holds the entry, takes over. The
+    proposer learns only that its leader changed: it must answer 250 from its applied state once
+    the entry is applied there, not 451 "may still be queued"."""
+    c, net = partition_cluster(3, commit_timeout=LOST_OUTCOME_COMMIT_TIMEOUT, raft=LOST_OUTCOME_RAFT)
+    ld = c.wait_leader()
+    proposer, other = [x for x in c.ids if x != ld]
+    wait_for(lambda: readyz(c, proposer) == 200 and readyz(c, other) == 200, 20, "both followers to be ready")
+    before = submission_count(c, other)
+    rcpts = ["lost-outcome-1@example.com", "lost-outcome-2@example.net"]
+    message = make_message(subject="lost outcome", message_id="<lost-outcome@client.example>")
+    reply: dict[str, tuple[int, str]] = {}
+    net.drop_ports(c.raft, {proposer: {ld}})
+    client = threading.Thread(target=lambda: reply.update(
+        got=c.submit(proposer, rcpts, message, timeout=LOST_OUTCOME_COMMIT_TIMEOUT + 5)), daemon=True)
+    started = time.time()
+    client.start()
+    wait_for(lambda: submission_count(c, other) > before, 5, f"{ld} to commit the submission with {other}",
+             interval=0.02)
+    net.partition_ports(c.raft, [ld], [proposer, other])
+    client.join(LOST_OUTCOME_COMMIT_TIMEOUT + 10)
+    code, text = reply.get("got", (0, "no answer"))
+    print(f"\n  {proposer} answered {code} after {time.time() - started:.2f}s: {text}", flush=True)
+    assert code == 250 and "Queued as" in text, f"{proposer} answered {code} {text!r}; {net.describe()}"
+    assert c.wait_leader(among=[proposer, other]) == other
+    sub = c.submission(other, queued_as(text))
+    assert sub is not None and [r["address"] for r in sub["recipients"]] == rcpts
