@@ -44,7 +44,8 @@ from pathlib import Path
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from raftmail.consensus.state import EVENT_RING, MailState, encode_command  # noqa: E402
+from raftmail.consensus.commands import Assign, Command, NewSubmission, Prune, Report, ReportRow, Submit, encode_command  # noqa: E402,E501
+from raftmail.consensus.state import EVENT_RING, MailState  # noqa: E402
 from raftmail.node.config import IntakeSection, StorageSection  # noqa: E402
 
 DOMAINS = 10
@@ -73,7 +74,7 @@ def trimmed_rss_mb() -> float | None:
     return rss_mb()
 
 
-def apply(state: MailState, command: dict):
+def apply(state: MailState, command: Command):
     return state.apply_blob(encode_command(command))
 
 
@@ -107,30 +108,25 @@ def run_state(args: argparse.Namespace) -> bool:
             for j in range(i, min(base + n, i + SUBS_PER_ENTRY)):
                 body = hashlib.sha256(b"personalised body %d" % j).hexdigest()
                 key = hashlib.sha256(b"news@example.com\0<%d@example.com>" % j).hexdigest()[:32]
-                subs.append({"id": f"{int(now * 1000):x}-n1-{j}", "campaign": CAMPAIGN, "sender": "news@example.com",
-                             "body": body, "size": 2048, "rcpts": [f"reader{j}@example{j % DOMAINS}.com"],
-                             "key": key})
-            res = apply(state, {"op": "submit", "now": now, "window": args.dedupe_window,
-                                "max_queued": in_def.max_queued_recipients, "max_dedupe": bounds["max_dedupe"],
-                                "subs": subs})
+                subs.append(NewSubmission(f"{int(now * 1000):x}-n1-{j}", CAMPAIGN, "news@example.com", body, 2048,
+                                          [f"reader{j}@example{j % DOMAINS}.com"], key))
+            res = apply(state, Submit(now, args.dedupe_window, in_def.max_queued_recipients, subs,
+                                      bounds["max_dedupe"]))
             assert all(r[0] == "ok" for r in res), res[:3]
         now += n / args.rate
         # The leader's round: lease what is eligible, the holders report it.
         for domain, items in state.eligible(now, 10 * n).items():
             for k in range(0, len(items), BATCH):
                 chunk = items[k:k + BATCH]
-                got = apply(state, {"op": "assign", "node": "n1", "domain": domain, "items": chunk, "now": now,
-                                    "lease_until": now + 30, "term": 1, "max_connections": 1000,
-                                    "max_per_minute": 0})
+                got = apply(state, Assign("n1", domain, now, lease=30, term=1, max_connections=1000,
+                                          max_per_minute=0, items=chunk))
                 bid = got["batch"]
-                results = [[sid, idx, 550, "5.1.1", "no such user", None, "mx"]
+                results = [ReportRow(sid, idx, 550, "5.1.1", "no such user", None, "mx")
                            if args.bounce_every and int(sid.rsplit("-", 1)[1]) % args.bounce_every == 0
-                           else [sid, idx, 250, "2.0.0", "ok", None, "mx"] for sid, idx in chunk]
-                apply(state, {"op": "report", "node": "n1", "batch": bid, "now": now + 0.5, "max_age": 259200,
-                              "results": results, "release": []})
+                           else ReportRow(sid, idx, 250, "2.0.0", "ok", None, "mx") for sid, idx in chunk]
+                apply(state, Report(batch=bid, node="n1", now=now + 0.5, max_age=259200, results=results))
         while now >= next_prune:
-            cmd = {"op": "prune", "now": now, "retention": args.retention, "archive_retention": args.archive_retention,
-                   "dedupe_window": args.dedupe_window, **bounds}
+            cmd = Prune(now, args.retention, args.archive_retention, dedupe_window=args.dedupe_window, **bounds)
             t = time.perf_counter()
             res = apply(state, cmd)
             prune_times.append(time.perf_counter() - t)
@@ -199,7 +195,7 @@ def run_cluster(args: argparse.Namespace) -> bool:
     ok = True
     try:
         wait_port(sink_port, 15, "the capture sink")
-        cluster.start()
+        cluster.start_all()
         leader = cluster.wait_ready()
         ports = cluster.smtp_ports()
         rows = []
@@ -232,7 +228,7 @@ def run_cluster(args: argparse.Namespace) -> bool:
                     st["queue"].get(k, 0) for k in ("pending", "in_flight", "deferred")) == 0 else None
             wait_until(retired, 300, "every submission delivered and archived", interval=0.5)
             time.sleep(args.settle)  # not synchronisation: archives and keys age past their retention
-            rss = {n.id: rss_mb(cluster.children[n.id].pid) for n in cluster.nodes}
+            rss = {n.id: rss_mb(cluster.procs[n.id].pid) for n in cluster.nodes}
             st = cluster.status(leader) or {}
             rows.append((total, rss))
             print(f"  after {total:>7,} submissions ({submitted:.0f} s intake): RSS MB "
@@ -250,7 +246,7 @@ def run_cluster(args: argparse.Namespace) -> bool:
         else:
             print(f"fewer than two rounds after the event ring ({EVENT_RING:,}) filled: no verdict on growth")
     finally:
-        cluster.stop()
+        cluster.stop_all()
         sink.stop()
         if args.keep:
             print(f"kept {root}")

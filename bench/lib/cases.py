@@ -200,7 +200,7 @@ def postfix_relay(root: Path, relay_port: int) -> Iterator[PostfixRelay]:
 def raftmail_cluster(ctx: Ctx, root: Path, spec: ClusterSpec) -> Iterator[tuple[Cluster, str]]:
     cluster = Cluster(root / "cluster", spec, ctx.python, ctx.node_command)
     try:
-        leader = cluster.start()
+        leader = cluster.start_all()
         first_term = (cluster.status(leader) or {}).get("term")
         yield cluster, leader
         # Elections during a run are worth knowing: each one costs the clients a round of 451s.
@@ -209,7 +209,7 @@ def raftmail_cluster(ctx: Ctx, root: Path, spec: ClusterSpec) -> Iterator[tuple[
             ctx.run_notes.append(f"raft term went from {first_term} to {max(terms)} during the run "
                                  "(leader elections)")
     finally:
-        killed = cluster.stop()
+        killed = cluster.stop_all()
         if killed:
             ctx.progress(f"  (nodes {', '.join(killed)} did not stop within {CLUSTER_STOP_GRACE:g} s "
                          "of SIGTERM and were killed)")
@@ -496,7 +496,7 @@ def measure_failover(ctx: Ctx) -> Measurement:
             if generator.proc.poll() is not None:
                 raise BenchError("load generator ended before the kill: "
                                  f"{generator.proc.stderr.read()[-300:]!r}")
-            killed_at = cluster.kill(leader, signal.SIGKILL)
+            killed_at = cluster.signal_and_wait(leader, signal.SIGKILL)
             killed_wall = time.time() - (time.monotonic() - killed_at)
             new_leader = wait_until(lambda: cluster.leader(among=survivors), ELECTION_TIMEOUT,
                                     "a new leader among the survivors", interval=ELECTION_POLL_INTERVAL)
@@ -563,18 +563,18 @@ def measure_catchup(ctx: Ctx) -> Measurement:
             raftmail_cluster(ctx, root, ClusterSpec(relay_port=dest.port)) as (cluster, leader):
         behind = next(node.id for node in cluster.nodes if node.id != leader)
         live = [n.id for n in cluster.nodes if n.id != behind]
-        cluster.kill(behind, signal.SIGTERM)
+        cluster.signal_and_wait(behind, signal.SIGTERM)
         queued, notes = fill_queue(ctx, cluster, leader, outcomes, among=live)
         wait_delivered(cluster, leader, queued)
         target = cluster.status(leader)["commit_index"]
         restarted = time.monotonic()
-        cluster.start_node(behind)
+        cluster.start(behind)
         commit_s, applied_s = wait_node_reaches(cluster, behind, target, restarted)
         # The same restart with nothing to catch up: what the node costs just to come back.
-        cluster.kill(behind, signal.SIGTERM)
+        cluster.signal_and_wait(behind, signal.SIGTERM)
         idle_target = cluster.status(leader)["commit_index"]
         restarted = time.monotonic()
-        cluster.start_node(behind)
+        cluster.start(behind)
         idle_commit_s, _ = wait_node_reaches(cluster, behind, idle_target, restarted)
     notes.insert(0, f"{behind} stopped (SIGTERM) while {queued} recipients in messages of "
                     f"{BULK_RECIPIENTS} were accepted and delivered; leader commit index then {target}")

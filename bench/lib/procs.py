@@ -6,14 +6,14 @@ from __future__ import annotations
 import atexit
 import os
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
-LOOPBACK = "127.0.0.1"
+from raftmail.node.local_cluster import LOOPBACK, free_ports, port_open
+
 DEFAULT_STOP_GRACE = 10.0
 DEFAULT_POLL_INTERVAL = 0.05
 LOG_TAIL_BYTES = 4000
@@ -27,31 +27,7 @@ class BenchError(Exception):
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free ports; all sockets are held open together so no port is handed out twice."""
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((LOOPBACK, 0))
-            socks.append(sock)
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
-def port_open(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return free_ports(1)[0]
 
 
 def wait_until(probe: Callable[[], T | None], timeout: float, what: str,
