@@ -268,9 +268,16 @@ class _BatchSender:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
         payload = normalize_message_line_endings(message)
         payload = _LEADING_PERIOD.sub(b"..", payload) + b".\r\n"
-        protocol.write(payload)
+
+        async def content_and_reply() -> aiosmtplib.SMTPResponse:
+            # Written in the same step that starts waiting for the reply: aiosmtplib drops data
+            # that arrives while no reply is awaited, and under uvloop the reply can arrive
+            # before a task wrapped around read_response alone has started.
+            protocol.write(payload)
+            return await protocol.read_response(timeout=None)
+
         try:
-            return await self._bounded(protocol.read_response(timeout=None), "the final dot")
+            return await self._bounded(content_and_reply(), "the final dot")
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
             smtp.close()
             raise
