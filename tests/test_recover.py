@@ -132,7 +132,7 @@ def test_restore_drill_passes_for_a_backup_taken_under_load_and_names_a_damaged_
     code, text = c.submit(c.ids[0], ["first@example.com"], make_message(message_id="<p-first@x>", campaign="held"))
     assert code == 250, text
     # Delivered before the pause, so the counts below do not depend on which came first.
-    wait_for(lambda: (c.queue(leader) or {}).get("delivered") == 1, 30, "the first recipient delivered")
+    wait_for(lambda: (c.queue(c.ids[0]) or {}).get("delivered") == 1, 30, "the first recipient delivered")
     r = run_cli(c.config_path, "pause", "held")
     assert r.returncode == 0, r.stderr
     for i in range(10):
