@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from . import peers
 from .cluster import CLUSTER_STOP_GRACE, FAILED_STATES, Cluster, ClusterSpec, queue_final, queue_total
@@ -434,12 +434,14 @@ def wait_delivered(cluster: Cluster, node_id: str, recipients: int) -> tuple[dic
                               f"{recipients} recipient outcomes on {node_id}")
 
 
-def intake_raftmail(ctx: Ctx, variant: Variant, fsync: bool = False) -> tuple[float, list[str]]:
+def intake_raftmail(ctx: Ctx, variant: Variant, fsync: bool = False,
+                    extra: dict[str, dict[str, Any]] | None = None) -> tuple[float, list[str]]:
     """Committed recipients (or messages) per second of load, and notes on refusals."""
     load = variant.load(ctx)
     root = ctx.scratch(f"intake{variant.suffix}-raftmail")
+    spec = ClusterSpec(relay_port=0, fsync=fsync, extra=extra or {})
     with destination(ctx, root) as dest, \
-            raftmail_cluster(ctx, root, ClusterSpec(relay_port=dest.port, fsync=fsync)) as (cluster, leader):
+            raftmail_cluster(ctx, root, dataclasses.replace(spec, relay_port=dest.port)) as (cluster, leader):
         result = drive_cluster(ctx, cluster, load)
         # Every 250 means committed: the leader must already count those recipients.
         committed = committed_recipients(cluster, leader, result)
@@ -455,21 +457,42 @@ def measure_intake_raftmail(variant: Variant) -> Callable[[Ctx], Measurement]:
     return measure
 
 
-def measure_e2e_raftmail(ctx: Ctx) -> Measurement:
+def e2e_raftmail(ctx: Ctx, extra: dict[str, dict[str, Any]] | None = None) -> tuple[float, float, list[str]]:
+    """Messages per second from the start of the load to the last delivery, the nodes' CPU
+    milliseconds per message over that time (the three together), and notes."""
     load = base_load(ctx)
     root = ctx.scratch("e2e-raftmail")
     with destination(ctx, root) as dest, \
-            raftmail_cluster(ctx, root, ClusterSpec(relay_port=dest.port)) as (cluster, leader):
+            raftmail_cluster(ctx, root, ClusterSpec(relay_port=dest.port, extra=extra or {})) as (cluster, leader):
+        cpu_before = cluster.cpu_seconds()
         started = time.monotonic()
         result = drive_cluster(ctx, cluster, load)
         committed = committed_recipients(cluster, leader, result)
         _queue, done_at = wait_delivered(cluster, leader, committed)
+        cpu_ms = (cluster.cpu_seconds() - cpu_before) * 1000 / committed
         # A delivered outcome is committed only after the destination's 250, so it has them all.
         if dest.messages() < committed:
             raise BenchError(f"{dest.kind} counted {dest.messages()} messages, raftmail says "
                              f"{committed} delivered")
     notes = [f"accepted at {committed / result.elapsed:.0f} msg/s in the same runs", *refusal_note(result, load)]
-    return Measurement({"e2e-raftmail": committed / (done_at - started)}, notes)
+    return committed / (done_at - started), cpu_ms, notes
+
+
+def measure_e2e_raftmail(ctx: Ctx) -> Measurement:
+    rate, cpu_ms, notes = e2e_raftmail(ctx)
+    return Measurement({"e2e-raftmail": rate, "e2e-raftmail-cpu": cpu_ms}, notes)
+
+
+def measure_event_loop(ctx: Ctx) -> Measurement:
+    # Paired like fsync: the same cluster on asyncio's loop and on uvloop, alternating which goes first.
+    order = ("asyncio", "uvloop") if ctx.run_index % 2 == 0 else ("uvloop", "asyncio")
+    values, notes = {}, []
+    for loop in order:
+        extra = {"cluster": {"event_loop": loop}}
+        values[f"loop-{loop}-intake"], refusals = intake_raftmail(ctx, VARIANTS[0], extra=extra)
+        values[f"loop-{loop}-e2e"], values[f"loop-{loop}-cpu"], e2e_notes = e2e_raftmail(ctx, extra)
+        notes += [f"{loop}: {note}" for note in refusals + e2e_notes]
+    return Measurement(values, notes)
 
 
 def _read_records(path: Path) -> list[list]:
@@ -687,7 +710,9 @@ def _registry() -> list[Case]:
              measure_e2e_postfix),
         Case("e2e-raftmail", "raftmail", ("raftmail",),
              (RowSpec("e2e-raftmail", "end to end 2 KB: 3-node raftmail, submission → last delivery",
-                      "msg/s", ("e2e-postfix",)),),
+                      "msg/s", ("e2e-postfix",)),
+              RowSpec("e2e-raftmail-cpu", "end to end 2 KB: CPU of the 3 nodes together per message",
+                      "ms/msg", lower_is_better=True)),
              measure_e2e_raftmail),
         Case("failover-raftmail", "raftmail", ("raftmail",),
              (RowSpec("failover-next-250", "failover: SIGKILL leader under load → next 250 from a survivor",
@@ -737,6 +762,16 @@ def _registry() -> list[Case]:
               RowSpec("fsync-on", "intake 2 KB, raftmail with [cluster] fsync = true", "msg/s",
                       ("fsync-off",))),
              measure_fsync),
+        Case("loop-raftmail", "raftmail", ("raftmail",),
+             (RowSpec("loop-asyncio-intake", "intake 2 KB, nodes on asyncio's loop, paired runs", "msg/s"),
+              RowSpec("loop-uvloop-intake", "intake 2 KB, nodes on uvloop", "msg/s", ("loop-asyncio-intake",)),
+              RowSpec("loop-asyncio-e2e", "end to end 2 KB, nodes on asyncio's loop", "msg/s"),
+              RowSpec("loop-uvloop-e2e", "end to end 2 KB, nodes on uvloop", "msg/s", ("loop-asyncio-e2e",)),
+              RowSpec("loop-asyncio-cpu", "end to end 2 KB: node CPU per message, asyncio's loop", "ms/msg",
+                      lower_is_better=True),
+              RowSpec("loop-uvloop-cpu", "end to end 2 KB: node CPU per message, uvloop", "ms/msg",
+                      ("loop-asyncio-cpu",), lower_is_better=True)),
+             measure_event_loop),
     ]
 
 

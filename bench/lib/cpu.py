@@ -39,7 +39,7 @@ class ProcCpu:
     kernel_thread: bool
 
 
-def _read_stat(pid_dir: Path) -> ProcCpu | None:
+def read_stat(pid_dir: Path) -> ProcCpu | None:
     try:
         text = (pid_dir / "stat").read_text()
     except OSError:
@@ -55,7 +55,7 @@ def snapshot() -> dict[int, ProcCpu]:
     table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            stat = _read_stat(entry)
+            stat = read_stat(entry)
             if stat is not None:
                 table[int(entry.name)] = stat
     return table
