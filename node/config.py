@@ -33,7 +33,7 @@ from raftmail.node.config_read import (AT_LEAST_ONE, CANONICAL_WHY, CLUSTER_NAME
 from raftmail.consensus.domains import normalise_domain
 from raftmail.node.content import BARE_NEWLINE_MODES
 from raftmail.node.config_types import (Address, ApiSection, ClusterSection, Config, DeliverySection, DkimSection,
-                                        DomainLimits, EVENT_LOOPS, FeedbackSection, FRAME_OVERHEAD_BYTES, UNSUBSCRIBE_SCOPES, IntakeSection, MAX_LOGIN_CHARS,
+                                        DomainLimits, FeedbackSection, FRAME_OVERHEAD_BYTES, UNSUBSCRIBE_SCOPES, IntakeSection, MAX_LOGIN_CHARS,
                                         MAX_WEBHOOK_BATCH, MonitoringSection, NodeConfig, RaftSection,
                                         StorageSection, _default_allow_networks)
 
@@ -79,15 +79,14 @@ def _cluster_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Clus
     data_dir_text = sec.required_text("data_dir", "each node keeps its Raft log and message bodies under it")
     data_dir = _resolve_path(base_dir, data_dir_text)
     fsync = sec.boolean("fsync") if sec.has("fsync") else False
-    event_loop = _choice(sec, "event_loop", EVENT_LOOPS, "auto")
     admin_token = _token(sec, "admin_token") if sec.has("admin_token") else None
     read_token = _token(sec, "read_token") if sec.has("read_token") else None
     if read_token is not None and admin_token is None:
         sec.fail("read_token", "is set but admin_token is not: set admin_token too, or every route stays open")
     if read_token is not None and read_token == admin_token:
         sec.fail("read_token", "must differ from admin_token")
-    return ClusterSection(name=name, secret=secret, data_dir=data_dir, fsync=fsync, event_loop=event_loop,
-                          admin_token=admin_token, read_token=read_token, **_numbers(sec, ClusterSection))
+    return ClusterSection(name=name, secret=secret, data_dir=data_dir, fsync=fsync, admin_token=admin_token,
+                          read_token=read_token, **_numbers(sec, ClusterSection))
 
 
 def _choice(sec: _Section, name: str, allowed: tuple[str, ...], default: str) -> str:

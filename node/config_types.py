@@ -58,9 +58,6 @@ class ClusterSection:
     secret: str = field(repr=False)
     data_dir: Path
     fsync: bool = False
-    # "auto": uvloop where it is installed (less CPU per message), else asyncio's own loop;
-    # "uvloop" requires it; "asyncio" never uses it.
-    event_loop: str = "auto"
     # Bearer token for every admin route but /healthz, /readyz and /metrics; required when a
     # node's admin address is not loopback.
     admin_token: str | None = field(default=None, repr=False)
@@ -258,7 +255,6 @@ class MonitoringSection:
     ready_write_window: float = 3.0
 
 
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 UNSUBSCRIBE_SCOPES = ("domain", "cluster")
 
 

@@ -10,9 +10,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
@@ -353,22 +351,6 @@ def run_node(config: Config, node_id: str) -> None:
     # Before anything starts: no fix of ours may silently stop applying because a library changed.
     check_aiosmtpd()
     check_pysyncobj()
-    loop_name, run = event_loop_runner(config.cluster.event_loop, config.path)
     node = MailNode(config, node_id, secrets.token_hex(8))
     _warn_if_readable(config)  # after every refusal, which must stay the only line printed
-    log.info("event loop: %s", loop_name)
-    run(node.run())
-
-
-def event_loop_runner(choice: str, config_path: Path) -> tuple[str, Callable[[Coroutine[Any, Any, None]], None]]:
-    """uvloop.run (less CPU per message for intake and sending) or asyncio.run, by `choice`, and its name."""
-    if choice != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if choice == "uvloop":
-                raise ConfigError(config_path, "[cluster] event_loop",
-                                  'is "uvloop" but uvloop is not installed: install it, or use "auto"') from None
-        else:
-            return f"uvloop {uvloop.__version__}", uvloop.run
-    return "asyncio", asyncio.run
+    asyncio.run(node.run())

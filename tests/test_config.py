@@ -380,14 +380,6 @@ def test_fsync_must_be_boolean(tmp_path: Path) -> None:
     refused(write(tmp_path, BASE.replace('data_dir = "state"', 'data_dir = "state"\nfsync = 1')), "[cluster] fsync", "true or false, got 1")
 
 
-def test_event_loop_is_one_of_the_named_loops(tmp_path: Path) -> None:
-    assert load_config(write(tmp_path, BASE)).cluster.event_loop == "auto"
-    path = write(tmp_path, BASE.replace('data_dir = "state"', 'data_dir = "state"\nevent_loop = "asyncio"'))
-    assert load_config(path).cluster.event_loop == "asyncio"
-    path = write(tmp_path, BASE.replace('data_dir = "state"', 'data_dir = "state"\nevent_loop = "trio"'))
-    refused(path, "[cluster] event_loop", '"auto", "uvloop", "asyncio"', 'got "trio"')
-
-
 def test_spec_example_message_exactly(tmp_path: Path) -> None:
     path = write(tmp_path, BASE + "[intake]\nmax_recipients = -3\n")
     message = refused(path)

@@ -483,18 +483,6 @@ def measure_e2e_raftmail(ctx: Ctx) -> Measurement:
     return Measurement({"e2e-raftmail": rate, "e2e-raftmail-cpu": cpu_ms}, notes)
 
 
-def measure_event_loop(ctx: Ctx) -> Measurement:
-    # Paired like fsync: the same cluster on asyncio's loop and on uvloop, alternating which goes first.
-    order = ("asyncio", "uvloop") if ctx.run_index % 2 == 0 else ("uvloop", "asyncio")
-    values, notes = {}, []
-    for loop in order:
-        extra = {"cluster": {"event_loop": loop}}
-        values[f"loop-{loop}-intake"], refusals = intake_raftmail(ctx, VARIANTS[0], extra=extra)
-        values[f"loop-{loop}-e2e"], values[f"loop-{loop}-cpu"], e2e_notes = e2e_raftmail(ctx, extra)
-        notes += [f"{loop}: {note}" for note in refusals + e2e_notes]
-    return Measurement(values, notes)
-
-
 def _read_records(path: Path) -> list[list]:
     with open(path) as handle:
         return [json.loads(line) for line in handle if line.strip()]
@@ -762,16 +750,6 @@ def _registry() -> list[Case]:
               RowSpec("fsync-on", "intake 2 KB, raftmail with [cluster] fsync = true", "msg/s",
                       ("fsync-off",))),
              measure_fsync),
-        Case("loop-raftmail", "raftmail", ("raftmail",),
-             (RowSpec("loop-asyncio-intake", "intake 2 KB, nodes on asyncio's loop, paired runs", "msg/s"),
-              RowSpec("loop-uvloop-intake", "intake 2 KB, nodes on uvloop", "msg/s", ("loop-asyncio-intake",)),
-              RowSpec("loop-asyncio-e2e", "end to end 2 KB, nodes on asyncio's loop", "msg/s"),
-              RowSpec("loop-uvloop-e2e", "end to end 2 KB, nodes on uvloop", "msg/s", ("loop-asyncio-e2e",)),
-              RowSpec("loop-asyncio-cpu", "end to end 2 KB: node CPU per message, asyncio's loop", "ms/msg",
-                      lower_is_better=True),
-              RowSpec("loop-uvloop-cpu", "end to end 2 KB: node CPU per message, uvloop", "ms/msg",
-                      ("loop-asyncio-cpu",), lower_is_better=True)),
-             measure_event_loop),
     ]
 
 
