@@ -9,10 +9,14 @@ pyproject.toml pins the version.
 Also here, the pysyncobj codes and formats that code outside RaftNode reads: the names of its
 failure codes (FAIL_NAMES), the command types of its journal entries, and `command_of_entry`,
 which takes our command out of a stopped node's journal entry (forced recovery) with an
-unpickler that can build nothing but ints, tuples and bytes.
+unpickler that can build nothing but ints, tuples and bytes; `load_entry_data`, the unpickler
+pysyncobj's apply and catch-up get instead of pickle's (raft_wire.install).
 """
 from __future__ import annotations
 
+import io
+import pickle
+import sys
 from typing import Any, Callable
 
 from pysyncobj import FAIL_REASON, SyncObj
@@ -49,6 +53,9 @@ PYSYNCOBJ_INTERNALS: tuple[tuple[str, str, str], ...] = (
     ("SyncObj", "_SyncObj__transport", "attribute"),
     ("SyncObj", "_SyncObj__votedForNodeId", "attribute"),
     ("SyncObj", "_poller", "attribute"),
+    ("SyncObj", "_SyncObj__doApplyCommand", "method"),  # entries read as data (raft_wire.py)
+    ("SyncObj", "_SyncObj__parseChangeClusterRequest", "method"),
+    ("TcpConnection", "_TcpConnection__processParseMessage", "method"),  # msgpack frames (raft_wire.py)
     ("TcpConnection", "_TcpConnection__processRead", "method"),  # bounded frames
     ("TcpConnection", "_TcpConnection__tryReadBuffer", "method"),
     ("TcpConnection", "_TcpConnection__readBuffer", "attribute"),
@@ -57,6 +64,15 @@ PYSYNCOBJ_INTERNALS: tuple[tuple[str, str, str], ...] = (
     ("TCPTransport", "_server", "attribute"),
     ("TCPTransport", "_unknownConnections", "attribute"),  # handshakes bounded in number and time
     ("TcpServer", "_TcpServer__onNewConnectionCallback", "attribute"),  # new connections go through PortGuard
+)
+# raft_wire.install replaces module globals of pysyncobj (msgpack frames without zlib; log entries
+# read as data only): (class, method, the globals of the class's module that method must read).
+PYSYNCOBJ_REPLACED_GLOBALS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("TcpConnection", "send", ("pickle", "zlib")),
+    ("TcpConnection", "_TcpConnection__processParseMessage", ("pickle", "zlib")),
+    ("SyncObj", "_SyncObj__doApplyCommand", ("pickle",)),
+    ("SyncObj", "_SyncObj__parseChangeClusterRequest", ("pickle",)),
+    ("SyncObj", "_SyncObj__onMessageReceived", ("pickle",)),  # a large entry sent in parts
 )
 
 
@@ -95,6 +111,15 @@ def pysyncobj_mismatches() -> list[str]:
                 missing.append(f"{cls_name}.{name} (a method)")
         elif name not in _names_set_in(cls.__init__):
             missing.append(f"{cls_name}.{name} (an attribute its __init__ sets)")
+    for cls_name, method, names in PYSYNCOBJ_REPLACED_GLOBALS:
+        cls = classes[cls_name]
+        module = sys.modules[cls.__module__]
+        function = inspect.getattr_static(cls, method, None)
+        for name in names:
+            if not hasattr(module, name):
+                missing.append(f"{module.__name__}.{name} (a module global)")
+            elif not inspect.isfunction(function) or name not in _names_set_in(function):
+                missing.append(f"{cls_name}.{method} reading the global {name}")
     return missing
 
 
@@ -113,24 +138,29 @@ def check_pysyncobj() -> None:
 
 # ------------------------------------------------------------------ reading a stopped node's log
 
-class _PlainUnpickler:
-    """pysyncobj frames a replicated call as a pickle of (method id, (our msgpack blob,)). Reading
-    a stopped node's journal (forced recovery) needs that blob back, and nothing else: this
-    unpickler refuses every global, so it can only build ints, tuples and bytes."""
+# Globals a pysyncobj log entry may name: bytes as pickle protocol 2 writes them, and the node a
+# membership change adds or removes. Every other global is refused, so an entry can build data only.
+_BYTES_GLOBAL = ("_codecs", "encode")
+ENTRY_GLOBALS = frozenset({_BYTES_GLOBAL, ("pysyncobj.node", "TCPNode")})
 
-    @staticmethod
-    def loads(data: bytes) -> Any:
-        import io
-        import pickle
 
-        class Restricted(pickle.Unpickler):
-            def find_class(self, module: str, name: str) -> Any:
-                # Protocol 2 writes bytes as _codecs.encode(text, "latin1"): the one global allowed.
-                if (module, name) == ("_codecs", "encode"):
-                    import codecs
-                    return codecs.encode
-                raise pickle.UnpicklingError(f"global {module}.{name} refused in a journal entry")
-        return Restricted(io.BytesIO(data)).load()
+class _DataUnpickler(pickle.Unpickler):
+    allowed: frozenset[tuple[str, str]] = frozenset({_BYTES_GLOBAL})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.allowed:
+            raise pickle.UnpicklingError(f"global {module}.{name} refused in a Raft log entry")
+        return super().find_class(module, name)
+
+
+class _EntryUnpickler(_DataUnpickler):
+    allowed = ENTRY_GLOBALS
+
+
+def load_entry_data(data: bytes) -> Any:
+    """Unpickle what pysyncobj put in a log entry (a call of our replicated method, a membership
+    change, a code version) without running anything: see ENTRY_GLOBALS."""
+    return _EntryUnpickler(io.BytesIO(data)).load()
 
 
 REGULAR_COMMAND = 0  # pysyncobj's _COMMAND_TYPE.REGULAR: a call of a replicated method
@@ -142,7 +172,7 @@ def command_of_entry(entry: bytes) -> bytes | None:
     membership change, code version)."""
     if not entry or entry[0] != REGULAR_COMMAND:
         return None
-    call = _PlainUnpickler.loads(entry[1:])
+    call = _DataUnpickler(io.BytesIO(entry[1:])).load()  # our call only: no node objects
     if not (isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], tuple) and len(call[1]) == 1
             and isinstance(call[1][0], bytes)):
         raise ValueError(f"journal entry is not a call of the one replicated method: {call!r:.80}")

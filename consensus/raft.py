@@ -34,6 +34,12 @@ in the module named, with a test that reproduces the defect:
 * The Raft port trusts whoever connects: a secret is mandatory and the port binds the configured
   address only, never 0.0.0.0. Frames are sealed by `FrameSealer` (seal.py: AES-GCM,
   per-process subkeys) instead of pysyncobj's Fernet, which cost a quarter of the tick thread's CPU.
+* Pickle on the wire and in the log: every frame was a zlib'd pickle, unpickled once it opened
+  under the secret, and every applied entry was unpickled (whoever learned the secret could run
+  code on every node). Frames are msgpack data, uncompressed; entries are read by an unpickler
+  that refuses every global pysyncobj's entries do not need (raft_wire.py).
+  (tests/test_raft_security.py::test_a_pickled_frame_under_the_secret_runs_nothing,
+  tests/test_raft_internals.py::test_log_entries_are_unpickled_as_data_only)
 * Positional method ids: exactly one replicated method takes a msgpack command.
 * Tick thread dies with its creator thread: we run our own tick thread.
 * Followers re-truncating entries they already hold: pysyncobj deletes everything after
@@ -89,6 +95,7 @@ from .journal import JournalFull, ReservedJournal, is_no_space
 from .pysyncobj_compat import NO_OP_COMMAND
 from .raft_port import PortGuard
 from .raft_snapshot import SnapshotFile, remove_stale_snapshot_temps
+from .raft_wire import install as install_frame_codec
 from .seal import FrameSealer
 from .state import MailState
 
@@ -114,7 +121,8 @@ class RaftNode(SyncObj):
                  handshake_timeout: float = 5.0, journal_reserve_bytes: int = 8 * 2**20,
                  on_role_change: Callable[[str, str], None] | None = None) -> None:
         if not password:
-            raise ValueError("a cluster secret is required: pysyncobj unpickles what reaches its port")
+            raise ValueError("a cluster secret is required: the Raft port accepts what opens under it")
+        install_frame_codec()  # before pysyncobj makes its first connection
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         # Attributes set before SyncObj.__init__ are not part of pysyncobj's own snapshot data; ours

@@ -57,8 +57,7 @@ class PortGuard:
         now = time.monotonic()
         if now - self._last_auth_log > LOG_INTERVAL:
             self._last_auth_log = now
-            log.error("raft port: %s (wrong cluster secret, or not a raftmail node); connection "
-                      "dropped; %d such frames so far", what, self.auth_failures)
+            log.error("raft port: %s; connection dropped; %d such frames so far", what, self.auth_failures)
 
     def accept(self, conn: Any, accept: Callable[[Any], None]) -> None:
         """A new incoming connection on the Raft port. Until it completes pysyncobj's handshake

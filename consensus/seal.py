@@ -164,7 +164,9 @@ class FrameSealer:
     the tag checked once instead of twice). Failures are counted and logged through `on_failure`
     instead of silently dropped. The timestamp pysyncobj orders frames by is authenticated."""
 
-    VERSION = 0x52
+    # 0x53: the sealed frame holds msgpack (raft_wire.py); 0x52 was pysyncobj's zlib'd pickle.
+    VERSION = 0x53
+    PICKLED_VERSION = 0x52
 
     def __init__(self, password: str, on_failure: Callable[[str], None]) -> None:
         master = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), b"raftmail raft frames v1",
@@ -182,7 +184,12 @@ class FrameSealer:
         try:
             stamp, plain = self._sealer.open(frame)
         except SealError as e:
-            self._on_failure(f"frame refused ({e}) under this cluster's secret")
+            if frame[:1] == bytes([self.PICKLED_VERSION]):
+                self._on_failure("frame refused: sent by a raftmail node of an earlier version (pickled "
+                                 "Raft frames); upgrade every node, a majority of them first")
+            else:
+                self._on_failure(f"frame refused ({e}) under this cluster's secret (wrong cluster secret, "
+                                 "or not a raftmail node)")
             raise
         self._opened = (frame, stamp, plain)
         return stamp, plain

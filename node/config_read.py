@@ -37,8 +37,8 @@ _QUOTE_ROUTE_HINT = 'quote domain names that contain dots, like "example.test" =
 _QUOTE_DOMAIN_HINT = 'quote domain names that contain dots: [delivery.domains."gmail.com"]'
 
 SECRET_WHY = (
-    "it authenticates and encrypts Raft traffic, and pysyncobj unpickles whatever it decrypts, "
-    "so anyone who knows it can run code on every node"
+    "it authenticates and encrypts Raft traffic and the body channel, so anyone who knows it can "
+    "read every message body and take part in Raft"
 )
 UNSUBSCRIBE_SECRET_WHY = (
     "it authenticates the unsubscribe links and VERP bounce addresses; its own random keys, never "

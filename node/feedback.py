@@ -3,7 +3,7 @@ reading the reports that come back (RFC 3464 DSNs, RFC 5965 ARF complaints, and 
 non-standard bounce formats, through flufl.bounce).
 
 Every token is authenticated with a key of `[feedback] unsubscribe_secret` (never the cluster
-secret: anyone holding that can run code on every node) and opaque (encrypted, so a link or a
+secret: it is shared by every node and opens the Raft traffic and every body) and opaque (encrypted, so a link or a
 bounce address shows nobody the recipient). The first key makes tokens; every key in the list is
 tried when one is read, so an operator rotates by putting a new key first and dropping the old
 one once its links no longer matter.

@@ -469,11 +469,11 @@ def test_raft_timing_allows_equal_max_and_connection(tmp_path: Path) -> None:
 
 def test_missing_secret_explains_why(tmp_path: Path) -> None:
     text = BASE.replace(f'secret = "{SECRET}"\n', "")
-    refused(write(tmp_path, text), "[cluster] secret", "required", "encrypts Raft traffic", "pysyncobj unpickles")
+    refused(write(tmp_path, text), "[cluster] secret", "required", "encrypts Raft traffic", "take part in Raft")
 
 
 def test_short_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
-    message = refused(write(tmp_path, BASE.replace(SECRET, "hunter2-short")), "[cluster] secret", "13 bytes", "32", "raftmail secret", "pysyncobj unpickles")
+    message = refused(write(tmp_path, BASE.replace(SECRET, "hunter2-short")), "[cluster] secret", "13 bytes", "32", "raftmail secret", "take part in Raft")
     assert "hunter2" not in message
 
 

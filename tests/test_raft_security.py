@@ -1,13 +1,18 @@
 """The Raft port trusts nobody: wrong secrets are refused and logged, huge frames are dropped."""
 from __future__ import annotations
 
+import os
+import pickle
 import socket
 import struct
 import time
+import zlib
 
 import pytest
 
-from cluster import make_message, submission_count, wait_for
+from cluster import SECRET, make_message, submission_count, wait_for
+from raftmail.consensus.seal import FrameSealer, derive_key
+from raftmail.node.runtime import RAFT_KEY_PURPOSE
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(120)]
 
@@ -149,3 +154,52 @@ def test_flooding_the_leaders_raft_port_costs_no_election(make_cluster) -> None:
     print(f"\n{n} submissions answered 250 during the flood; refused connections "
           f"{s['raft_refused_connections']}, oversized frames {s['raft_oversized_frames']}, "
           f"auth failures {s['raft_auth_failures']}")
+
+
+class _MakesADirectory:
+    """Unpickling this runs os.mkdir: what a pickled frame could make a node do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+class _EarlierSealer(FrameSealer):
+    VERSION = 0x52  # raftmail before msgpack frames: pysyncobj's zlib'd pickle inside
+
+
+def _send_frame_and_wait_for_close(port: int, frame: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(struct.pack("i", len(frame)) + frame)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if s.recv(4096) == b"":
+                    return
+            except (ConnectionResetError, socket.timeout):
+                return
+        raise AssertionError("the node kept a connection whose first frame was a pickle")
+
+
+def test_a_pickled_frame_under_the_secret_runs_nothing(make_cluster, tmp_path) -> None:
+    # Whoever holds the cluster secret can seal frames; pysyncobj unpickled what opened, so a
+    # sealed pickle ran code on the node. Frames are msgpack data now: nothing is unpickled.
+    c = make_cluster(sink=False)
+    nid = c.ids[0]
+    password = derive_key(SECRET, "test", RAFT_KEY_PURPOSE).hex()
+    marker = tmp_path / "made-by-a-frame"
+    evil = pickle.dumps(_MakesADirectory(str(marker)))
+    current = FrameSealer(password, lambda what: None)
+    for payload in (zlib.compress(evil, 3), evil):
+        _send_frame_and_wait_for_close(c.raft[nid], current.encrypt_at_time(payload, int(time.monotonic())))
+    # As a node of the previous version framed it: refused, and the log says why.
+    before = _raft_auth_failures(c, nid)
+    earlier = _EarlierSealer(password, lambda what: None)
+    _send_frame_and_wait_for_close(c.raft[nid], earlier.encrypt_at_time(zlib.compress(evil, 3), int(time.monotonic())))
+    assert not marker.exists(), "a frame's pickle ran on the node"
+    wait_for(lambda: _raft_auth_failures(c, nid) > before, 10, "the earlier-version frame to be counted")
+    assert "raftmail node of an earlier version" in c.log_text(nid)
+    code, text = c.submit(nid, ["a@example.com"], make_message(message_id="<after-pickle@x>"))
+    assert code == 250, text
