@@ -65,4 +65,55 @@ def certs(out_dir: str, host: str, days: int, force: bool) -> None:
 
 
 
-COMMANDS = [passwd, secret, certs]
+@click.group()
+def dkim() -> None:
+    """DKIM keys for [[delivery.dkim]] (one per sending domain and selector)."""
+
+
+@dkim.command()
+@click.argument("domain")
+@click.argument("selector")
+@click.option("--algorithm", type=click.Choice(["rsa", "ed25519"]), default="rsa", show_default=True,
+              help="rsa (2048 bits, what every receiver checks) or ed25519 (RFC 8463; sign with both).")
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for DOMAIN.SELECTOR.ALGORITHM.pem (made 0700 if new).")
+def keygen(domain: str, selector: str, algorithm: str, out_dir: str) -> None:
+    """Write a new private key for DOMAIN and SELECTOR (mode 0600, never over an existing file),
+    and print the DNS TXT record to publish and the [[delivery.dkim]] entry to add. Rotate by
+    publishing a new selector's record first, then adding its entry (and `kill -HUP` the nodes)."""
+    import os
+    import re
+
+    from raftmail.node.dkim import dns_record, load_signing_key, new_private_key_pem
+    domain = domain.strip().lower().rstrip(".")
+    label = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+    if not re.fullmatch(rf"{label}(?:\.{label})+", domain):
+        click.echo(f"error: {domain!r} is not a domain name", err=True)
+        sys.exit(2)
+    if not re.fullmatch(rf"{label}(?:\.{label})*", selector.lower()):
+        click.echo(f"error: selector {selector!r} must be DNS labels separated by dots", err=True)
+        sys.exit(2)
+    folder = Path(out_dir).absolute()
+    path = folder / f"{domain}.{selector}.{algorithm}.pem"
+    pem = new_private_key_pem(algorithm)
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        click.echo(f"error: {path} exists; a selector's key is never replaced: pick a new selector", err=True)
+        sys.exit(2)
+    except OSError as e:
+        click.echo(f"error: cannot write {path}: {e.strerror}", err=True)
+        sys.exit(1)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    name, value = dns_record(domain, selector, load_signing_key(pem))
+    click.echo(f"wrote {path}", err=True)
+    click.echo("# DNS: publish this TXT record (long values split into 255-byte strings by your DNS tool)")
+    click.echo(f"{name}. IN TXT \"{value}\"")
+    click.echo("# cluster file: add this entry on every node, then `kill -HUP` each node (or restart)")
+    click.echo(f"[[delivery.dkim]]\ndomain = {json.dumps(domain)}\nselector = {json.dumps(selector)}\n"
+               f"key_file = {json.dumps(str(path))}")
+
+
+COMMANDS = [passwd, secret, certs, dkim]

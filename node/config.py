@@ -31,6 +31,7 @@ from raftmail.node.config_read import (AT_LEAST_ONE, CANONICAL_WHY, CLUSTER_NAME
                                        _describe, _field_names, _ip, _is_localhost,
                                        _numbers, _resolve_path, _toml_key)
 from raftmail.consensus.domains import normalise_domain
+from raftmail.node.dkim import load_signing_key
 from raftmail.node.content import BARE_NEWLINE_MODES
 from raftmail.node.config_types import (Address, ApiSection, ClusterSection, Config, DeliverySection, DkimSection,
                                         DomainLimits, FeedbackSection, FRAME_OVERHEAD_BYTES, UNSUBSCRIBE_SCOPES, IntakeSection, MAX_LOGIN_CHARS,
@@ -407,8 +408,28 @@ def _domains(src: str, table: Mapping[str, Any]) -> Mapping[str, DomainLimits]:
     return MappingProxyType(limits)
 
 
-def _dkim_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> DkimSection:
-    sec = _Section(src, "[delivery.dkim]", table)
+def _dkim_entries(src: str, base_dir: Path, value: Any) -> tuple[DkimSection, ...]:
+    """[[delivery.dkim]] entries (one [delivery.dkim] table is one entry)."""
+    tables = [value] if isinstance(value, Mapping) else value
+    if not isinstance(tables, list) or not all(isinstance(t, Mapping) for t in tables):
+        raise ConfigError(src, "[delivery.dkim]", f"must be a table or an array of tables ([[delivery.dkim]]), "
+                                                  f"got {_describe(value)}")
+    entries = tuple(_dkim_entry(src, base_dir, table, f"[[delivery.dkim]] #{i + 1}" if len(tables) > 1
+                                else "[delivery.dkim]") for i, table in enumerate(tables))
+    defaults = {e.domain for e in entries if e.default}
+    if len(defaults) > 1:
+        raise ConfigError(src, "[[delivery.dkim]] default", f"marks entries of {len(defaults)} domains "
+                          f"({', '.join(sorted(defaults))}); the default signs as one domain (one key per algorithm)")
+    seen: set[tuple[str, str]] = set()
+    for e in entries:
+        if (e.domain, e.selector) in seen:
+            raise ConfigError(src, "[[delivery.dkim]] selector", f"{e.selector} appears twice for {e.domain}")
+        seen.add((e.domain, e.selector))
+    return entries
+
+
+def _dkim_entry(src: str, base_dir: Path, table: Mapping[str, Any], where: str) -> DkimSection:
+    sec = _Section(src, where, table)
     sec.check_keys(_field_names(DkimSection))
     domain_text = sec.required_text("domain", "it is the d= domain of the DKIM signature")
     domain = normalise_domain(domain_text)
@@ -421,13 +442,17 @@ def _dkim_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> DkimSec
     key_file = _resolve_path(base_dir, key_file_text)
     # Checked now so a typo stops the node at start-up instead of failing every delivery later.
     try:
-        with open(key_file, "rb") as handle:
-            first_byte = handle.read(1)
+        pem = key_file.read_bytes()
     except OSError as exc:
         sec.fail("key_file", f"cannot read {key_file}: {exc.strerror or exc}")
-    if not first_byte:
+    if not pem:
         sec.fail("key_file", f"{key_file} is empty")
-    return DkimSection(domain=domain, selector=selector, key_file=key_file)
+    try:
+        load_signing_key(pem)
+    except (ValueError, TypeError) as exc:
+        sec.fail("key_file", f"{key_file} does not hold a usable private key: {exc}")
+    default = sec.boolean("default") if sec.has("default") else False
+    return DkimSection(domain=domain, selector=selector, key_file=key_file, default=default)
 
 
 def _url_template_problem(url: str) -> str | None:
@@ -505,7 +530,7 @@ def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Del
     username, password = _relay_login(sec, relay)
     routes_table = sec.subtable("routes", 'write [delivery.routes] with "domain" = "host:port" lines')
     domains_table = sec.subtable("domains", 'write [delivery.domains.default] and [delivery.domains."gmail.com"]')
-    dkim = _dkim_section(src, base_dir, sec.subtable("dkim")) if sec.has("dkim") else None
+    dkim = _dkim_entries(src, base_dir, table["dkim"]) if sec.has("dkim") else ()
     delivery = DeliverySection(
         tls_verify=sec.boolean("tls_verify") if sec.has("tls_verify") else True,
         tls_ca_file=_ca_file(sec, base_dir) if sec.has("tls_ca_file") else None,

@@ -154,9 +154,12 @@ class DomainLimits:
 
 @dataclass(frozen=True)
 class DkimSection:
+    """One [[delivery.dkim]] entry: the key that signs as `domain` (d=) with `selector` (s=)."""
+
     domain: str
     selector: str
-    key_file: Path
+    key_file: Path  # RSA or Ed25519 private key (PEM); its type picks the algorithm
+    default: bool = False  # also signs mail whose From: domain has no entry of its own
 
 
 def _no_routes() -> Mapping[str, Address]:
@@ -198,7 +201,7 @@ class DeliverySection:
     retry_jitter: float = 0.2
     max_age: float = 259200.0
     unsubscribe_url: str | None = None
-    dkim: DkimSection | None = None
+    dkim: tuple[DkimSection, ...] = ()  # [[delivery.dkim]]: by From: domain (node/dkim.py)
     # Verify the receiver's certificate (and host name) whenever relay credentials are sent or the
     # domain has require_tls; plain opportunistic STARTTLS stays unverified, as MX certificates
     # often are. tls_ca_file: a PEM bundle to trust instead of the system's CAs.

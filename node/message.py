@@ -7,27 +7,12 @@ retry on another node renders exactly the same bytes (apart from the DKIM timest
 from __future__ import annotations
 
 import re
-from collections import Counter
 
-import dkim as dkimpy
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from raftmail.node.dkim import DkimKeyring
 
 # Headers this module owns: any copy in the submission is dropped and replaced.
 REPLACED_HEADERS: frozenset[bytes] = frozenset(
     {b"return-path", b"message-id", b"list-unsubscribe", b"list-unsubscribe-post", b"dkim-signature"}
-)
-
-# Headers the DKIM signature covers when present (RFC 8058 requires the two List-Unsubscribe ones).
-DKIM_HEADERS: tuple[bytes, ...] = (
-    b"from",
-    b"subject",
-    b"date",
-    b"message-id",
-    b"to",
-    b"list-unsubscribe",
-    b"list-unsubscribe-post",
-    b"feedback-id",
 )
 
 # RFC 5322 atext plus "." : what may stand in a Message-ID's left part.
@@ -47,35 +32,6 @@ def recipient_message_id(submission_id: str, index: int, sender_domain: str) -> 
     return f"<{submission_id}.{index}.rm@{sender_domain}>"
 
 
-class DkimSigner:
-    """Signs rendered messages for one domain and selector (rsa-sha256, relaxed/relaxed)."""
-
-    def __init__(self, domain: str, selector: str, private_key_pem: bytes) -> None:
-        self.domain = domain
-        self.selector = selector
-        self._key_pem = _traditional_rsa_pem(private_key_pem)
-
-    def sign(self, message: bytes) -> bytes:
-        """Return the DKIM-Signature header (folded, ending with the message's line ending)."""
-        eol = _line_ending(message)
-        header_lines, _ = _split_header_block(message)
-        present = Counter(name for name, _ in _header_fields(header_lines) if name in DKIM_HEADERS)
-        if not present[b"from"]:
-            raise ValueError("cannot DKIM-sign a message without a From header")
-        # Each present instance is listed once so a duplicated header stays covered.
-        include = [name for name in DKIM_HEADERS for _ in range(present[name])]
-        return dkimpy.sign(
-            _to_crlf(message),  # the signature covers the bytes as they go over SMTP
-            self.selector.encode(),
-            self.domain.encode(),
-            self._key_pem,
-            canonicalize=(b"relaxed", b"relaxed"),
-            signature_algorithm=b"rsa-sha256",
-            include_headers=include,
-            linesep=eol,
-        )
-
-
 def render_for_recipient(
     body: bytes,
     *,
@@ -84,7 +40,7 @@ def render_for_recipient(
     unsubscribe_url: str | None = None,
     unsubscribe_mailto: str | None = None,
     feedback_id: str | None = None,
-    dkim: DkimSigner | None = None,
+    dkim: DkimKeyring | None = None,
 ) -> bytes:
     """One recipient's copy of a submitted message: owned headers replaced, body bytes untouched.
 
@@ -155,20 +111,3 @@ def _header_fields(header_lines: list[bytes]) -> list[tuple[bytes, list[bytes]]]
         match = _HEADER_NAME_RE.match(line)
         fields.append((match.group(1).lower() if match else b"", [line]))
     return fields
-
-
-def _to_crlf(message: bytes) -> bytes:
-    return re.sub(rb"\r?\n", b"\r\n", message)
-
-
-def _traditional_rsa_pem(private_key_pem: bytes) -> bytes:
-    # dkimpy reads only PKCS#1 ("BEGIN RSA PRIVATE KEY"); accept PKCS#8 too by re-encoding,
-    # and fail here, at configuration time, rather than on the first message.
-    key = serialization.load_pem_private_key(private_key_pem, password=None)
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise ValueError("DKIM key must be an RSA private key (rsa-sha256)")
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )

@@ -24,7 +24,7 @@ from raftmail.node.admin_api import AdminApi
 from raftmail.node.backup import add_backup_routes
 from raftmail.node.bodies import BodyStore
 from raftmail.node.bridge import ProposalFailed, Proposer
-from raftmail.node.config import Config, ConfigError, check_admin_exposure
+from raftmail.node.config import Config, ConfigError, check_admin_exposure, load_config
 from raftmail.node.feedback import FeedbackDesk
 from raftmail.node.inject_api import InjectApi
 from raftmail.node.intake import Intake
@@ -205,6 +205,18 @@ class MailNode:
 
     # ---------------------------------------------------------------- life cycle
 
+    async def reload_dkim(self) -> None:
+        """SIGHUP: sign with the [[delivery.dkim]] entries the cluster file holds now (a new
+        selector, a new brand) without a restart; a file that does not load changes nothing."""
+        try:
+            entries = (await asyncio.to_thread(load_config, self.config.path)).delivery.dkim
+            self.sender.use_dkim(entries)
+        except (ConfigError, ValueError, OSError) as e:
+            log.error("SIGHUP: DKIM keys not reloaded, still signing as before: %s", e)
+            return
+        log.info("SIGHUP: DKIM keys reloaded: %s",
+                 ", ".join(f"{e.domain}/{e.selector}" + (" (default)" if e.default else "") for e in entries) or "none")
+
     async def run(self) -> None:
         from raftmail.node.scheduler import Scheduler
         from raftmail.node.sender import Sender
@@ -225,6 +237,7 @@ class MailNode:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.tasks.start(self.reload_dkim(), "dkim reload"))
 
         # Before the admin port opens: /status reads them.
         c = self.config

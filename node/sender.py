@@ -15,11 +15,12 @@ from raftmail.consensus.records import MAX_TEXT
 from raftmail.consensus.state import MailState
 from raftmail.consensus.view import StateView
 from raftmail.node.bridge import Propose, ProposalFailed
-from raftmail.node.config import DeliverySection, FeedbackSection
+from raftmail.node.config import DeliverySection, DkimSection, FeedbackSection
 from raftmail.node.delivery import Outcome, deliver_batch
 from raftmail.node.routes import resolve_routes
 from raftmail.node.feedback import BOUNCE_KIND, UNSUBSCRIBE_KIND, FeedbackKeys, LinkToken
-from raftmail.node.message import DkimSigner, recipient_message_id, render_for_recipient
+from raftmail.node.dkim import DkimKeyring
+from raftmail.node.message import recipient_message_id, render_for_recipient
 from raftmail.node.tasks import Tasks
 from raftmail.node.templates import RenderLimits, render_copy
 
@@ -273,13 +274,14 @@ class Sender:
         # (the lease returns what was not reported).
         self.finished: set[str] = set()
         self.stopping = False
-        self.dkim = None
-        dk = delivery.dkim
-        if dk is not None:
-            self.dkim = DkimSigner(dk.domain, dk.selector, dk.key_file.read_bytes())
+        self.dkim = DkimKeyring(delivery.dkim) if delivery.dkim else None
         self.render_limits = render_limits
         fb = feedback
         self.keys = FeedbackKeys(fb.unsubscribe_secret) if fb.unsubscribe_secret else None
+
+    def use_dkim(self, entries: tuple[DkimSection, ...]) -> None:
+        """Sign copies rendered from now on with `entries` (the keys are read before the swap)."""
+        self.dkim = DkimKeyring(entries) if entries else None
 
     def envelope_sender(self, sender: str, sid: str, idx: int) -> str:
         """The copy's envelope sender: with [feedback] bounce_domain, a per-recipient VERP address

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from raftmail.node.dkim import new_private_key_pem
 from raftmail.node.config import (
     Address,
     Config,
@@ -130,7 +131,7 @@ def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
     assert config.delivery == DeliverySection()
     assert config.cluster.fsync is False
     assert config.cluster.admin_token is None
-    assert config.delivery.relay is None and config.delivery.dkim is None
+    assert config.delivery.relay is None and config.delivery.dkim == ()
     assert dict(config.delivery.routes) == {}
     assert dict(config.delivery.domains) == {"default": DomainLimits()}
     assert config.delivery.limits_for("gmail.com") == DomainLimits(max_connections=10, max_per_minute=0)
@@ -213,11 +214,28 @@ def test_routes_keys_are_lowercased(tmp_path: Path) -> None:
 
 def test_dkim_key_file_resolves_relative_to_config(tmp_path: Path) -> None:
     (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "mail.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    (tmp_path / "keys" / "mail.pem").write_bytes(new_private_key_pem("ed25519"))
     text = BASE + '[delivery.dkim]\ndomain = "Example.test"\nselector = "s1"\nkey_file = "keys/mail.pem"\n'
-    dkim = load_config(write(tmp_path, text)).delivery.dkim
-    assert dkim is not None
-    assert (dkim.domain, dkim.selector, dkim.key_file) == ("example.test", "s1", tmp_path / "keys" / "mail.pem")
+    (dkim,) = load_config(write(tmp_path, text)).delivery.dkim
+    assert (dkim.domain, dkim.selector, dkim.key_file, dkim.default) == ("example.test", "s1", tmp_path / "keys" / "mail.pem", False)
+
+
+def test_dkim_entries_per_domain_with_one_default_domain(tmp_path: Path) -> None:
+    for name in ("a-rsa", "a-ed", "b", "c"):
+        (tmp_path / f"{name}.pem").write_bytes(new_private_key_pem("ed25519"))
+    entries = ('[[delivery.dkim]]\ndomain = "brand-a.example"\nselector = "r1"\nkey_file = "a-rsa.pem"\ndefault = true\n'
+               '[[delivery.dkim]]\ndomain = "brand-a.example"\nselector = "e1"\nkey_file = "a-ed.pem"\ndefault = true\n'
+               '[[delivery.dkim]]\ndomain = "brand-b.example"\nselector = "s1"\nkey_file = "b.pem"\n')
+    dkim = load_config(write(tmp_path, BASE + entries)).delivery.dkim
+    assert [(e.domain, e.selector, e.default) for e in dkim] == [
+        ("brand-a.example", "r1", True), ("brand-a.example", "e1", True), ("brand-b.example", "s1", False)]
+    two_defaults = entries + '[[delivery.dkim]]\ndomain = "brand-c.example"\nselector = "s1"\nkey_file = "c.pem"\ndefault = true\n'
+    refused(write(tmp_path, BASE + two_defaults), "[[delivery.dkim]] default", "2 domains")
+    twice = entries + '[[delivery.dkim]]\ndomain = "brand-b.example"\nselector = "s1"\nkey_file = "c.pem"\n'
+    refused(write(tmp_path, BASE + twice), "[[delivery.dkim]] selector", "s1 appears twice for brand-b.example")
+    (tmp_path / "bad.pem").write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n")
+    bad = '[[delivery.dkim]]\ndomain = "x.example"\nselector = "s1"\nkey_file = "bad.pem"\n'
+    refused(write(tmp_path, BASE + entries + bad), "[[delivery.dkim]] #4 key_file", "does not hold a usable private key")
 
 
 def test_relay_with_login(tmp_path: Path) -> None:

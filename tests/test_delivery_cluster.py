@@ -6,6 +6,9 @@ from __future__ import annotations
 import base64
 import json
 import re
+import signal
+import subprocess
+import sys
 import time
 from email import message_from_bytes, policy
 from pathlib import Path
@@ -375,6 +378,61 @@ def test_messages_are_dkim_signed_with_per_recipient_headers(make_cluster, tmp_p
         signed = re.search(r"\bh=([^;]+)", " ".join(msg["DKIM-Signature"].split())).group(1).lower()
         assert "list-unsubscribe" in signed and "list-unsubscribe-post" in signed
     assert len(ids) == len(rcpts)
+
+
+def _keygen(domain: str, selector: str, algorithm: str, out: Path) -> tuple[str, dict[bytes, bytes]]:
+    """`raftmail dkim keygen`, as an operator runs it: (the entry to paste, {TXT name: value})."""
+    r = subprocess.run([sys.executable, "-m", "raftmail.cli", "dkim", "keygen", domain, selector,
+                        "--algorithm", algorithm, "--out", str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    txt = re.search(r'^(\S+) IN TXT "([^"]+)"$', r.stdout, re.M)
+    entry = r.stdout[r.stdout.index("[[delivery.dkim]]"):]
+    return entry, {txt.group(1).encode(): txt.group(2).encode()}
+
+
+def _signers(data: bytes, dns: dict[bytes, bytes]) -> list[tuple[str, str, str]]:
+    """(d=, s=, a=) of each DKIM-Signature that verifies; AssertionError for one that does not."""
+    d, found = dkim.DKIM(data), []
+    for idx in range(data.count(b"DKIM-Signature:")):
+        assert d.verify(idx=idx, dnsfunc=lambda name, timeout=5: dns.get(name)), f"signature {idx} fails"
+        f = d.signature_fields
+        found.append((f[b"d"].decode(), f[b"s"].decode(), f[b"a"].decode()))
+    return found
+
+
+def test_two_brands_are_signed_each_by_its_own_domain_and_a_new_selector_needs_no_restart(make_cluster, tmp_path: Path) -> None:
+    keys = tmp_path / "dkim"
+    one_rsa, dns = _keygen("brand-one.example", "r1", "rsa", keys)
+    one_ed, more = _keygen("brand-one.example", "e1", "ed25519", keys)
+    two, more2 = _keygen("brand-two.example", "s1", "ed25519", keys)
+    dns |= more | more2
+    c = make_cluster(start=False, extra_toml="\n" + "\n".join((one_rsa, one_ed, two)) + "\n")
+    c.start_all_and_wait()
+    submit_ok(c, c.followers()[0], ["a@example.org"], make_message(sender="news@brand-one.example", campaign="one"))
+    submit_ok(c, c.followers()[0], ["b@example.org"], make_message(sender="hello@brand-two.example", campaign="two"))
+    wait_campaign_done(c, "one")
+    wait_campaign_done(c, "two")
+    events = {e["rcpt"]: e for e in c.sink.delivered()}
+    assert _signers(_stored_message(c, events["a@example.org"]), dns) == [
+        ("brand-one.example", "r1", "rsa-sha256"), ("brand-one.example", "e1", "ed25519-sha256")]
+    assert _signers(_stored_message(c, events["b@example.org"]), dns) == [("brand-two.example", "s1", "ed25519-sha256")]
+
+    # Rotation: brand two's new selector is published, its entry replaces the old one, SIGHUP.
+    two_new, more3 = _keygen("brand-two.example", "s2", "rsa", keys)
+    dns |= more3
+    c.config_path.write_text(c.config_path.read_text().replace(two, two_new))
+    for nid in c.ids:
+        c.procs[nid].send_signal(signal.SIGHUP)
+    wait_for(lambda: all("DKIM keys reloaded" in c.log_text(nid) for nid in c.ids), 10, "every node to reload")
+    submit_ok(c, c.followers()[0], ["c@example.org"], make_message(sender="hello@brand-two.example", campaign="two-b"))
+    wait_campaign_done(c, "two-b")
+    events = {e["rcpt"]: e for e in c.sink.delivered()}
+    assert _signers(_stored_message(c, events["c@example.org"]), dns) == [("brand-two.example", "s2", "rsa-sha256")]
+    # A cluster file that does not load changes nothing: the nodes keep signing as before.
+    c.config_path.write_text(c.config_path.read_text().replace('selector = "s2"', 'selector = "bad selector"'))
+    c.procs[c.ids[0]].send_signal(signal.SIGHUP)
+    wait_for(lambda: "DKIM keys not reloaded" in c.log_text(c.ids[0]), 10, "the refusal to be logged")
+    assert all(c.alive(nid) for nid in c.ids)
 
 
 def test_require_tls_defers_instead_of_sending_in_clear_text(make_cluster) -> None:

@@ -8,13 +8,20 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from raftmail.node.config_types import DkimSection
+from raftmail.node.dkim import DkimKeyring
 from raftmail.node.message import (
-    DkimSigner,
     recipient_message_id,
     render_for_recipient,
 )
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def keyring(tmp_path, key_pem: bytes, default: bool = False) -> DkimKeyring:
+    path = tmp_path / f"key-{len(list(tmp_path.iterdir()))}.pem"
+    path.write_bytes(key_pem)
+    return DkimKeyring([DkimSection(DOMAIN, SELECTOR, path, default)])
 
 DOMAIN = "news.example.com"
 SELECTOR = "rm2024"
@@ -202,8 +209,8 @@ def test_mailto_and_feedback_id_headers() -> None:
     [serialization.PrivateFormat.TraditionalOpenSSL, serialization.PrivateFormat.PKCS8],
     ids=["pkcs1", "pkcs8"],
 )
-def test_dkim_signature_verifies_and_covers_list_unsubscribe(rsa_key, eol, key_format) -> None:
-    signer = DkimSigner(DOMAIN, SELECTOR, pem(rsa_key, key_format))
+def test_dkim_signature_verifies_and_covers_list_unsubscribe(rsa_key, eol, key_format, tmp_path) -> None:
+    signer = keyring(tmp_path, pem(rsa_key, key_format))
     out = render_for_recipient(
         submitted(eol),
         recipient="reader@example.org",
@@ -228,8 +235,8 @@ def test_dkim_signature_verifies_and_covers_list_unsubscribe(rsa_key, eol, key_f
     assert signature.signature_fields[b"a"] == b"rsa-sha256"
 
 
-def test_dkim_detects_tampering_with_list_unsubscribe(rsa_key) -> None:
-    signer = DkimSigner(DOMAIN, SELECTOR, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
+def test_dkim_detects_tampering_with_list_unsubscribe(rsa_key, tmp_path) -> None:
+    signer = keyring(tmp_path, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
     out = render_for_recipient(
         submitted(b"\r\n"), recipient="reader@example.org",
         message_id="<m@news.example.com>", unsubscribe_url=UNSUB_URL, dkim=signer,
@@ -241,8 +248,8 @@ def test_dkim_detects_tampering_with_list_unsubscribe(rsa_key) -> None:
     assert not dkim.verify(body_tampered, dnsfunc=dnsfunc_for(rsa_key))
 
 
-def test_dkim_signs_only_headers_present(rsa_key) -> None:
-    signer = DkimSigner(DOMAIN, SELECTOR, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
+def test_dkim_signs_only_headers_present(rsa_key, tmp_path) -> None:
+    signer = keyring(tmp_path, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
     plain = b"From: a@news.example.com\r\nSubject: hi\r\n\r\nbody\r\n"
     out = render_for_recipient(plain, recipient="r@y", message_id="<m@x>", dkim=signer)
     signature = dkim.DKIM(out)
@@ -251,10 +258,12 @@ def test_dkim_signs_only_headers_present(rsa_key) -> None:
     assert signed == {b"from", b"subject", b"message-id"}
 
 
-def test_dkim_refuses_message_without_from_and_non_rsa_key(rsa_key) -> None:
-    signer = DkimSigner(DOMAIN, SELECTOR, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
+def test_dkim_refuses_message_without_from_and_an_ec_key(rsa_key, tmp_path) -> None:
+    signer = keyring(tmp_path, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
+    assert signer.sign(b"Subject: no from\r\n\r\nbody\r\n") == b""  # no From: no entry of its domain
+    default = keyring(tmp_path, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL), default=True)
     with pytest.raises(ValueError):
-        signer.sign(b"Subject: no from\r\n\r\nbody\r\n")
+        default.sign(b"Subject: no from\r\n\r\nbody\r\n")
     ec_key = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(ValueError):
-        DkimSigner(DOMAIN, SELECTOR, pem(ec_key, serialization.PrivateFormat.PKCS8))
+        keyring(tmp_path, pem(ec_key, serialization.PrivateFormat.PKCS8))
