@@ -142,8 +142,10 @@ def up(config_path: str, with_sink: bool, log_level: str) -> None:
               help="Apply --after-data to the first N messages only (0: every message).")
 @click.option("--unavailable-for", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               metavar="SECONDS", help="Answer every connection 421 for this long after start.")
+@click.option("--8bitmime/--no-8bitmime", "eight_bit_mime", default=True, show_default=True,
+              help="Offer 8BITMIME in the EHLO reply (without it, stored 8-bit messages are logged as such).")
 def sink(listen: str, maildir: str, replies: tuple[str, ...], delay: float, after_data: str,
-         after_data_times: int, unavailable_for: float) -> None:
+         after_data_times: int, unavailable_for: float, eight_bit_mime: bool) -> None:
     """A capture sink: an SMTP server that stores what it receives (one file per recipient)."""
     from raftmail.node.sink import parse_reply_rule, run_sink
     try:
@@ -155,7 +157,8 @@ def sink(listen: str, maildir: str, replies: tuple[str, ...], delay: float, afte
     logging.basicConfig(level=logging.WARNING)
     try:
         asyncio.run(run_sink(addr.host, addr.port, Path(maildir), rules, delay=delay, after_data=after_data,
-                             after_data_times=after_data_times, unavailable_for=unavailable_for))
+                             after_data_times=after_data_times, unavailable_for=unavailable_for,
+                             eight_bit_mime=eight_bit_mime))
     except OSError as e:
         click.echo(f"error: sink cannot listen on {listen}: {e.strerror}", err=True)
         sys.exit(1)

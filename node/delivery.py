@@ -21,6 +21,7 @@ import aiosmtplib
 from aiosmtplib.protocol import normalize_message_line_endings
 
 from raftmail.consensus.outcomes import parse_enhanced
+from raftmail.node.message import seven_bit_copy
 from raftmail.node.routes import Route
 from raftmail.node.tls import client_context
 
@@ -31,6 +32,8 @@ TLS_NOT_OFFERED_TEXT = "4.7.10 TLS required but not offered"
 # RFC 3463 X.7.5, cryptographic failure: the receiver's certificate did not verify, so neither
 # the relay password nor the message was sent.
 TLS_UNTRUSTED_TEXT = "4.7.5 TLS certificate not trusted"
+# RFC 3463 X.6.3: conversion required but not possible (a raw 8-bit header, no 8BITMIME).
+NO_8BITMIME_TEXT = "4.6.3 receiver does not take 8-bit content and this message cannot be converted"
 # Prefix of the text of a message whose final reply was lost after its content was sent: the
 # recipient may have received it, so a retry can duplicate it (reported, not hidden).
 AMBIGUOUS_PREFIX = "ambiguous: "
@@ -72,6 +75,7 @@ async def deliver_batch(
     tls_verify: bool = True,
     tls_ca_file: Path | None = None,
     lease_left: Callable[[], float] | None = None,
+    seven_bit: Callable[[bytes], bytes] = seven_bit_copy,
 ) -> None:
     """Send each (index, recipient, message) as its own transaction over one SMTP connection; a
     fourth item, when given, is that message's envelope sender instead of `mail_from` (VERP).
@@ -91,6 +95,9 @@ async def deliver_batch(
     the wait for the reply to the final dot included: a command is abandoned (and the connection
     dropped) when the lease runs out before its reply, and the final dot is never sent once the
     lease has run out. Renewals extend the lease while a command waits.
+
+    A message with 8-bit bytes goes to a receiver that does not offer 8BITMIME as `seven_bit`
+    makes it (re-encoded and signed again); one it cannot convert is deferred, never sent raw.
     """
     sender = _BatchSender(
         routes,
@@ -103,6 +110,7 @@ async def deliver_batch(
         tls_verify=tls_verify,
         tls_ca_file=tls_ca_file,
         lease_left=lease_left,
+        seven_bit=seven_bit,
     )
     try:
         async for index, recipient, message, *envelope in _each(messages):
@@ -159,6 +167,7 @@ class _BatchSender:
         tls_verify: bool = True,
         tls_ca_file: Path | None = None,
         lease_left: Callable[[], float] | None = None,
+        seven_bit: Callable[[bytes], bytes] = seven_bit_copy,
     ) -> None:
         # A bad HELO name is a configuration error: raise it now, before anything is sent,
         # using aiosmtplib's own check of the name.
@@ -173,6 +182,7 @@ class _BatchSender:
         self._tls_ca_file = tls_ca_file
         self._reconnects_left = max_reconnects
         self._lease_left = lease_left
+        self._seven_bit = seven_bit
         self._smtp: aiosmtplib.SMTP | None = None
         self._remote = ""
         self._opened_before = False
@@ -219,6 +229,11 @@ class _BatchSender:
         smtp = self._smtp
         assert smtp is not None
         stage = "MAIL FROM"
+        if not message.isascii() and not smtp.supports_extension("8bitmime"):
+            try:
+                message = self._seven_bit(message)
+            except ValueError as exc:
+                return Outcome(index, 0, None, f"{NO_8BITMIME_TEXT}: {exc}", self._remote)
         try:
             mail_options, encoding = self._envelope_options(mail_from, recipient, message)
             if self._lease_left is not None and self._lease_left() <= 0:

@@ -156,15 +156,16 @@ class DkimKeyring:
     def sign(self, message: bytes) -> bytes:
         """The DKIM-Signature headers for `message` (each folded, ending with its line ending);
         b"" when no entry applies."""
-        entries = self.entries_for(from_domain(_to_crlf(message)))
-        if not entries:
-            return b""
-        eol = b"\r\n" if b"\r\n" in message[:message.find(b"\n") + 1] else b"\n"
         header_block = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
         present = Counter(m.group(1).lower() for line in re.split(rb"\r?\n", header_block)
                           if (m := _HEADER_NAME_RE.match(line)) and m.group(1).lower() in DKIM_HEADERS)
         if not present[b"from"]:
+            # RFC 5322 requires one, DMARC aligns on it, and receivers refuse mail without it.
             raise ValueError("cannot DKIM-sign a message without a From header")
+        entries = self.entries_for(from_domain(_to_crlf(message)))
+        if not entries:
+            return b""
+        eol = b"\r\n" if b"\r\n" in message[:message.find(b"\n") + 1] else b"\n"
         # Each present instance is listed once so a duplicated header stays covered.
         include = [name for name in DKIM_HEADERS for _ in range(present[name])]
         crlf = _to_crlf(message)  # the signature covers the bytes as they go over SMTP

@@ -6,7 +6,11 @@ retry on another node renders exactly the same bytes (apart from the DKIM timest
 
 from __future__ import annotations
 
+import quopri
 import re
+from email.encoders import encode_base64
+from email.parser import BytesParser
+from email.policy import compat32
 
 from raftmail.node.dkim import DkimKeyring
 
@@ -111,3 +115,35 @@ def _header_fields(header_lines: list[bytes]) -> list[tuple[bytes, list[bytes]]]
         match = _HEADER_NAME_RE.match(line)
         fields.append((match.group(1).lower() if match else b"", [line]))
     return fields
+
+
+def seven_bit_copy(copy: bytes, dkim: DkimKeyring | None = None) -> bytes:
+    """`copy` for a receiver that does not take 8-bit content (no 8BITMIME, RFC 6152): every
+    part whose body holds 8-bit bytes re-encoded (text as quoted-printable, anything else as
+    base64), then signed again, since the signature covered the 8-bit body. ValueError when a
+    header holds 8-bit bytes: no transfer encoding applies there."""
+    header_lines, rest = _split_header_block(copy)
+    unsigned = [line for name, field in _header_fields(header_lines) if name != b"dkim-signature" for line in field]
+    if not all(line.isascii() for line in unsigned):
+        raise ValueError("a header holds 8-bit bytes (not RFC 2047 encoded): no 7-bit form exists")
+    eol = _line_ending(copy)
+    message = BytesParser(policy=compat32).parsebytes(b"".join(unsigned) + rest)
+    for part in message.walk():
+        encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+        if part.is_multipart():
+            if encoding in ("8bit", "binary"):
+                part.replace_header("Content-Transfer-Encoding", "7bit")
+            continue
+        payload = part.get_payload(decode=True) or b""
+        if payload.isascii() and encoding not in ("8bit", "binary"):
+            continue
+        del part["Content-Transfer-Encoding"]
+        if part.get_content_maintype() == "text":
+            lines = payload.replace(b"\r\n", b"\n")
+            part.set_payload(quopri.encodestring(lines).decode("ascii"))
+            part["Content-Transfer-Encoding"] = "quoted-printable"
+        else:
+            part.set_payload(payload)
+            encode_base64(part)
+    out = message.as_bytes(policy=compat32.clone(linesep=eol.decode(), max_line_length=0))
+    return (dkim.sign(out) if dkim is not None else b"") + out

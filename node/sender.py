@@ -20,7 +20,7 @@ from raftmail.node.delivery import Outcome, deliver_batch
 from raftmail.node.routes import resolve_routes
 from raftmail.node.feedback import BOUNCE_KIND, UNSUBSCRIBE_KIND, FeedbackKeys, LinkToken
 from raftmail.node.dkim import DkimKeyring
-from raftmail.node.message import recipient_message_id, render_for_recipient
+from raftmail.node.message import recipient_message_id, render_for_recipient, seven_bit_copy
 from raftmail.node.tasks import Tasks
 from raftmail.node.templates import RenderLimits, render_copy
 
@@ -210,7 +210,8 @@ class BatchRun:
                                     on_outcome=self.on_outcome,
                                     require_tls=d.limits_for(self.domain).require_tls,
                                     tls_verify=d.tls_verify, tls_ca_file=d.tls_ca_file,
-                                    lease_left=self.lease_left)
+                                    lease_left=self.lease_left,
+                                    seven_bit=lambda copy: seven_bit_copy(copy, self.sender.dkim))
         except Exception:
             log.exception("batch %s failed", self.bid)
         finally:

@@ -254,6 +254,13 @@ class _SinkHandler:
     def __init__(self, sink: CaptureSink) -> None:
         self._sink = sink
 
+    async def handle_EHLO(self, server: _SinkSMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self._sink.eight_bit_mime:
+            return responses
+        return [r for r in responses if r[4:].upper() != "8BITMIME"]
+
     async def handle_RCPT(self, server: _SinkSMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         rule = self._sink._replies.answer(address)
@@ -280,7 +287,8 @@ class _SinkHandler:
         for recipient, name in stored:
             self._sink._log({"event": "message", "conn": server.sink_conn, "t": time.time(),
                              "mail_from": envelope.mail_from or "", "rcpt": recipient,
-                             "message_id": message_id, "file": name, "size": len(raw)})
+                             "message_id": message_id, "file": name, "size": len(raw),
+                             "eight_bit": not raw.isascii()})
         self._sink.stats["messages"] += 1
         self._sink.stats["recipients"] += len(stored)
         behaviour = self._sink._after_data_now()
@@ -307,13 +315,15 @@ class CaptureSink:
                  delay: float = DEFAULT_DELAY,
                  after_data: str = "reply",
                  after_data_times: int = 0,
-                 unavailable_for: float = 0.0) -> None:
+                 unavailable_for: float = 0.0,
+                 eight_bit_mime: bool = True) -> None:
         if after_data not in AFTER_DATA_CHOICES:
             raise ValueError(f"after_data must be one of {', '.join(AFTER_DATA_CHOICES)}, got {after_data!r}")
         self.maildir = Path(maildir)
         self.after_data = after_data
         self.after_data_left = after_data_times  # 0: every message
         self.unavailable_for = unavailable_for
+        self.eight_bit_mime = eight_bit_mime  # False: a receiver without 8BITMIME (RFC 6152)
         self._started_at = time.monotonic()
         self.rules = tuple(rules)
         self.max_message_bytes = max_message_bytes
@@ -463,11 +473,12 @@ async def run_sink(host: str, port: int, maildir: Path, rules: Sequence[ReplyRul
                    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                    max_connections: int = DEFAULT_MAX_CONNECTIONS,
                    delay: float = DEFAULT_DELAY, after_data: str = "reply", after_data_times: int = 0,
-                   unavailable_for: float = 0.0) -> None:
+                   unavailable_for: float = 0.0, eight_bit_mime: bool = True) -> None:
     """Run a capture sink until cancelled, SIGTERM or SIGINT."""
     sink = CaptureSink(maildir, rules, max_message_bytes=max_message_bytes,
                        max_connections=max_connections, delay=delay, after_data=after_data,
-                       after_data_times=after_data_times, unavailable_for=unavailable_for)
+                       after_data_times=after_data_times, unavailable_for=unavailable_for,
+                       eight_bit_mime=eight_bit_mime)
     bound = await sink.start(host, port)
     stop_requested = asyncio.Event()
     installed = _install_stop_signals(stop_requested)

@@ -57,12 +57,13 @@ class Sink:
         self.replies = replies or []
         self.proc: subprocess.Popen | None = None
         self.root = root
+        self.options: list[str] = []  # more `raftmail sink` options, set before it starts
 
     def command(self) -> list[str]:
         cmd = [PY, "-m", "raftmail.cli", "sink", "--listen", f"{self.host}:{self.port}", "--maildir", str(self.maildir)]
         for r in self.replies:
             cmd += ["--reply", r]
-        return cmd
+        return cmd + self.options
 
     def start(self) -> None:
         self.log = open(self.root / "sink.log", "ab")

@@ -435,6 +435,32 @@ def test_two_brands_are_signed_each_by_its_own_domain_and_a_new_selector_needs_n
     assert all(c.alive(nid) for nid in c.ids)
 
 
+def test_eight_bit_mail_to_a_receiver_without_8bitmime_goes_quoted_printable_and_signed_again(make_cluster, tmp_path: Path) -> None:
+    entry, dns = _keygen("brand-one.example", "e1", "ed25519", tmp_path / "dkim")
+    c = make_cluster(start=False, extra_toml="\n" + entry + "\n")
+    c.sink.options.append("--no-8bitmime")
+    c.start_all_and_wait()
+    text = "Grüße aus Köln — très bien.\n"
+    msg = make_message(sender="news@brand-one.example", campaign="utf8", body=text)
+    assert not msg.isascii() and b"Content-Transfer-Encoding: 8bit" in msg
+    submit_ok(c, c.followers()[0], ["a@example.org"], msg)
+    # A raw 8-bit header has no 7-bit form: deferred, never sent raw.
+    raw_header = msg.replace(b"Subject: Hello", "Subject: Grüße".encode())
+    sid = submit_ok(c, c.followers()[0], ["b@example.org"], raw_header.replace(b"X-Campaign-ID: utf8", b"X-Campaign-ID: raw"))
+    wait_campaign_done(c, "utf8")
+    (event,) = c.sink.delivered()
+    assert event["rcpt"] == "a@example.org" and event["eight_bit"] is False
+    data = _stored_message(c, event)
+    assert data.isascii() and b"Content-Transfer-Encoding: quoted-printable" in data
+    assert message_from_bytes(data, policy=policy.default).get_content().replace("\r\n", "\n") == text
+    assert _signers(data, dns) == [("brand-one.example", "e1", "ed25519-sha256")]
+    leader = c.wait_leader()
+    deferred = wait_for(lambda: (r := recipients(c, leader, sid).get("b@example.org", {})).get("state") == "deferred"
+                        and r, 30, "the raw-header copy to be deferred")
+    assert "4.6.3" in json.dumps(deferred), deferred
+    assert not any(e["rcpt"] == "b@example.org" for e in c.sink.delivered())
+
+
 def test_require_tls_defers_instead_of_sending_in_clear_text(make_cluster) -> None:
     c = make_cluster(extra_toml='[delivery.domains."secure.example"]\nrequire_tls = true\n')
     leader = c.leader()

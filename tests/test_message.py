@@ -260,10 +260,34 @@ def test_dkim_signs_only_headers_present(rsa_key, tmp_path) -> None:
 
 def test_dkim_refuses_message_without_from_and_an_ec_key(rsa_key, tmp_path) -> None:
     signer = keyring(tmp_path, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
-    assert signer.sign(b"Subject: no from\r\n\r\nbody\r\n") == b""  # no From: no entry of its domain
-    default = keyring(tmp_path, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL), default=True)
     with pytest.raises(ValueError):
-        default.sign(b"Subject: no from\r\n\r\nbody\r\n")
+        signer.sign(b"Subject: no from\r\n\r\nbody\r\n")
     ec_key = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(ValueError):
         keyring(tmp_path, pem(ec_key, serialization.PrivateFormat.PKCS8))
+
+
+def test_seven_bit_copy_re_encodes_8bit_parts_and_signs_again(rsa_key, tmp_path) -> None:
+    from email import message_from_bytes, policy
+
+    from raftmail.node.message import seven_bit_copy
+    html = "<p>Grüße — très bien</p>\n"
+    text = "Grüße — très bien\n"
+    submitted_8bit = (
+        "From: Shop <shop@news.example.com>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/alternative; boundary="b1"\r\nContent-Transfer-Encoding: 8bit\r\n\r\n'
+        "--b1\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        f"{text}\r\n--b1\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        f"{html}\r\n--b1--\r\n").replace("\n", "\r\n").replace("\r\r\n", "\r\n").encode()
+    signer = keyring(tmp_path, pem(rsa_key, serialization.PrivateFormat.TraditionalOpenSSL))
+    copy = render_for_recipient(submitted_8bit, recipient="r@example.org", message_id="<m@x>", dkim=signer)
+    out = seven_bit_copy(copy, signer)
+    assert out.isascii() and out.count(b"DKIM-Signature:") == 1
+    assert dkim.verify(out, dnsfunc=dnsfunc_for(rsa_key))
+    parsed = message_from_bytes(out, policy=policy.default)
+    assert parsed["Content-Transfer-Encoding"] == "7bit"
+    parts = [p for p in parsed.walk() if not p.is_multipart()]
+    assert [p["Content-Transfer-Encoding"] for p in parts] == ["quoted-printable"] * 2
+    assert [p.get_content().replace("\r\n", "\n") for p in parts] == [text, html]
+    with pytest.raises(ValueError, match="header holds 8-bit"):
+        seven_bit_copy("From: a@news.example.com\r\nSubject: Grüße\r\n\r\nx\r\n".encode(), signer)
