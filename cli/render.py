@@ -38,6 +38,10 @@ def print_status(view: dict) -> None:
         console.print("queue: " + "  ".join(f"{k} {v}" for k, v in q.items()))
     if view.get("delivered_last_minute") is not None:
         console.print(f"delivered in the last full minute: {view['delivered_last_minute']}")
+    for domain, b in (view.get("backoff") or {}).items():
+        limits = f"{b['max_connections']} connections, {b['max_per_minute'] or 'unlimited'} per minute"
+        state = f"[bold red]suspended {b['suspended_for']:.0f}s more[/]" if b["suspended_for"] > 0 else limits
+        console.print(f"backoff: {domain} level {b['level']}: {state} ({b['reason']})")
     stats = view.get("stats") or {}
     if stats:
         errors = stats.get("apply_errors", 0)

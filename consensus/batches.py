@@ -8,8 +8,8 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from .commands import Abandon, Assign, Expire, Incarnate, Renew, Report, Result
-from .outcomes import CANCELLED, DEFERRED, EXPIRED, IN_FLIGHT, SUPPRESSED, WAITING_STATES
-from . import suppression
+from .outcomes import CANCELLED, DEFERRED, DELIVERED, EXPIRED, IN_FLIGHT, SUPPRESSED, WAITING_STATES
+from . import shaping, suppression
 from .domains import domain_of
 from .records import MAX_TEXT, Assigned, Batch
 
@@ -21,6 +21,8 @@ def assign(st: MailState, c: Assign) -> Result:
     node, domain, now = c.node, c.domain, c.now
     if st.members.get(node, {}).get("status", "active") != "active":
         return Result(batch=None, reason=f"node {node} is {st.members[node]['status']}")
+    if shaping.suspended(st, domain, now):
+        return Result(batch=None, reason="suspended")
     if st.domain_batches.get(domain, 0) >= c.max_connections:
         return Result(batch=None, reason="max_connections")
     quota = len(c.items)
@@ -112,6 +114,7 @@ def report(st: MailState, c: Report) -> Result:
         d.code, d.text = code, text
         verdict = r.verdict()  # the sender's rule, checked again here
         new = verdict.state
+        shaping.note(st, batch.domain, code, verdict.enhanced, text, new == DELIVERED, now)
         maybe = r.maybe_delivered and new == DEFERRED
         if maybe:
             # The final dot went out and no reply came: the receiver may have the copy.

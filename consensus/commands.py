@@ -363,6 +363,27 @@ class ExpireUnsent(Command):
 # ------------------------------------------------------------------------------- campaigns and suppression
 
 @command
+class Backoff(Command):
+    """The leader's next adaptive-backoff step for one destination domain (consensus/shaping.py)."""
+
+    op: ClassVar[str] = "backoff"
+    domain: str
+    now: float
+    level: int
+    suspended_until: float
+    reason: str
+
+    @classmethod
+    def from_wire(cls, m: dict) -> "Backoff":
+        level, reason = count(m, "level"), m.get("reason", "")
+        if not 0 <= level <= 30:
+            raise CommandRefused(f"backoff: level must be 0 to 30, got {level}")
+        if not isinstance(reason, str):
+            raise CommandRefused("backoff: reason must be a string")
+        return cls(string(m, "domain"), num(m, "now"), level, num(m, "suspended_until"), reason)
+
+
+@command
 class Pause(Command):
     op: ClassVar[str] = "pause"
     campaign: str

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
+from .shaping import DomainBackoff
 from .records import EVENT_RING, Archive, Assigned, Batch, Campaign, DedupeEntry, Event, Submission, Suppression
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ def pack(st: MailState) -> bytes:
         "archived": st.archived,
         "finished": list(st.finished),
         "applied": st.applied,
+        # Only when there is any, so states without backoff keep the digest they had before it.
+        **({"backoff": {d: b.to_wire() for d, b in st.backoff.items()}} if st.backoff else {}),
     }, use_bin_type=True)
 
 
@@ -73,6 +76,7 @@ def _load(st: MailState, blob: bytes) -> MailState:
     st.batch_seq = w["batch_seq"]
     st.domain_batches = dict(w["domain_batches"])
     st.domain_recent = {d: deque(map(Assigned._make, v)) for d, v in w["domain_recent"].items()}
+    st.backoff = {d: DomainBackoff.from_wire(b) for d, b in w.get("backoff", {}).items()}  # absent before it existed
     st.suppressed = dict(zip(w["suppressed"], map(Suppression.from_wire, w["suppressed"].values())))
     st.dedupe = {key: DedupeEntry(*e) for key, e in w["dedupe"].items()}  # older entries have 2 fields
     st.counts = list(w["counts"])

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 import msgpack
 
-from . import batches, campaigns, members, readindex, retention, snapshot, submissions, suppression
+from . import batches, campaigns, members, readindex, retention, shaping, snapshot, submissions, suppression
 from .commands import (
     MAX_ITEMS_PER_COMMAND,
     MAX_PRUNE_PER_COMMAND,
@@ -50,6 +50,7 @@ from .records import (
     Suppression,
 )
 from .domains import domain_of
+from .shaping import DomainBackoff
 
 # What callers import from here; the names live in the modules above.
 __all__ = ["MailState", "CommandRefused", "encode_command", "encode_group", "EVENT_FIELDS", "EVENT_RING",
@@ -75,6 +76,7 @@ class MailState:
         self.batch_seq = 0
         self.domain_batches: dict[str, int] = {}  # in-flight batches per domain (max_connections)
         self.domain_recent: dict[str, deque[Assigned]] = {}  # per domain, oldest first (max_per_minute)
+        self.backoff: dict[str, DomainBackoff] = {}  # destination domains in adaptive backoff (shaping.py)
         self.suppressed: dict[str, Suppression] = {}  # address (lowercase), oldest first
         # Idempotency: key of (sender, Message-ID) -> the recipients queued under it, oldest key
         # first; dedupe_size counts them all (derived, not snapshotted).
@@ -320,6 +322,7 @@ _HANDLERS: dict[str, Callable[[MailState, Any], Any]] = {
     "assign": batches.assign,
     "renew": batches.renew,
     "report": batches.report,
+    "backoff": shaping.apply_backoff,
     "expire": batches.expire,
     "abandon": batches.abandon,
     "incarnate": batches.incarnate,

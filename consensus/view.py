@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 from . import readindex
 from .outcomes import STATE_NAMES
 from .readindex import Due, Ready
+from .shaping import DomainBackoff
 
 if TYPE_CHECKING:
     from .state import MailState
@@ -53,6 +54,7 @@ class StateView:
     node_batches: Mapping[str, int] = _none()  # batches held per node
     domain_batches: Mapping[str, int] = _none()  # batches in flight per domain
     domain_recent: Mapping[str, tuple[tuple[float, int], ...]] = _none()  # (assigned at, recipients)
+    backoff: Mapping[str, DomainBackoff] = _none()  # destination domains in adaptive backoff
     incarnations: Mapping[str, str] = _none()  # node -> the process that announced itself last
     members: Mapping[str, Mapping[str, str]] = _none()  # members added or removed at run time
     # The heads of the queue, bounded (empty in the views of a node that does not lead).
@@ -89,6 +91,7 @@ def view_of(st: MailState, node: str, queue_head: int) -> StateView:
         node_batches=MappingProxyType(dict(ix.node_batches)),
         domain_batches=MappingProxyType(dict(st.domain_batches)),
         domain_recent=MappingProxyType({d: tuple(q) for d, q in st.domain_recent.items()}),
+        backoff=MappingProxyType(dict(st.backoff)),
         incarnations=MappingProxyType(dict(st.incarnations)),
         members=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in st.members.items()}),
         ready=tuple(ix.ready_head(st, queue_head)), deferred=tuple(ix.due_head(st, queue_head)),

@@ -88,6 +88,7 @@ def cluster_status(config: Config, answers: dict[str, Any]) -> dict:
         "batches_in_flight": (src or {}).get("batches_in_flight", {}),
         "delivered_last_minute": (src or {}).get("delivered_last_minute"),
         "stats": (src or {}).get("stats", {}),
+        "backoff": (src or {}).get("backoff", {}),
     }
 
 

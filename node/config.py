@@ -33,7 +33,7 @@ from raftmail.node.config_read import (AT_LEAST_ONE, CANONICAL_WHY, CLUSTER_NAME
 from raftmail.consensus.domains import normalise_domain
 from raftmail.node.dkim import load_signing_key
 from raftmail.node.content import BARE_NEWLINE_MODES
-from raftmail.node.config_types import (Address, ApiSection, ClusterSection, Config, DeliverySection, DkimSection,
+from raftmail.node.config_types import (Address, ApiSection, BackoffSection, ClusterSection, Config, DeliverySection, DkimSection,
                                         DomainLimits, FeedbackSection, FRAME_OVERHEAD_BYTES, UNSUBSCRIBE_SCOPES, IntakeSection, MAX_LOGIN_CHARS,
                                         MAX_WEBHOOK_BATCH, MonitoringSection, NodeConfig, RaftSection,
                                         StorageSection, _default_allow_networks)
@@ -531,6 +531,10 @@ def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Del
     routes_table = sec.subtable("routes", 'write [delivery.routes] with "domain" = "host:port" lines')
     domains_table = sec.subtable("domains", 'write [delivery.domains.default] and [delivery.domains."gmail.com"]')
     dkim = _dkim_entries(src, base_dir, table["dkim"]) if sec.has("dkim") else ()
+    backoff_sec = _Section(src, "[delivery.backoff]", sec.subtable("backoff", "write [delivery.backoff] with its "
+                                                                              "step_seconds, suspend_level, ... lines"))
+    backoff_sec.check_keys(_field_names(BackoffSection))
+    backoff = BackoffSection(**_numbers(backoff_sec, BackoffSection))
     delivery = DeliverySection(
         tls_verify=sec.boolean("tls_verify") if sec.has("tls_verify") else True,
         tls_ca_file=_ca_file(sec, base_dir) if sec.has("tls_ca_file") else None,
@@ -542,6 +546,7 @@ def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Del
         helo_name=_helo_name(sec) if sec.has("helo_name") else DeliverySection.helo_name,
         unsubscribe_url=_unsubscribe_url(sec) if sec.has("unsubscribe_url") else None,
         dkim=dkim,
+        backoff=backoff,
         **numbers,
     )
     if delivery.lease_send_margin * 2 >= delivery.lease_seconds:

@@ -10,6 +10,7 @@ from types import MappingProxyType
 
 from raftmail.node.config_read import ConfigError, _canonical_host, _canonical_ipv6, _parse_port
 from raftmail.consensus.domains import normalise_domain
+from raftmail.consensus.shaping import BackoffPolicy
 
 @dataclass(frozen=True)
 class Address:
@@ -162,6 +163,21 @@ class DkimSection:
     default: bool = False  # also signs mail whose From: domain has no entry of its own
 
 
+@dataclass(frozen=True)
+class BackoffSection:
+    """[delivery.backoff]: how a destination domain that throttles is slowed (consensus/shaping.py)."""
+
+    step_seconds: float = 60.0  # at most one halving of a domain's limits per this long
+    suspend_level: int = 4  # after this many halvings in a row (1/16 of its limits) ...
+    suspend_seconds: float = 900.0  # ... the domain gets nothing for this long
+    recover_after: int = 50  # clean deliveries before its limits double again ...
+    recover_seconds: float = 300.0  # ... at least this long after the last step
+
+    def policy(self) -> BackoffPolicy:
+        return BackoffPolicy(self.step_seconds, self.suspend_level, self.suspend_seconds, self.recover_after,
+                             self.recover_seconds)
+
+
 def _no_routes() -> Mapping[str, Address]:
     return MappingProxyType({})
 
@@ -201,6 +217,7 @@ class DeliverySection:
     retry_jitter: float = 0.2
     max_age: float = 259200.0
     unsubscribe_url: str | None = None
+    backoff: BackoffSection = BackoffSection()
     dkim: tuple[DkimSection, ...] = ()  # [[delivery.dkim]]: by From: domain (node/dkim.py)
     # Verify the receiver's certificate (and host name) whenever relay credentials are sent or the
     # domain has require_tls; plain opportunistic STARTTLS stays unverified, as MX certificates

@@ -39,6 +39,7 @@ from raftmail.node.peer_client import PeerClient
 from raftmail.node.peer_server import add_peer_routes
 from raftmail.node.peer_wire import PeerCrypto
 from raftmail.node.readview import ReadView
+from raftmail.node.scheduler import Scheduler, backoff_status
 from raftmail.node.tasks import Tasks
 from raftmail.node.webhook import poster_for
 
@@ -148,6 +149,7 @@ class MailNode:
             "submissions": v.submissions,
             "campaigns": v.campaigns,
             "suppressed": v.suppressed,
+            "backoff": backoff_status(v, self.config.delivery, time.time()),
             "stats": dict(v.stats),
             "commands_applied": v.applied,
             # Commands applied that the view above does not show yet (it follows within a tick).
@@ -218,7 +220,6 @@ class MailNode:
                  ", ".join(f"{e.domain}/{e.selector}" + (" (default)" if e.default else "") for e in entries) or "none")
 
     async def run(self) -> None:
-        from raftmail.node.scheduler import Scheduler
         from raftmail.node.sender import Sender
         from raftmail.node.templates import RenderLimits
 

@@ -12,7 +12,8 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-from raftmail.consensus.commands import Assign, Command, Expire, ExpireUnsent, Prune
+from raftmail.consensus.commands import Assign, Backoff, Command, Expire, ExpireUnsent, Prune
+from raftmail.consensus.shaping import limits_at, next_step
 from raftmail.consensus.view import StateView
 from raftmail.node.bridge import ProposalFailed
 from raftmail.node.config_types import DeliverySection, IntakeSection, StorageSection
@@ -32,6 +33,20 @@ def prune_command(storage: StorageSection, intake: IntakeSection, now: float) ->
                  max_finished=st.max_finished_recipients, max_archived=st.max_archived_recipients,
                  max_suppressed=st.max_suppressed_addresses, dedupe_window=intake.dedupe_window_seconds,
                  max_dedupe=intake.dedupe_max_keys)
+
+
+def backoff_status(view: StateView, delivery: DeliverySection, now: float) -> dict[str, dict]:
+    """Each destination domain in backoff: its level, the limits in force, how long it stays
+    suspended and the reply that caused it (for /status and `raftmail status`)."""
+    shown = {}
+    for domain, b in sorted(view.backoff.items()):
+        if b.level == 0 and now >= b.suspended_until:
+            continue  # only noted, no step taken yet
+        limits = delivery.limits_for(domain)
+        connections, per_minute = limits_at(limits.max_connections, limits.max_per_minute, b.level)
+        shown[domain] = {"level": b.level, "max_connections": connections, "max_per_minute": per_minute,
+                         "suspended_for": round(max(0.0, b.suspended_until - now), 1), "reason": b.reason}
+    return shown
 
 
 class Scheduler:
@@ -85,6 +100,8 @@ class Scheduler:
                 log.info("retention: %d finished submissions archived, %d archives dropped",
                          res["archived"], res["dropped"])
         view = self.view()
+        await self.step_backoff(view, now, timeout)
+        view = self.view()
         # Only node processes that announced their incarnation take batches (node/sender.py).
         live = [n for n in self.live_nodes() if n in view.incarnations]
         if not live:
@@ -99,16 +116,21 @@ class Scheduler:
         term = self.term()
         for domain, items in eligible.items():
             limits = d.limits_for(domain)
-            if 0 < limits.max_per_minute <= view.sent_last_minute(domain, now):
+            backoff = view.backoff.get(domain)
+            if backoff is not None and now < backoff.suspended_until:
+                continue  # suspended: the receiver asked for a pause
+            max_connections, max_per_minute = limits_at(limits.max_connections, limits.max_per_minute,
+                                                        backoff.level if backoff is not None else 0)
+            if 0 < max_per_minute <= view.sent_last_minute(domain, now):
                 continue  # quota used up: an assign would only commit a refusal every round
-            while items and domain_batches.get(domain, 0) < limits.max_connections:
+            while items and domain_batches.get(domain, 0) < max_connections:
                 target = self._pick(live, load, d.max_concurrent_batches)
                 if target is None:
                     return
                 chunk, items = items[:d.batch_size], items[d.batch_size:]
                 res = await self.propose(Assign(
                     node=target, domain=domain, now=now, lease=d.lease_seconds, term=term,
-                    max_connections=limits.max_connections, max_per_minute=limits.max_per_minute,
+                    max_connections=max_connections, max_per_minute=max_per_minute,
                     items=chunk), timeout)
                 if not res.get("batch"):
                     break  # throttled or nothing left for this domain
@@ -117,6 +139,28 @@ class Scheduler:
                 domain_batches[domain] = domain_batches.get(domain, 0) + 1
                 log.info("assigned batch %s (%d recipients of %s) to %s, lease %.0fs",
                          res["batch"], res["n"], domain, target, d.lease_seconds)
+
+    async def step_backoff(self, view: StateView, now: float, timeout: float) -> None:
+        """Propose the next adaptive-backoff step of every domain whose replies call for one."""
+        policy = self.delivery.backoff.policy()
+        for domain, backoff in view.backoff.items():
+            step = next_step(backoff, now, policy)
+            if step is None:
+                continue
+            level, suspended_until, reason = step
+            await self.propose(Backoff(domain=domain, now=now, level=level, suspended_until=suspended_until,
+                                       reason=reason), timeout)
+            limits = self.delivery.limits_for(domain)
+            connections, per_minute = limits_at(limits.max_connections, limits.max_per_minute, level)
+            if suspended_until > now:
+                log.warning("backoff: %s suspended for %.0fs after %r", domain, suspended_until - now, reason)
+            elif level > backoff.level:
+                log.warning("backoff: %s slowed to level %d (%d connections, %s per minute) after %r", domain,
+                            level, connections, per_minute or "unlimited", reason)
+            elif level > 0:
+                log.info("backoff: %s recovering, level %d (%d connections)", domain, level, connections)
+            else:
+                log.info("backoff: %s back to its configured limits", domain)
 
     async def expire_leases(self) -> None:
         """Batches whose lease ran out on this leader's own monotonic clock, counted from when it

@@ -220,6 +220,14 @@ def test_dkim_key_file_resolves_relative_to_config(tmp_path: Path) -> None:
     assert (dkim.domain, dkim.selector, dkim.key_file, dkim.default) == ("example.test", "s1", tmp_path / "keys" / "mail.pem", False)
 
 
+def test_backoff_section_is_read_and_checked(tmp_path: Path) -> None:
+    backoff = load_config(write(tmp_path, BASE + "[delivery.backoff]\nsuspend_seconds = 60\n")).delivery.backoff
+    assert (backoff.suspend_seconds, backoff.step_seconds, backoff.suspend_level) == (60.0, 60.0, 4)
+    refused(write(tmp_path, BASE + "[delivery.backoff]\nsuspend_level = 0\n"), "[delivery.backoff] suspend_level",
+            "positive")
+    refused(write(tmp_path, BASE + "[delivery.backoff]\nhalve = true\n"), "[delivery.backoff] halve")
+
+
 def test_dkim_entries_per_domain_with_one_default_domain(tmp_path: Path) -> None:
     for name in ("a-rsa", "a-ed", "b", "c"):
         (tmp_path / f"{name}.pem").write_bytes(new_private_key_pem("ed25519"))
