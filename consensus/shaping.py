@@ -90,8 +90,6 @@ def next_step(b: DomainBackoff, now: float, policy: BackoffPolicy) -> tuple[int,
     if b.level > 0 and now >= b.suspended_until and quiet >= policy.recover_seconds \
             and (b.clean >= policy.recover_after or quiet >= QUIET_RECOVERY * policy.recover_seconds):
         return b.level - 1, 0.0, b.reason
-    if b.level == 0 and b.throttles == 0:
-        return 0, 0.0, b.reason  # a note that never led to a step: forget the domain
     return None
 
 

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from raftmail.node.config_types import DkimSection
 from raftmail.node.content import from_domain
+from raftmail.node.message import _header_fields, _line_ending, _split_header_block
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ DKIM_HEADERS: tuple[bytes, ...] = (
 RSA_ALGORITHM = b"rsa-sha256"
 ED25519_ALGORITHM = b"ed25519-sha256"
 MIN_RSA_BITS = 1024  # receivers ignore shorter keys (RFC 8301); 2048 is what keygen makes
-_HEADER_NAME_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:")
 
 
 @dataclass(frozen=True)
@@ -156,19 +156,18 @@ class DkimKeyring:
     def sign(self, message: bytes) -> bytes:
         """The DKIM-Signature headers for `message` (each folded, ending with its line ending);
         b"" when no entry applies."""
-        header_block = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
-        present = Counter(m.group(1).lower() for line in re.split(rb"\r?\n", header_block)
-                          if (m := _HEADER_NAME_RE.match(line)) and m.group(1).lower() in DKIM_HEADERS)
+        header_lines, _ = _split_header_block(message)
+        present = Counter(name for name, _ in _header_fields(header_lines) if name in DKIM_HEADERS)
         if not present[b"from"]:
             # RFC 5322 requires one, DMARC aligns on it, and receivers refuse mail without it.
             raise ValueError("cannot DKIM-sign a message without a From header")
-        entries = self.entries_for(from_domain(_to_crlf(message)))
+        crlf = _to_crlf(message)  # the signature covers the bytes as they go over SMTP
+        entries = self.entries_for(from_domain(crlf))
         if not entries:
             return b""
-        eol = b"\r\n" if b"\r\n" in message[:message.find(b"\n") + 1] else b"\n"
+        eol = _line_ending(message)
         # Each present instance is listed once so a duplicated header stays covered.
         include = [name for name in DKIM_HEADERS for _ in range(present[name])]
-        crlf = _to_crlf(message)  # the signature covers the bytes as they go over SMTP
         signatures = []
         for e in entries:
             key = e.key_file.current()

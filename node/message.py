@@ -11,8 +11,11 @@ import re
 from email.encoders import encode_base64
 from email.parser import BytesParser
 from email.policy import compat32
+from typing import TYPE_CHECKING
 
-from raftmail.node.dkim import DkimKeyring
+if TYPE_CHECKING:  # node/dkim.py reads headers with this module's helpers
+    from raftmail.node.dkim import DkimKeyring
+
 
 # Headers this module owns: any copy in the submission is dropped and replaced.
 REPLACED_HEADERS: frozenset[bytes] = frozenset(

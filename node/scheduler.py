@@ -101,7 +101,7 @@ class Scheduler:
                          res["archived"], res["dropped"])
         view = self.view()
         await self.step_backoff(view, now, timeout)
-        view = self.view()
+        view = self.view()  # with the steps just committed: their limits apply to this round
         # Only node processes that announced their incarnation take batches (node/sender.py).
         live = [n for n in self.live_nodes() if n in view.incarnations]
         if not live:
