@@ -42,6 +42,10 @@ def print_status(view: dict) -> None:
         limits = f"{b['max_connections']} connections, {b['max_per_minute'] or 'unlimited'} per minute"
         state = f"[bold red]suspended {b['suspended_for']:.0f}s more[/]" if b["suspended_for"] > 0 else limits
         console.print(f"backoff: {domain} level {b['level']}: {state} ({b['reason']})")
+    for address, w in (view.get("warmup") or {}).items():
+        busiest = max(w["sites"].values(), default=0)
+        console.print(f"warm-up: {address} (pool {w['pool']}, node {w['node']}): {w['cap']} per site today, "
+                      f"{len(w['sites'])} site(s) served, busiest {busiest}")
     stats = view.get("stats") or {}
     if stats:
         errors = stats.get("apply_errors", 0)

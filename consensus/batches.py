@@ -19,17 +19,23 @@ if TYPE_CHECKING:
 
 def assign(st: MailState, c: Assign) -> Result:
     node, domain, now = c.node, c.domain, c.now
+    site = c.site or domain
     if st.members.get(node, {}).get("status", "active") != "active":
         return Result(batch=None, reason=f"node {node} is {st.members[node]['status']}")
-    if shaping.suspended(st, domain, now):
+    if shaping.suspended(st, site, now):
         return Result(batch=None, reason="suspended")
-    if st.domain_batches.get(domain, 0) >= c.max_connections:
+    if st.site_batches.get(site, 0) >= c.max_connections:
         return Result(batch=None, reason="max_connections")
     quota = len(c.items)
     if c.max_per_minute > 0:
-        quota = min(quota, c.max_per_minute - sent_last_minute(st, domain, now))
+        quota = min(quota, c.max_per_minute - sent_last_minute(st, site, now))
         if quota <= 0:
             return Result(batch=None, reason="max_per_minute")
+    warmup_key = f"{c.source} {site}"
+    if c.source and c.daily_cap is not None:
+        quota = min(quota, c.daily_cap - warmed_today(st, warmup_key, now))
+        if quota <= 0:
+            return Result(batch=None, reason="daily_cap")
     chosen: dict[tuple[str, int], None] = {}
     for sid, idx in c.items:
         if len(chosen) >= quota:
@@ -57,25 +63,47 @@ def assign(st: MailState, c: Assign) -> Result:
         return Result(batch=None, reason="nothing eligible")
     st.batch_seq += 1
     bid = f"b{st.batch_seq}"
-    st.batches[bid] = Batch(bid, node, domain, chosen, c.lease, c.term, now, st.incarnations.get(node, ""))
-    st.domain_batches[domain] = st.domain_batches.get(domain, 0) + 1
+    st.batches[bid] = Batch(bid, node, domain, chosen, c.lease, c.term, now, st.incarnations.get(node, ""),
+                            site=site, source=c.source or "")
+    st.site_batches[site] = st.site_batches.get(site, 0) + 1
     st.index.batch_started(node)
     if c.max_per_minute > 0:
-        st.domain_recent.setdefault(domain, deque()).append(Assigned(now, len(chosen)))
+        st.site_recent.setdefault(site, deque()).append(Assigned(now, len(chosen)))
+    if c.source and c.daily_cap is not None:
+        st.warmup[warmup_key] = [utc_day(now), warmed_today(st, warmup_key, now) + len(chosen)]
     return Result(batch=bid, n=len(chosen), leased=[bid, 0])
 
 
-def sent_last_minute(st: MailState, domain: str, now: float) -> int:
-    """Recipients assigned to `domain` in the 60 s before `now` (prunes older records)."""
-    recent = st.domain_recent.get(domain)
+def sent_last_minute(st: MailState, site: str, now: float) -> int:
+    """Recipients assigned to `site` in the 60 s before `now` (prunes older records)."""
+    recent = st.site_recent.get(site)
     if not recent:
         return 0
     while recent and recent[0].at <= now - 60:
         recent.popleft()
     if not recent:
-        del st.domain_recent[domain]
+        del st.site_recent[site]
         return 0
     return sum(n for _, n in recent)
+
+
+def utc_day(now: float) -> int:
+    """The day number (since the epoch, UTC) of the proposer's time `now`: warm-up caps are daily."""
+    return int(now // 86400)
+
+
+def warmed_today(st: MailState, key: str, now: float) -> int:
+    """Recipients handed to a source address for a site (`key`) on `now`'s UTC day. A recipient
+    assigned again after a deferral counts again: a warm-up cap errs on the side of sending less."""
+    day, n = st.warmup.get(key, (0, 0))
+    return n if day == utc_day(now) else 0
+
+
+def prune_warmup(st: MailState, now: float) -> None:
+    """Forget the counts of earlier days (the table stays one entry per source and site)."""
+    today = utc_day(now)
+    for key in [k for k, (day, _) in st.warmup.items() if day != today]:
+        del st.warmup[key]
 
 
 def renew(st: MailState, c: Renew) -> Result:
@@ -114,7 +142,7 @@ def report(st: MailState, c: Report) -> Result:
         d.code, d.text = code, text
         verdict = r.verdict()  # the sender's rule, checked again here
         new = verdict.state
-        shaping.note(st, batch.domain, code, verdict.enhanced, text, new == DELIVERED, now)
+        shaping.note(st, batch.site, code, verdict.enhanced, text, new == DELIVERED, now)
         maybe = r.maybe_delivered and new == DEFERRED
         if maybe:
             # The final dot went out and no reply came: the receiver may have the copy.

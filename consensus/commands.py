@@ -25,6 +25,7 @@ _new_tuple = tuple.__new__  # a NamedTuple from values already checked, at a tup
 MAX_SUBMISSIONS_PER_COMMAND = 1000
 MAX_ITEMS_PER_COMMAND = 5000
 MAX_INCARNATION_CHARS = 64
+MAX_SITE_CHARS = 255  # a destination site's key (consensus/batches.py), a source address
 # Records one prune (or one submit's de-duplication upkeep) may archive, drop or forget: the tick
 # thread applies it, so its work is bounded whatever the backlog; the leader prunes again soon
 # while a prune answers "more". A protocol constant: every replica does the same work.
@@ -185,7 +186,8 @@ class Submit(Command):
 
 @command
 class Assign(Command):
-    """Lease recipients of one domain to one node (the leader's scheduler proposes it)."""
+    """Lease recipients of one domain to one node (the leader's scheduler proposes it). The
+    throttles count per `site`: the domain itself, or the MX rollup group it belongs to."""
 
     op: ClassVar[str] = "assign"
     node: str
@@ -196,6 +198,9 @@ class Assign(Command):
     max_connections: int
     max_per_minute: int
     items: Sequence[Item]
+    site: str | None = None  # None: the domain
+    source: str | None = None  # the source address the holder binds (a pool's), None: any
+    daily_cap: int | None = None  # warm-up: recipients per UTC day for (source, site), None: no cap
 
     @classmethod
     def from_wire(cls, m: dict) -> "Assign":
@@ -208,7 +213,12 @@ class Assign(Command):
         items = m.get("items")
         if not isinstance(items, list) or not 0 < len(items) <= MAX_ITEMS_PER_COMMAND:
             raise CommandRefused(f"assign: items must be a list of 1 to {MAX_ITEMS_PER_COMMAND} [submission, index]")
-        return cls(node, domain, now, lease, term, max_connections, max_per_minute, items_of(items, "assign: items"))
+        site, source = m.get("site"), m.get("source")
+        for key, v in (("site", site), ("source", source)):
+            if v is not None and (not isinstance(v, str) or not 0 < len(v) <= MAX_SITE_CHARS):
+                raise CommandRefused(f"assign: {key} must be a string of 1 to {MAX_SITE_CHARS} characters")
+        return cls(node, domain, now, lease, term, max_connections, max_per_minute, items_of(items, "assign: items"),
+                   site, source, opt_count(m, "daily_cap"))
 
 
 @command
@@ -364,10 +374,11 @@ class ExpireUnsent(Command):
 
 @command
 class Backoff(Command):
-    """The leader's next adaptive-backoff step for one destination domain (consensus/shaping.py)."""
+    """The leader's next adaptive-backoff step for one destination site (consensus/shaping.py).
+    The wire key is "domain": sites were domains before MX rollup."""
 
     op: ClassVar[str] = "backoff"
-    domain: str
+    domain: str  # the site
     now: float
     level: int
     suspended_until: float

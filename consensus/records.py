@@ -188,11 +188,12 @@ class Batch:
     (node/leases.py). `incarnation` names the holder's process, so a restarted node can tell the
     batches of its previous process from its own without comparing clocks."""
 
-    __slots__ = ("id", "node", "domain", "items", "lease", "renewals", "term", "assigned_at", "incarnation")
+    __slots__ = ("id", "node", "domain", "items", "lease", "renewals", "term", "assigned_at", "incarnation",
+                 "site", "source")
 
     def __init__(self, bid: str, node: str, domain: str, items: dict[tuple[str, int], None],
                  lease: float, term: int, assigned_at: float, incarnation: str = "",
-                 renewals: int = 0) -> None:
+                 renewals: int = 0, site: str = "", source: str = "") -> None:
         self.id = bid
         self.node = node
         self.domain = domain
@@ -202,16 +203,22 @@ class Batch:
         self.term = term
         self.assigned_at = assigned_at  # the proposer's wall clock: informational only
         self.incarnation = incarnation
+        self.site = site or domain  # the throttle key: the domain, or its MX rollup site
+        self.source = source  # the source address the holder binds ("": the system's choice)
 
     def to_wire(self) -> list:
-        return [self.id, self.node, self.domain, [list(k) for k in self.items], self.lease,
-                self.term, self.assigned_at, self.incarnation, self.renewals]
+        w = [self.id, self.node, self.domain, [list(k) for k in self.items], self.lease,
+             self.term, self.assigned_at, self.incarnation, self.renewals]
+        if self.site != self.domain or self.source:  # batches without either keep their older shape
+            w += [self.site, self.source]
+        return w
 
     @classmethod
     def from_wire(cls, w: list) -> "Batch":
-        bid, node, domain, items, lease, term, assigned_at, incarnation, renewals = w
+        bid, node, domain, items, lease, term, assigned_at, incarnation, renewals, *shaping = w
+        site, source = shaping if shaping else (domain, "")
         return cls(bid, node, domain, {(sid, idx): None for sid, idx in items}, lease, term, assigned_at,
-                   incarnation, renewals)
+                   incarnation, renewals, site, source)
 
 
 class Campaign:

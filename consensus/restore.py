@@ -16,7 +16,7 @@ def restored_state(backup: MailState, now: float) -> tuple[MailState, int]:
     and how many recipients came back from batches."""
     st = MailState.from_snapshot(backup.to_snapshot())  # a copy: the caller's state is not changed
     returned = sum(give_back(st, batch, now) for batch in list(st.batches.values()))
-    st.domain_batches = {}
+    st.site_batches = {}
     st.members = {}
     st.incarnations = {}
     return st, returned

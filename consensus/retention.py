@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
+from .batches import prune_warmup
 from .commands import MAX_PRUNE_PER_COMMAND, Prune, Result
 from .records import Archive
 from .submissions import prune_dedupe
@@ -31,6 +32,7 @@ def prune(st: MailState, c: Prune) -> Result:
         c.max_dedupe
     window = c.dedupe_window
     more = False
+    prune_warmup(st, now)
     archived = 0
     while st.finished:
         sid = next(iter(st.finished))

@@ -31,8 +31,9 @@ def pack(st: MailState) -> bytes:
         "open": list(st.open),
         "batches": [b.to_wire() for b in st.batches.values()],
         "batch_seq": st.batch_seq,
-        "domain_batches": st.domain_batches,
-        "domain_recent": {d: list(v) for d, v in st.domain_recent.items()},
+        # Keyed by destination site (a domain unless MX rollup groups it); the wire names are older.
+        "domain_batches": st.site_batches,
+        "domain_recent": {d: list(v) for d, v in st.site_recent.items()},
         "suppressed": st.suppressed,
         "dedupe": st.dedupe,
         "counts": st.counts,
@@ -47,6 +48,7 @@ def pack(st: MailState) -> bytes:
         "applied": st.applied,
         # Only when there is any, so states without backoff keep the digest they had before it.
         **({"backoff": {d: b.to_wire() for d, b in st.backoff.items()}} if st.backoff else {}),
+        **({"warmup": st.warmup} if st.warmup else {}),
     }, use_bin_type=True)
 
 
@@ -74,9 +76,10 @@ def _load(st: MailState, blob: bytes) -> MailState:
     st.open = dict.fromkeys(w["open"])
     st.batches = {b.id: b for b in map(Batch.from_wire, w["batches"])}
     st.batch_seq = w["batch_seq"]
-    st.domain_batches = dict(w["domain_batches"])
-    st.domain_recent = {d: deque(map(Assigned._make, v)) for d, v in w["domain_recent"].items()}
+    st.site_batches = dict(w["domain_batches"])
+    st.site_recent = {d: deque(map(Assigned._make, v)) for d, v in w["domain_recent"].items()}
     st.backoff = {d: DomainBackoff.from_wire(b) for d, b in w.get("backoff", {}).items()}  # absent before it existed
+    st.warmup = {k: list(v) for k, v in w.get("warmup", {}).items()}
     st.suppressed = dict(zip(w["suppressed"], map(Suppression.from_wire, w["suppressed"].values())))
     st.dedupe = {key: DedupeEntry(*e) for key, e in w["dedupe"].items()}  # older entries have 2 fields
     st.counts = list(w["counts"])

@@ -74,9 +74,13 @@ class MailState:
         self.open: dict[str, None] = {}
         self.batches: dict[str, Batch] = {}
         self.batch_seq = 0
-        self.domain_batches: dict[str, int] = {}  # in-flight batches per domain (max_connections)
-        self.domain_recent: dict[str, deque[Assigned]] = {}  # per domain, oldest first (max_per_minute)
-        self.backoff: dict[str, DomainBackoff] = {}  # destination domains in adaptive backoff (shaping.py)
+        # Per destination site (a domain, or the MX rollup group it belongs to): batches in flight
+        # (max_connections) and recent assignments, oldest first (max_per_minute).
+        self.site_batches: dict[str, int] = {}
+        self.site_recent: dict[str, deque[Assigned]] = {}
+        self.backoff: dict[str, DomainBackoff] = {}  # destination sites in adaptive backoff (shaping.py)
+        # "source site" -> [UTC day, recipients assigned that day]: warm-up caps (batches.py).
+        self.warmup: dict[str, list[int]] = {}
         self.suppressed: dict[str, Suppression] = {}  # address (lowercase), oldest first
         # Idempotency: key of (sender, Message-ID) -> the recipients queued under it, oldest key
         # first; dedupe_size counts them all (derived, not snapshotted).
@@ -186,11 +190,11 @@ class MailState:
     def end_batch(self, batch: Batch) -> None:
         del self.batches[batch.id]
         self.index.batch_ended(batch.node)
-        n = self.domain_batches.get(batch.domain, 0) - 1
+        n = self.site_batches.get(batch.site, 0) - 1
         if n > 0:
-            self.domain_batches[batch.domain] = n
+            self.site_batches[batch.site] = n
         else:
-            self.domain_batches.pop(batch.domain, None)
+            self.site_batches.pop(batch.site, None)
 
     # ---------------------------------------------------------------- reads (no transitions)
 

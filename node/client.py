@@ -89,6 +89,7 @@ def cluster_status(config: Config, answers: dict[str, Any]) -> dict:
         "delivered_last_minute": (src or {}).get("delivered_last_minute"),
         "stats": (src or {}).get("stats", {}),
         "backoff": (src or {}).get("backoff", {}),
+        "warmup": (src or {}).get("warmup", {}),
     }
 
 

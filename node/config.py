@@ -12,6 +12,7 @@ long because each refusal is spelled out key by key.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import ipaddress
 import json
 import re
@@ -35,8 +36,8 @@ from raftmail.node.dkim import load_signing_key
 from raftmail.node.content import BARE_NEWLINE_MODES
 from raftmail.node.config_types import (Address, ApiSection, BackoffSection, ClusterSection, Config, DeliverySection, DkimSection,
                                         DomainLimits, FeedbackSection, FRAME_OVERHEAD_BYTES, UNSUBSCRIBE_SCOPES, IntakeSection, MAX_LOGIN_CHARS,
-                                        MAX_WEBHOOK_BATCH, MonitoringSection, NodeConfig, RaftSection,
-                                        StorageSection, _default_allow_networks)
+                                        MAX_WEBHOOK_BATCH, MonitoringSection, NodeConfig, PoolSection, RaftSection,
+                                        SiteSection, SourceAddress, StorageSection, _default_allow_networks)
 
 __all__ = [
     "Address",
@@ -143,6 +144,12 @@ def _check_cross_sections(src: str, config: Config) -> None:
             raise ConfigError(src, "[feedback] unsubscribe_secret", "must differ from the cluster secret and the "
                               "admin tokens: a key every link and bounce address is checked with must not "
                               "control the cluster")
+    ids = {n.id for n in config.nodes}
+    for pool in config.delivery.pools.values():
+        for source in pool.sources:
+            if source.node not in ids:
+                raise ConfigError(src, f"[[delivery.pools.{pool.name}.sources]] node",
+                                  f"{source.node!r} (of {source.address}) is not a [[node]] id ({', '.join(sorted(ids))})")
     if any(n.http is not None for n in config.nodes) and config.delivery.unsubscribe_url is None:
         raise ConfigError(src, "[delivery] unsubscribe_url", "is required when a [[node]] has http: the public "
                           "listener serves the unsubscribe links it names")
@@ -513,13 +520,134 @@ def _ca_file(sec: _Section, base_dir: Path) -> Path:
     return path
 
 
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_MX_PATTERN_RE = re.compile(r"(\*\.)?[a-z0-9*](?:[a-z0-9.*-]{0,251}[a-z0-9])?")
+MAX_SOURCE_WEIGHT = 1000
+MAX_WARMUP_DAYS = 366
+
+
+def _string_list(sec: _Section, name: str) -> list[str]:
+    value = sec.table[name]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        sec.fail(name, f'must be a list of non-empty strings, got {_describe(value)}')
+    return value
+
+
+def _sites(src: str, table: Mapping[str, Any]) -> Mapping[str, SiteSection]:
+    """[delivery.sites.NAME] tables: a receiver's MX host patterns and the limits its domains share."""
+    outer = _Section(src, "[delivery.sites]", table)
+    default = DomainLimits()
+    sites: dict[str, SiteSection] = {}
+    for name, value in table.items():
+        if not _NAME_RE.fullmatch(name):
+            outer.fail(name, "must be a name of letters, digits, - and _ (at most 64)")
+        if not isinstance(value, dict):
+            outer.fail(name, f'must be a table like [delivery.sites.{name}] with mx = ["*.example.net"]')
+        sec = _Section(src, f"[delivery.sites.{_toml_key(name)}]", value)
+        sec.check_keys(["mx", "max_connections", "max_per_minute"])
+        if not sec.has("mx"):
+            sec.fail("mx", 'is required: the MX host names of this receiver, like ["*.google.com"]')
+        patterns = tuple(normalise_domain(p) for p in _string_list(sec, "mx"))
+        if not patterns or not all(_MX_PATTERN_RE.fullmatch(p) for p in patterns):
+            sec.fail("mx", f"must be one or more host names or patterns like \"*.google.com\", got "
+                           f"{_describe(value['mx'])}")
+        read = _numbers(sec, DomainLimits, {"max_per_minute": UNLIMITED_IF_ZERO})
+        sites[name] = SiteSection(name, patterns, read.get("max_connections", default.max_connections),
+                                  read.get("max_per_minute", default.max_per_minute))
+    return MappingProxyType(sites)
+
+
+def _warmup_start(sec: _Section) -> float:
+    value = sec.table["warmup_start"]
+    if isinstance(value, datetime.datetime) or not isinstance(value, (datetime.date, str)):
+        sec.fail("warmup_start", f"must be a date like 2026-12-01 (UTC day 1 of the warm-up), got {_describe(value)}")
+    try:
+        day = value if isinstance(value, datetime.date) else datetime.date.fromisoformat(value)
+    except ValueError:
+        sec.fail("warmup_start", f"must be a date like 2026-12-01, got {_describe(value)}")
+    return datetime.datetime(day.year, day.month, day.day, tzinfo=datetime.timezone.utc).timestamp()
+
+
+def _source(src: str, label: str, value: Any) -> SourceAddress:
+    if not isinstance(value, dict):
+        raise ConfigError(src, label, f"must be a table with address, node and ehlo, got {_describe(value)}")
+    sec = _Section(src, label, value)
+    sec.check_keys(_field_names(SourceAddress))
+    address = sec.required_text("address", "the IP address connections bind")
+    ip = _ip(address)
+    if ip is None:
+        sec.fail("address", f"must be an IP address, got {_describe(address)}")
+    node = sec.required_text("node", "the id of the node that has this address")
+    ehlo_text = sec.required_text("ehlo", "the name sent in EHLO from this address (its reverse DNS name)")
+    try:
+        ehlo = _canonical_host(ehlo_text)
+    except ValueError:
+        sec.fail("ehlo", f"must be a host name, got {_describe(ehlo_text)}")
+    weight = sec.integer("weight", _Rule(f"an {{kind}} from 1 to {MAX_SOURCE_WEIGHT}",
+                                         lambda v: 1 <= v <= MAX_SOURCE_WEIGHT)) if sec.has("weight") else 1
+    warmup: tuple[int, ...] = ()
+    if sec.has("warmup"):
+        caps = value["warmup"]
+        if not isinstance(caps, list) or not 0 < len(caps) <= MAX_WARMUP_DAYS or not all(
+                isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in caps):
+            sec.fail("warmup", f"must be a list of 1 to {MAX_WARMUP_DAYS} positive daily caps like [50, 100, 500], "
+                               f"got {_describe(caps)}")
+        warmup = tuple(caps)
+        if not sec.has("warmup_start"):
+            sec.fail("warmup_start", "is required with warmup: the UTC date of warm-up day 1, like 2026-12-01")
+    start = _warmup_start(sec) if sec.has("warmup_start") else 0.0
+    return SourceAddress(str(ip), node, ehlo, weight, warmup, start)
+
+
+def _pools(src: str, table: Mapping[str, Any]) -> Mapping[str, PoolSection]:
+    """[delivery.pools.NAME] tables, each with [[delivery.pools.NAME.sources]]."""
+    outer = _Section(src, "[delivery.pools]", table)
+    pools: dict[str, PoolSection] = {}
+    seen: dict[str, str] = {}
+    for name, value in table.items():
+        if not _NAME_RE.fullmatch(name):
+            outer.fail(name, "must be a name of letters, digits, - and _ (at most 64)")
+        if not isinstance(value, dict):
+            outer.fail(name, f"must be a table like [delivery.pools.{name}] with [[delivery.pools.{name}.sources]]")
+        sec = _Section(src, f"[delivery.pools.{name}]", value)
+        sec.check_keys(["sources", "senders", "campaigns"])
+        raw = value.get("sources")
+        if not isinstance(raw, list) or not raw:
+            sec.fail("sources", f"needs at least one source: add [[delivery.pools.{name}.sources]] with address, "
+                                "node and ehlo")
+        sources = tuple(_source(src, f"[[delivery.pools.{name}.sources]] #{i + 1}", v) for i, v in enumerate(raw))
+        for s in sources:
+            if s.address in seen:
+                sec.fail("sources", f"{s.address} is already a source of pool {seen[s.address]}; an address "
+                                    "belongs to one pool (its warm-up is counted once)")
+            seen[s.address] = name
+        senders = tuple(_domain_key(sec, d) for d in _string_list(sec, "senders")) if sec.has("senders") else ()
+        campaigns = tuple(_string_list(sec, "campaigns")) if sec.has("campaigns") else ()
+        pools[name] = PoolSection(name, sources, senders, campaigns)
+    return MappingProxyType(pools)
+
+
+def _dns_servers(sec: _Section) -> tuple[Address, ...]:
+    servers = []
+    for text in _string_list(sec, "dns_servers"):
+        try:
+            address = Address.parse(text)
+        except ValueError as exc:
+            sec.fail("dns_servers", f"{exc}, got {_describe(text)}")
+        if _ip(address.host) is None:
+            sec.fail("dns_servers", f"must name resolvers by IP address, got {_describe(text)}")
+        servers.append(address)
+    return tuple(servers)
+
+
 def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> DeliverySection:
     sec = _Section(src, "[delivery]", table)
     sec.check_keys(_field_names(DeliverySection))
     numbers = _numbers(
         sec,
         DeliverySection,
-        {"retry_factor": AT_LEAST_ONE, "retry_jitter": FRACTION, "lease_expiry_margin": NON_NEGATIVE},
+        {"retry_factor": AT_LEAST_ONE, "retry_jitter": FRACTION, "lease_expiry_margin": NON_NEGATIVE,
+         "mx_port": _Rule("a port number from 1 to 65535", lambda v: 1 <= v <= 65535)},
     )
     relay = None
     if sec.has("relay"):
@@ -535,7 +663,15 @@ def _delivery_section(src: str, base_dir: Path, table: Mapping[str, Any]) -> Del
                                                                               "step_seconds, suspend_level, ... lines"))
     backoff_sec.check_keys(_field_names(BackoffSection))
     backoff = BackoffSection(**_numbers(backoff_sec, BackoffSection))
+    pools = _pools(src, sec.subtable("pools", "write [delivery.pools.NAME] tables"))
+    default_pool = sec.text("default_pool") if sec.has("default_pool") else None
+    if default_pool is not None and default_pool not in pools:
+        sec.fail("default_pool", f"names no [delivery.pools.{default_pool}] (pools: {', '.join(pools) or 'none'})")
     delivery = DeliverySection(
+        sites=_sites(src, sec.subtable("sites", 'write [delivery.sites.NAME] with mx = ["*.example.net"]')),
+        pools=pools,
+        default_pool=default_pool,
+        dns_servers=_dns_servers(sec) if sec.has("dns_servers") else (),
         tls_verify=sec.boolean("tls_verify") if sec.has("tls_verify") else True,
         tls_ca_file=_ca_file(sec, base_dir) if sec.has("tls_ca_file") else None,
         relay=relay,

@@ -178,6 +178,51 @@ class BackoffSection:
                              self.recover_seconds)
 
 
+@dataclass(frozen=True)
+class SiteSection:
+    """[delivery.sites.NAME]: a receiver's MX hosts by pattern; every domain whose MX set has one
+    of them shares the site's limits (node/sites.py)."""
+
+    name: str
+    mx: tuple[str, ...]  # shell-style patterns of MX host names, lower case: "*.google.com"
+    max_connections: int = 10
+    max_per_minute: int = 0  # 0 = unlimited
+
+    @property
+    def key(self) -> str:
+        return f"site:{self.name}"
+
+
+@dataclass(frozen=True)
+class SourceAddress:
+    """One [[delivery.pools.NAME.sources]] entry: an address of one node that connections bind."""
+
+    address: str  # an IP literal the node has
+    node: str  # the node that has it: only that node gets batches for it
+    ehlo: str  # the EHLO name sent from it (its reverse DNS name)
+    weight: int = 1  # its share of the pool's batches
+    # Warm-up: recipients per destination site per UTC day, day 1 first; no cap after the last.
+    warmup: tuple[int, ...] = ()
+    warmup_start: float = 0.0  # UTC midnight (epoch seconds) of warm-up day 1
+
+    def daily_cap(self, now: float) -> int | None:
+        """Today's warm-up cap per site (None: warmed up or no schedule); before day 1, the first."""
+        if not self.warmup:
+            return None
+        day = max(0, int((now - self.warmup_start) // 86400))
+        return self.warmup[day] if day < len(self.warmup) else None
+
+
+@dataclass(frozen=True)
+class PoolSection:
+    """[delivery.pools.NAME]: source addresses that mail of some senders or campaigns leaves from."""
+
+    name: str
+    sources: tuple[SourceAddress, ...]
+    senders: tuple[str, ...] = ()  # envelope sender domains that use this pool
+    campaigns: tuple[str, ...] = ()  # campaign ids (shell-style patterns) that use this pool
+
+
 def _no_routes() -> Mapping[str, Address]:
     return MappingProxyType({})
 
@@ -224,6 +269,20 @@ class DeliverySection:
     # often are. tls_ca_file: a PEM bundle to trust instead of the system's CAs.
     tls_verify: bool = True
     tls_ca_file: Path | None = None
+    # MX rollup: named receivers by MX pattern ([delivery.sites.NAME]); other domains with the
+    # same MX set are grouped automatically. MX answers are cached for their TTL, at most
+    # mx_cache_seconds, for at most mx_cache_domains domains.
+    sites: Mapping[str, SiteSection] = field(default_factory=lambda: MappingProxyType({}))
+    mx_cache_seconds: float = 3600.0
+    mx_cache_domains: int = 100000
+    # Resolvers for MX lookups ("host:port"; none: the system's) and the port MX hosts listen on.
+    dns_servers: tuple[Address, ...] = ()
+    mx_port: int = 25
+    dns_timeout: float = 10.0
+    # Source-address pools ([delivery.pools.NAME]); mail no pool claims uses default_pool, or
+    # the system's choice of address when that is unset.
+    pools: Mapping[str, PoolSection] = field(default_factory=lambda: MappingProxyType({}))
+    default_pool: str | None = None
 
     def limits_for(self, domain: str) -> DomainLimits:
         """Limits for a recipient domain: its own [delivery.domains."x"] table, else the default."""
@@ -231,6 +290,24 @@ class DeliverySection:
         if specific is not None:
             return specific
         return self.domains.get("default", DomainLimits())
+
+    def limits_for_site(self, site: str) -> DomainLimits:
+        """Limits for a destination site (node/sites.py): a named site's own, the default for an
+        automatic MX group, else the domain's."""
+        if site.startswith("site:") and site[5:] in self.sites:
+            named = self.sites[site[5:]]
+            return DomainLimits(named.max_connections, named.max_per_minute)
+        if site.startswith("mx:"):
+            return self.domains.get("default", DomainLimits())
+        return self.limits_for(site)
+
+    def source(self, address: str) -> SourceAddress | None:
+        """The pool source entry of `address` (each address is in one pool)."""
+        for pool in self.pools.values():
+            for s in pool.sources:
+                if s.address == address:
+                    return s
+        return None
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,7 @@ async def deliver_batch(
     tls_ca_file: Path | None = None,
     lease_left: Callable[[], float] | None = None,
     seven_bit: Callable[[bytes], bytes] = seven_bit_copy,
+    source_address: str | None = None,
 ) -> None:
     """Send each (index, recipient, message) as its own transaction over one SMTP connection; a
     fourth item, when given, is that message's envelope sender instead of `mail_from` (VERP).
@@ -111,6 +112,7 @@ async def deliver_batch(
         tls_ca_file=tls_ca_file,
         lease_left=lease_left,
         seven_bit=seven_bit,
+        source_address=source_address,
     )
     try:
         async for index, recipient, message, *envelope in _each(messages):
@@ -168,6 +170,7 @@ class _BatchSender:
         tls_ca_file: Path | None = None,
         lease_left: Callable[[], float] | None = None,
         seven_bit: Callable[[bytes], bytes] = seven_bit_copy,
+        source_address: str | None = None,
     ) -> None:
         # A bad HELO name is a configuration error: raise it now, before anything is sent,
         # using aiosmtplib's own check of the name.
@@ -175,6 +178,7 @@ class _BatchSender:
         self._routes = list(routes)
         self._mail_from = mail_from
         self._helo_name = helo_name
+        self._source_address = source_address  # a pool's address to bind (None: the system's choice)
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
         self._require_tls = require_tls
@@ -369,9 +373,10 @@ class _BatchSender:
         # No plaintext retry once STARTTLS broke when a password or TLS is at stake.
         may_fall_back = route.username is None and not self._require_tls
         smtp = aiosmtplib.SMTP(
-            hostname=route.host,
+            hostname=route.address or route.host,
             port=route.port,
             local_hostname=self._helo_name,
+            source_address=(self._source_address, 0) if self._source_address else None,
             timeout=self._command_timeout,
             start_tls=False,  # STARTTLS is done below, so its failure can be told apart
             tls_context=client_context(verify=verify, ca_file=self._tls_ca_file if verify else None),
@@ -383,7 +388,7 @@ class _BatchSender:
             await self._greet(smtp)
             if smtp.supports_extension("starttls") and try_tls:
                 stage = "STARTTLS"
-                await smtp.starttls()
+                await smtp.starttls(server_hostname=route.host)
                 stage = "EHLO after STARTTLS"
                 await self._greet(smtp)
             elif self._require_tls:

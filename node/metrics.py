@@ -273,14 +273,15 @@ class _NodeCollector:
         for holder in sorted(set(q["batches"]) | set(node.members())):
             batches.add_metric([holder], q["batches"].get(holder, 0))
         yield batches
-        level = GaugeMetricFamily("raftmail_backoff_level", "Adaptive backoff of a destination domain: its limits "
-                                  "are divided by 2**level (replicated)", labels=["domain"])
-        paused = GaugeMetricFamily("raftmail_backoff_suspended_seconds", "Seconds a destination domain stays "
-                                   "suspended after throttling replies (replicated)", labels=["domain"])
+        level = GaugeMetricFamily("raftmail_backoff_level", "Adaptive backoff of a destination site (a domain, "
+                                  "or its MX rollup group): its limits are divided by 2**level (replicated)",
+                                  labels=["site"])
+        paused = GaugeMetricFamily("raftmail_backoff_suspended_seconds", "Seconds a destination site stays "
+                                   "suspended after throttling replies (replicated)", labels=["site"])
         now = time.time()
-        for domain, b in sorted(v.backoff.items()):
-            level.add_metric([domain], b.level)
-            paused.add_metric([domain], max(0.0, b.suspended_until - now))
+        for site, b in sorted(v.backoff.items()):
+            level.add_metric([site], b.level)
+            paused.add_metric([site], max(0.0, b.suspended_until - now))
         yield level
         yield paused
         yield _gauge("raftmail_submissions", "Submissions kept in the replicated state", q["submissions"])

@@ -20,7 +20,10 @@ from raftmail.consensus.domains import normalise_domain
 if TYPE_CHECKING:
     from raftmail.node.config import Address
 
-log = logging.getLogger("raftmail.node.delivery")  # route trouble is delivery trouble to an operator
+log = logging.getLogger("raftmail.node.delivery")
+
+MAX_MX_HOSTS = 10  # MX hosts of a domain tried, most preferred first
+MAX_ROUTES = 20  # addresses tried for one batch: each failure can cost a connect timeout  # route trouble is delivery trouble to an operator
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,9 @@ class Route:
     port: int
     username: str | None = None
     password: str | None = None
+    # The MX host's address, looked up with our resolver ([delivery] dns_servers); None: the
+    # system resolves `host` when connecting. TLS always checks the certificate against `host`.
+    address: str | None = None
 
     @property
     def remote(self) -> str:
@@ -62,14 +68,14 @@ async def resolve_routes(
         return [Route(address.host, address.port)]
     if relay is not None:
         return [Route(relay.host, relay.port, relay_username, relay_password)]
-    literal = _address_literal(key)
+    literal = address_literal(key)
     if literal is not None:
         return [Route(literal, port)]
     resolver = resolver if resolver is not None else dns.asyncresolver.Resolver()
     return await _mx_routes(key, resolver, port, dns_lifetime)
 
 
-def _address_literal(domain: str) -> str | None:
+def address_literal(domain: str) -> str | None:
     """The IP of a domain literal such as "[192.0.2.1]" or "[IPv6:2001:db8::1]" (RFC 5321 4.1.3)."""
     if not (domain.startswith("[") and domain.endswith("]")):
         return None
@@ -99,7 +105,25 @@ async def _mx_routes(
     records = [(r.preference, r.exchange) for r in answer if r.exchange != dns.name.root]
     # Equal preferences are shuffled to spread load, as RFC 5321 5.1 asks.
     records.sort(key=lambda record: (record[0], random.random()))
-    return [Route(exchange.to_text(omit_final_dot=True), port) for _, exchange in records]
+    routes: list[Route] = []
+    for _, exchange in records[:MAX_MX_HOSTS]:
+        host = exchange.to_text(omit_final_dot=True)
+        addresses = await _addresses(host, resolver, lifetime)
+        routes += [Route(host, port, address=a) for a in addresses] if addresses else [Route(host, port)]
+    return routes[:MAX_ROUTES]
+
+
+async def _addresses(host: str, resolver: dns.asyncresolver.Resolver, lifetime: float) -> list[str]:
+    """`host`'s IPv4 then IPv6 addresses from our resolver; [] when it has none or the lookup failed
+    (the connection then resolves the name itself)."""
+    found: list[str] = []
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(host, rdtype, lifetime=lifetime)
+        except dns.exception.DNSException:
+            continue
+        found += [record.address for record in answer]
+    return found
 
 
 async def _implicit_mx_routes(

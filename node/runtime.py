@@ -39,7 +39,7 @@ from raftmail.node.peer_client import PeerClient
 from raftmail.node.peer_server import add_peer_routes
 from raftmail.node.peer_wire import PeerCrypto
 from raftmail.node.readview import ReadView
-from raftmail.node.scheduler import Scheduler, backoff_status
+from raftmail.node.scheduler import Scheduler, backoff_status, warmup_status
 from raftmail.node.tasks import Tasks
 from raftmail.node.webhook import poster_for
 
@@ -150,6 +150,7 @@ class MailNode:
             "campaigns": v.campaigns,
             "suppressed": v.suppressed,
             "backoff": backoff_status(v, self.config.delivery, time.time()),
+            "warmup": warmup_status(v, self.config.delivery, time.time()),
             "stats": dict(v.stats),
             "commands_applied": v.applied,
             # Commands applied that the view above does not show yet (it follows within a tick).

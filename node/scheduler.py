@@ -12,12 +12,14 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
+from raftmail.consensus.batches import utc_day
 from raftmail.consensus.commands import Assign, Backoff, Command, Expire, ExpireUnsent, Prune
 from raftmail.consensus.shaping import limits_at, next_step
 from raftmail.consensus.view import StateView
 from raftmail.node.bridge import ProposalFailed
-from raftmail.node.config_types import DeliverySection, IntakeSection, StorageSection
+from raftmail.node.config_types import DeliverySection, IntakeSection, PoolSection, SourceAddress, StorageSection
 from raftmail.node.leases import LeaseClock
+from raftmail.node.sites import SiteMap, SourceChooser, pool_for
 
 log = logging.getLogger("raftmail.scheduler")
 
@@ -36,16 +38,30 @@ def prune_command(storage: StorageSection, intake: IntakeSection, now: float) ->
 
 
 def backoff_status(view: StateView, delivery: DeliverySection, now: float) -> dict[str, dict]:
-    """Each destination domain in backoff: its level, the limits in force, how long it stays
-    suspended and the reply that caused it (for /status and `raftmail status`)."""
+    """Each destination site (domain or MX rollup group) in backoff: its level, the limits in
+    force, how long it stays suspended and the reply that caused it (/status, `raftmail status`)."""
     shown = {}
-    for domain, b in sorted(view.backoff.items()):
+    for site, b in sorted(view.backoff.items()):
         if b.level == 0 and now >= b.suspended_until:
             continue  # only noted, no step taken yet
-        limits = delivery.limits_for(domain)
+        limits = delivery.limits_for_site(site)
         connections, per_minute = limits_at(limits.max_connections, limits.max_per_minute, b.level)
-        shown[domain] = {"level": b.level, "max_connections": connections, "max_per_minute": per_minute,
+        shown[site] = {"level": b.level, "max_connections": connections, "max_per_minute": per_minute,
                          "suspended_for": round(max(0.0, b.suspended_until - now), 1), "reason": b.reason}
+    return shown
+
+
+def warmup_status(view: StateView, delivery: DeliverySection, now: float) -> dict[str, dict]:
+    """Each pool address still warming up: today's cap per site and what each site has used."""
+    shown = {}
+    for pool in delivery.pools.values():
+        for source in pool.sources:
+            cap = source.daily_cap(now)
+            if cap is None:
+                continue
+            used = {key.split(" ", 1)[1]: n for key, (day, n) in sorted(view.warmup.items())
+                    if key.startswith(source.address + " ") and day == utc_day(now)}
+            shown[source.address] = {"pool": pool.name, "node": source.node, "cap": cap, "sites": used}
     return shown
 
 
@@ -71,6 +87,9 @@ class Scheduler:
         self._last_unsent_check = -UNSENT_CHECK_INTERVAL
         self._prune_more = False
         self.stopping = False  # a node shutting down hands out nothing more
+        self.sites = SiteMap(delivery)
+        self._chooser = SourceChooser()
+        self._warmed: dict[tuple[str, str], int] = {}  # (source, site) -> recipients assigned this round
 
     async def run(self) -> None:
         while True:
@@ -102,6 +121,7 @@ class Scheduler:
         view = self.view()
         await self.step_backoff(view, now, timeout)
         view = self.view()  # with the steps just committed: their limits apply to this round
+        self._warmed.clear()
         # Only node processes that announced their incarnation take batches (node/sender.py).
         live = [n for n in self.live_nodes() if n in view.incarnations]
         if not live:
@@ -111,46 +131,84 @@ class Scheduler:
         if room <= 0:
             return
         load = dict(view.node_batches)
-        domain_batches = dict(view.domain_batches)
+        site_batches = dict(view.site_batches)
         eligible = view.eligible(now, room * d.batch_size)
         term = self.term()
         for domain, items in eligible.items():
-            limits = d.limits_for(domain)
-            backoff = view.backoff.get(domain)
+            site = self.sites.site_of(domain)
+            if site is None:
+                continue  # its MX lookup is under way: next round
+            limits = d.limits_for_site(site)
+            backoff = view.backoff.get(site)
             if backoff is not None and now < backoff.suspended_until:
                 continue  # suspended: the receiver asked for a pause
             max_connections, max_per_minute = limits_at(limits.max_connections, limits.max_per_minute,
                                                         backoff.level if backoff is not None else 0)
-            if 0 < max_per_minute <= view.sent_last_minute(domain, now):
+            if 0 < max_per_minute <= view.sent_last_minute(site, now):
                 continue  # quota used up: an assign would only commit a refusal every round
-            while items and domain_batches.get(domain, 0) < max_connections:
-                target = self._pick(live, load, d.max_concurrent_batches)
-                if target is None:
-                    return
-                chunk, items = items[:d.batch_size], items[d.batch_size:]
-                res = await self.propose(Assign(
-                    node=target, domain=domain, now=now, lease=d.lease_seconds, term=term,
-                    max_connections=max_connections, max_per_minute=max_per_minute,
-                    items=chunk), timeout)
-                if not res.get("batch"):
-                    break  # throttled or nothing left for this domain
-                self.assigned_batches += 1
-                load[target] = load.get(target, 0) + 1
-                domain_batches[domain] = domain_batches.get(domain, 0) + 1
-                log.info("assigned batch %s (%d recipients of %s) to %s, lease %.0fs",
-                         res["batch"], res["n"], domain, target, d.lease_seconds)
+            for pool, pool_items in self._by_pool(view, items):
+                while pool_items and site_batches.get(site, 0) < max_connections:
+                    source = None
+                    if pool is None:
+                        target = self._pick(live, load, d.max_concurrent_batches)
+                    else:
+                        source = self._pick_source(pool, site, view, now, live, load)
+                        target = source.node if source is not None else None
+                    if target is None:
+                        break  # no node (or no address of this pool) can take more now
+                    chunk, pool_items = pool_items[:d.batch_size], pool_items[d.batch_size:]
+                    res = await self.propose(Assign(
+                        node=target, domain=domain, now=now, lease=d.lease_seconds, term=term,
+                        max_connections=max_connections, max_per_minute=max_per_minute, items=chunk,
+                        site=site if site != domain else None, source=source.address if source else None,
+                        daily_cap=source.daily_cap(now) if source else None), timeout)
+                    if not res.get("batch"):
+                        break  # throttled, warm-up cap reached, or nothing left for this domain
+                    self.assigned_batches += 1
+                    load[target] = load.get(target, 0) + 1
+                    site_batches[site] = site_batches.get(site, 0) + 1
+                    if source is not None:
+                        self._warmed[(source.address, site)] = self._warmed.get((source.address, site), 0) + res["n"]
+                    log.info("assigned batch %s (%d recipients of %s%s%s) to %s, lease %.0fs", res["batch"], res["n"],
+                             domain, f" at {site}" if site != domain else "",
+                             f" from {source.address}" if source else "", target, d.lease_seconds)
+
+    def _by_pool(self, view: StateView, items: list[list]) -> list[tuple[PoolSection | None, list[list]]]:
+        """A domain's eligible recipients split by the pool their mail leaves from, in queue order."""
+        if not self.delivery.pools:
+            return [(None, items)]
+        groups: dict[str | None, tuple[PoolSection | None, list[list]]] = {}
+        for item in items:
+            sender, campaign = view.head_submissions.get(item[0], ("", ""))
+            pool = pool_for(self.delivery, sender, campaign)
+            groups.setdefault(pool.name if pool else None, (pool, []))[1].append(item)
+        return list(groups.values())
+
+    def _pick_source(self, pool: PoolSection, site: str, view: StateView, now: float, live: list[str],
+                     load: dict[str, int]) -> SourceAddress | None:
+        """A source of `pool` on a live node with room, whose warm-up cap for `site` is not used up
+        today (the committed count, plus what this round assigned before the view caught up)."""
+        usable = []
+        for s in pool.sources:
+            if s.node not in live or load.get(s.node, 0) >= self.delivery.max_concurrent_batches:
+                continue
+            cap = s.daily_cap(now)
+            if cap is not None and view.warmed_today(s.address, site, now) + self._warmed.get((s.address, site), 0) >= cap:
+                continue
+            usable.append(s)
+        return self._chooser.choose(usable)
 
     async def step_backoff(self, view: StateView, now: float, timeout: float) -> None:
-        """Propose the next adaptive-backoff step of every domain whose replies call for one."""
+        """Propose the next adaptive-backoff step of every site whose replies call for one."""
         policy = self.delivery.backoff.policy()
-        for domain, backoff in view.backoff.items():
+        for domain, backoff in view.backoff.items():  # `domain`: the site (the Backoff command's wire name)
             step = next_step(backoff, now, policy)
             if step is None:
                 continue
             level, suspended_until, reason = step
             await self.propose(Backoff(domain=domain, now=now, level=level, suspended_until=suspended_until,
                                        reason=reason), timeout)
-            limits = self.delivery.limits_for(domain)
+            limits = self.delivery.limits_for_site(domain)
             connections, per_minute = limits_at(limits.max_connections, limits.max_per_minute, level)
             if suspended_until > now:
                 log.warning("backoff: %s suspended for %.0fs after %r", domain, suspended_until - now, reason)

@@ -18,6 +18,7 @@ from raftmail.node.bridge import Propose, ProposalFailed
 from raftmail.node.config import DeliverySection, DkimSection, FeedbackSection
 from raftmail.node.delivery import Outcome, deliver_batch
 from raftmail.node.routes import resolve_routes
+from raftmail.node.sites import make_resolver
 from raftmail.node.feedback import BOUNCE_KIND, UNSUBSCRIBE_KIND, FeedbackKeys, LinkToken
 from raftmail.node.dkim import DkimKeyring
 from raftmail.node.message import recipient_message_id, render_for_recipient, seven_bit_copy
@@ -56,10 +57,11 @@ class BatchRun:
     """One leased batch being delivered by this node."""
 
     def __init__(self, sender: "Sender", bid: str, domain: str, items: list[tuple[str, int]],
-                 lease: float) -> None:
+                 lease: float, source: str = "") -> None:
         self.sender = sender
         self.bid = bid
         self.domain = domain
+        self.source = source  # the pool address its connections bind ("": the system's choice)
         self.items = items  # position in this list = index given to deliver_batch
         self.results: list[ReportRow] = []
         self.rows: list[Recipient] = []  # read when the batch starts; position = index in self.items
@@ -197,7 +199,9 @@ class BatchRun:
         keeper = asyncio.create_task(self.keep_lease())
         try:
             routes = await resolve_routes(self.domain, routes=d.routes, relay=d.relay,
-                                          relay_username=d.relay_username, relay_password=d.relay_password)
+                                          relay_username=d.relay_username, relay_password=d.relay_password,
+                                          resolver=sender.resolver, port=d.mx_port, dns_lifetime=d.dns_timeout)
+            source = d.source(self.source) if self.source else None
             by_sender: dict[str, list[int]] = {}
             for pos, r in enumerate(rows):
                 by_sender.setdefault(r.sender, []).append(pos)
@@ -205,7 +209,8 @@ class BatchRun:
                 if not self.may_send():
                     break
                 await deliver_batch(routes, mail_from, self._messages(rows, positions),
-                                    helo_name=d.helo_name, connect_timeout=d.connect_timeout,
+                                    helo_name=source.ehlo if source is not None else d.helo_name,
+                                    source_address=self.source or None, connect_timeout=d.connect_timeout,
                                     command_timeout=d.command_timeout, may_send=self.may_send,
                                     on_outcome=self.on_outcome,
                                     require_tls=d.limits_for(self.domain).require_tls,
@@ -276,6 +281,7 @@ class Sender:
         self.finished: set[str] = set()
         self.stopping = False
         self.dkim = DkimKeyring(delivery.dkim) if delivery.dkim else None
+        self.resolver = make_resolver(delivery)  # MX lookups: [delivery] dns_servers or the system's
         self.render_limits = render_limits
         fb = feedback
         self.keys = FeedbackKeys(fb.unsubscribe_secret) if fb.unsubscribe_secret else None
@@ -348,10 +354,10 @@ class Sender:
                     if announcing is None or announcing.done():
                         announcing = asyncio.create_task(self.announce())
                     continue
-                mine = [(b.id, b.domain, list(b.items), b.lease, b.incarnation)
+                mine = [(b.id, b.domain, list(b.items), b.lease, b.incarnation, b.source)
                         for b in self.view().batches_of(self.node_id)]
                 self.finished &= {m[0] for m in mine}
-                for bid, domain, items, lease, incarnation in mine:
+                for bid, domain, items, lease, incarnation, source in mine:
                     if bid in self.running or bid in self.finished or len(self.running) >= limit:
                         continue
                     if incarnation != self.incarnation:
@@ -359,7 +365,7 @@ class Sender:
                         self.finished.add(bid)
                         self.tasks.start(self._abandon(bid), f"abandon batch {bid}")
                         continue
-                    task = asyncio.create_task(BatchRun(self, bid, domain, items, lease).run())
+                    task = asyncio.create_task(BatchRun(self, bid, domain, items, lease, source).run())
                     self.running[bid] = task
                     task.add_done_callback(lambda _t, bid=bid: self._done(bid))
             except Exception:

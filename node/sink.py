@@ -288,7 +288,8 @@ class _SinkHandler:
             self._sink._log({"event": "message", "conn": server.sink_conn, "t": time.time(),
                              "mail_from": envelope.mail_from or "", "rcpt": recipient,
                              "message_id": message_id, "file": name, "size": len(raw),
-                             "eight_bit": not raw.isascii()})
+                             "eight_bit": not raw.isascii(), "peer": _format_peer(session.peer),
+                             "helo": session.host_name})
         self._sink.stats["messages"] += 1
         self._sink.stats["recipients"] += len(stored)
         behaviour = self._sink._after_data_now()

@@ -118,7 +118,9 @@ class Cluster(LocalCluster):
     def __init__(self, root: Path, n: int = 3, *, sink: Sink | None = None, extra_toml: str = "",
                  lease_seconds: float = 4.0, retry_first: float = 1.0, batch_size: int = 50,
                  compaction_min_entries: int = 5000, commit_timeout: float = 3.0,
-                 hosts: dict[str, str] | None = None, launch: dict[str, list[str]] | None = None) -> None:
+                 hosts: dict[str, str] | None = None, launch: dict[str, list[str]] | None = None,
+                 delivery: dict[str, Any] | None = None) -> None:
+        """`delivery`: more [delivery] keys; a key given as None is left out (relay=None: MX delivery)."""
         # Never the sink's port, which was picked earlier.
         nodes = local_nodes(n, hosts, avoid=[sink.port] if sink is not None else [])
         # Always a local relay: without one the sender would look up MX records on the internet.
@@ -131,6 +133,11 @@ class Cluster(LocalCluster):
             "delivery": {"lease_seconds": lease_seconds, "retry_first": retry_first, "batch_size": batch_size,
                          "report_interval": 0.1, "connect_timeout": 5, "command_timeout": 10, "relay": relay},
         }
+        for key, value in (delivery or {}).items():
+            if value is None:
+                sections["delivery"].pop(key, None)
+            else:
+                sections["delivery"][key] = value
         super().__init__(root, nodes, render_config(sections, nodes, extra_toml), python=PY, launch=launch)
         self.hosts = {node.id: node.host for node in nodes}
         self.raft = {node.id: node.raft for node in nodes}

@@ -50,8 +50,8 @@ def test_a_throttling_receiver_is_slowed_suspended_across_a_failover_and_recover
     assert kept and kept["suspended_for"] > 0 and kept["level"] == 2, kept
     with urllib.request.urlopen(f"http://127.0.0.1:{c.admin[new_leader]}/metrics", timeout=5) as r:
         metrics = r.read().decode()
-    assert 'raftmail_backoff_level{domain="throttle.test"} 2.0' in metrics
-    assert re.search(r'raftmail_backoff_suspended_seconds\{domain="throttle.test"\} [1-9]', metrics)
+    assert 'raftmail_backoff_level{site="throttle.test"} 2.0' in metrics
+    assert re.search(r'raftmail_backoff_suspended_seconds\{site="throttle.test"\} [1-9]', metrics)
     r = run_cli(c.config_path, "status")
     assert r.returncode == 0 and "backoff: throttle.test level 2: suspended" in r.stdout, r.stdout + r.stderr
     # Nothing is sent to the domain while it is suspended (measured up to shortly before its end).

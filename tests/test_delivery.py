@@ -11,11 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import dns.asyncresolver
-import dns.flags
-import dns.message
-import dns.rcode
-import dns.rdatatype
-import dns.rrset
 import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
@@ -27,6 +22,7 @@ from raftmail.node.delivery import (
     Outcome,
     deliver_batch,
 )
+from dns_server import DnsServer
 from raftmail.node.routes import Route, resolve_routes
 
 try:
@@ -463,47 +459,6 @@ def test_bad_helo_name_is_a_configuration_error() -> None:
 # resolve_routes, with a tiny authoritative DNS server on 127.0.0.1 (never the real DNS)
 
 
-class FakeDns(asyncio.DatagramProtocol):
-    """Answers from a dict {(name, type): [rdata text]}; unknown names get NXDOMAIN."""
-
-    def __init__(self, zone: dict[tuple[str, str], list[str]]) -> None:
-        self.zone = zone
-        self.queries: list[tuple[str, str]] = []
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        query = dns.message.from_wire(data)
-        question = query.question[0]
-        name, rdtype = question.name.to_text(), dns.rdatatype.to_text(question.rdtype)
-        self.queries.append((name, rdtype))
-        response = dns.message.make_response(query)
-        response.flags |= dns.flags.AA
-        if not any(zone_name == name for zone_name, _ in self.zone):
-            response.set_rcode(dns.rcode.NXDOMAIN)
-        elif (name, rdtype) in self.zone:
-            response.answer.append(dns.rrset.from_text_list(name, 300, "IN", rdtype, self.zone[(name, rdtype)]))
-        assert self.transport is not None
-        self.transport.sendto(response.to_wire(), addr)
-
-
-async def start_dns(zone: dict[tuple[str, str], list[str]]) -> tuple[FakeDns, dns.asyncresolver.Resolver]:
-    server = FakeDns(zone)
-    await asyncio.get_running_loop().create_datagram_endpoint(lambda: server, local_addr=("127.0.0.1", 0))
-    assert server.transport is not None
-    resolver = dns.asyncresolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = server.transport.get_extra_info("sockname")[1]
-    resolver.lifetime = 3.0
-    return server, resolver
-
-
 ZONE = {
     ("mx.test.", "MX"): ["20 backup.mx.test.", "10 primary.mx.test.", "30 last.mx.test."],
     ("nomx.test.", "A"): ["192.0.2.10"],
@@ -521,7 +476,8 @@ def resolve(domain: str, resolver: dns.asyncresolver.Resolver | None, **override
 
 def test_resolve_per_domain_route_then_relay_without_dns() -> None:
     async def scenario() -> None:
-        server, resolver = await start_dns(ZONE)
+        server = DnsServer(ZONE)
+        resolver = server.resolver()
         try:
             routes = {"Example.ORG": Address("127.0.0.1", 2525)}
             relay = Address("127.0.0.1", 587)
@@ -538,20 +494,36 @@ def test_resolve_per_domain_route_then_relay_without_dns() -> None:
 
 def test_resolve_mx_in_preference_order() -> None:
     async def scenario() -> None:
-        server, resolver = await start_dns(ZONE)
+        server = DnsServer(ZONE)
+        resolver = server.resolver()
         try:
             routes = await resolve("MX.test", resolver, port=2526)
+            # The hosts have no addresses in our DNS: the connection resolves their names itself.
             assert routes == [Route("primary.mx.test", 2526), Route("backup.mx.test", 2526), Route("last.mx.test", 2526)]
-            assert server.queries == [("mx.test.", "MX")]
+            assert server.queries[0] == ("mx.test.", "MX")
         finally:
             server.close()
 
     asyncio.run(scenario())
 
 
+def test_mx_hosts_are_reached_at_the_addresses_our_resolver_gives() -> None:
+    async def scenario() -> None:
+        zone = {**ZONE, ("primary.mx.test.", "A"): ["127.0.0.5"], ("primary.mx.test.", "AAAA"): ["::1"]}
+        with DnsServer(zone) as server:
+            routes = await resolve("mx.test", server.resolver(), port=2526)
+        # TLS still checks the certificate against the host name (route.host).
+        assert routes[:2] == [Route("primary.mx.test", 2526, address="127.0.0.5"),
+                              Route("primary.mx.test", 2526, address="::1")]
+        assert routes[2:] == [Route("backup.mx.test", 2526), Route("last.mx.test", 2526)]
+
+    asyncio.run(scenario())
+
+
 def test_resolve_implicit_mx_null_mx_and_missing_domain() -> None:
     async def scenario() -> None:
-        server, resolver = await start_dns(ZONE)
+        server = DnsServer(ZONE)
+        resolver = server.resolver()
         try:
             assert await resolve("nomx.test", resolver) == [Route("192.0.2.10", 25), Route("2001:db8::10", 25)]
             assert await resolve("nullmx.test", resolver) == []

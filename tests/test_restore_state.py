@@ -25,7 +25,7 @@ def test_in_flight_goes_back_to_the_queue_counted_and_the_rest_is_kept() -> None
     assert state.digest() == before  # the backup's state is not changed
     assert returned == 1
     assert [state_of(new, "s1", i) for i in range(4)] == ["delivered", "pending", "bounced", "pending"]
-    assert new.batches == {} and new.domain_batches == {} and new.members == {} and new.incarnations == {}
+    assert new.batches == {} and new.site_batches == {} and new.members == {} and new.incarnations == {}
     assert new.stats["reassigned_in_flight"] == state.stats["reassigned_in_flight"] + 1
     assert new.suppressed == state.suppressed and "c@y.test" in new.suppressed
     assert new.campaigns.keys() == state.campaigns.keys()

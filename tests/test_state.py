@@ -105,7 +105,7 @@ def assert_leases_consistent(state: MailState) -> None:
     in_flight = {(sid, idx) for sid, idx, _, s in state.iter_recipients() if s == IN_FLIGHT}
     assert set(held) == in_flight
     per_domain = Counter(b.domain for b in state.batches.values())
-    assert state.domain_batches == dict(per_domain)
+    assert state.site_batches == dict(per_domain)
 
 
 def assert_cancelled_campaigns_are_not_waiting(state: MailState) -> None:
@@ -541,7 +541,7 @@ def test_report_delivered_ends_the_batch() -> None:
     assert (rec["state"], rec["code"], rec["attempts"], rec["text"]) == ("delivered", 250, 1, "queued as 1")
     assert "b1" in state.batches  # one recipient still held
     run(state, report_cmd("mx-a", "b1", T0 + 3, [outcome("s1", 1, 250)]))
-    assert state.batches == {} and state.domain_batches == {}
+    assert state.batches == {} and state.site_batches == {}
     assert state.queue_counts()["delivered"] == 2
     assert state.submissions["s1"].finished_at == T0 + 3
     assert state.campaign_summary(state.campaigns["spring-sale"])["percent_done"] == 100.0
@@ -649,7 +649,7 @@ def test_expired_lease_returns_unreported_recipients() -> None:
     assert run(state, {"op": "expire", "now": T0 + 102, "batches": [["b1", 1]]}) == {"expired": ["b1"], "returned": 2}
     assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "pending", "pending"]
     assert state.stats["reassigned_in_flight"] == 2 and state.stats["lease_expiries"] == 1
-    assert state.batches == {} and state.domain_batches == {}
+    assert state.batches == {} and state.site_batches == {}
     assert state.eligible(T0 + 103, 100) == {"x.test": [["s1", 1], ["s1", 2]]}
     # The old holder finishing late is fenced: its result cannot override the new lease.
     run(state, assign_cmd("mx-b", "x.test", [("s1", 1)], T0 + 103))
@@ -689,7 +689,7 @@ def test_release_returns_recipients_to_the_queue() -> None:
                                    release=[["s1", 1], ["s1", 2], ["s1", 0]]))
     assert result["accepted"] == 1
     assert [state_of(state, "s1", i) for i in range(3)] == ["delivered", "pending", "pending"]
-    assert state.batches == {} and state.domain_batches == {}
+    assert state.batches == {} and state.site_batches == {}
     assert state.stats["reassigned_in_flight"] == 0
     assert state.recipient("s1", 1)["attempts"] == 0  # released, never tried
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def assert_invariants(state: MailState) -> None:
     """Counts per state equal the recount from each recipient's state (cluster, campaign and
-    submission); every in-flight recipient is held by exactly one batch and domain_batches matches
+    submission); every in-flight recipient is held by exactly one batch and site_batches matches
     the batches; the open index lists exactly the submissions with recipients waiting; and no
     command so far hit a bug."""
     assert_counts_match(state)
