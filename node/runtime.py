@@ -40,6 +40,7 @@ from raftmail.node.peer_server import add_peer_routes
 from raftmail.node.peer_wire import PeerCrypto
 from raftmail.node.readview import ReadView
 from raftmail.node.scheduler import Scheduler, backoff_status, warmup_status
+from raftmail.node.sites import check_source_addresses
 from raftmail.node.tasks import Tasks
 from raftmail.node.webhook import poster_for
 
@@ -360,6 +361,7 @@ def run_node(config: Config, node_id: str) -> None:
     # Before any file is made: the journal, metadata, bodies and their folders are ours alone.
     os.umask(0o077)
     check_admin_exposure(config, node_id)
+    check_source_addresses(config.delivery, node_id, str(config.path))
     # Three busy threads share the GIL (event loop, Raft tick, disk workers): hand it over more
     # often than every 5 ms, or each Raft round trip waits on it several times.
     sys.setswitchinterval(0.0005)

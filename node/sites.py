@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
+import socket
 import time
 from collections import OrderedDict
 from typing import Callable
@@ -27,6 +28,7 @@ import dns.resolver
 
 from raftmail.consensus.commands import MAX_SITE_CHARS
 from raftmail.consensus.domains import domain_of, normalise_domain
+from raftmail.node.config_read import ConfigError
 from raftmail.node.config_types import DeliverySection, PoolSection, SourceAddress
 from raftmail.node.routes import address_literal
 
@@ -113,6 +115,24 @@ class SiteMap:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def check_source_addresses(delivery: DeliverySection, node_id: str, src: str) -> None:
+    """Refuse to start a node that lacks an address its pools name for it: each of its batches
+    would otherwise fail to connect (EADDRNOTAVAIL) and only defer."""
+    for pool in delivery.pools.values():
+        for s in pool.sources:
+            if s.node != node_id:
+                continue
+            family = socket.AF_INET6 if ":" in s.address else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((s.address, 0))
+                except OSError as exc:
+                    raise ConfigError(src, f"[[delivery.pools.{pool.name}.sources]] address",
+                                      f"{s.address} is named for node {node_id}, but this machine cannot send "
+                                      f"from it ({exc.strerror or exc}): add the address to an interface here, "
+                                      "or name the node that has it") from None
 
 
 def pool_for(delivery: DeliverySection, sender: str, campaign: str) -> PoolSection | None:

@@ -84,6 +84,10 @@ BAD_CONFIGS = {
     "short secret": (lambda t: t.replace(SECRET, "short"), "[cluster] secret"),
     "duplicate port": (lambda t: t.replace(t.split('smtp = "')[1].split('"')[0],
                                            t.split('raft = "')[1].split('"')[0]), "[[node]] n1 smtp"),
+    # A documentation address (TEST-NET-1) is on no interface here: every send would fail.
+    "source address missing": (lambda t: t + '\n[delivery.pools.brand]\n[[delivery.pools.brand.sources]]\n'
+                               'address = "192.0.2.10"\nnode = "n1"\nehlo = "mta1.example.com"\n',
+                               "[[delivery.pools.brand.sources]] address"),
 }
 
 

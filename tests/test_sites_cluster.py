@@ -5,6 +5,7 @@ held to their warm-up caps across a leader kill."""
 from __future__ import annotations
 
 import datetime
+import re
 import time
 
 import pytest
@@ -121,6 +122,14 @@ def test_a_pool_binds_its_addresses_and_their_warm_up_caps_hold_across_a_leader_
     sent = sum(sent_from().get(a, 0) for a in ehlo)
     assert sent < brand and c.queue(leader)["pending"] == brand - sent, (sent, c.queue(leader))
     assert max(deliveries_per_recipient(c.sink).values()) == 1
+    # Every batch of the pool went to the node that has its address (the leaders' log lines).
+    holders = set()
+    for nid in c.ids:
+        for line in (c.root / f"{nid}.log").read_text().splitlines():
+            m = re.search(r"assigned batch \S+ \(.* from (\S+)\) to (\S+),", line)
+            if m:
+                holders.add((m.group(1), m.group(2)))
+    assert holders and holders <= {("127.0.0.2", "n1"), ("127.0.0.3", "n2")}, holders
     # Operators see each address's cap and use: /status and `raftmail status`.
     warmup = c.status(leader)["warmup"]
     assert {a: warmup[a]["sites"].get("warm.test") for a in usable} == {a: WARMUP_CAP for a in usable}, warmup
