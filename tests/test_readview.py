@@ -12,7 +12,7 @@ import pytest
 
 from raftmail.consensus.commands import Incarnate
 from raftmail.node.bridge import Proposer
-from raftmail.node.config_types import DeliverySection, IntakeSection, StorageSection
+from raftmail.node.config_types import Address, DeliverySection, IntakeSection, StorageSection
 from raftmail.node.leases import LeaseClock
 from raftmail.node.readview import ReadView
 from raftmail.node.scheduler import Scheduler
@@ -68,7 +68,9 @@ def test_the_scheduler_reads_the_published_view_and_never_the_apply_lock(tmp_pat
             await until(lambda: view.current.counts[0] == 3 and "n1" in view.current.incarnations,
                         what="the view to show the queue")
             proposer = Proposer(raft, loop, 100)
-            scheduler = Scheduler(lambda: view.current, proposer.propose, DeliverySection(), IntakeSection(),
+            # A relay: every domain is its own site, and no MX lookup leaves the machine.
+            relayed = DeliverySection(relay=Address("127.0.0.1", 9))
+            scheduler = Scheduler(lambda: view.current, proposer.propose, relayed, IntakeSection(),
                                   StorageSection(), LeaseClock(), lambda: ["n1"], raft.is_leader,
                                   lambda: raft.raftCurrentTerm)
             loop_thread = threading.get_ident()
