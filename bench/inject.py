@@ -1,21 +1,27 @@
-"""A personalised campaign through the HTTP injection API, end to end, compared in the same run
-with the way a campaign tool feeds an MTA today: one SMTP transaction per personalised copy, into
-the same 3-node cluster and the same counting SMTP server (bench/lib/plain_smtpd.py).
+"""A personalised campaign through raftmail's HTTP injection API, compared in the same run with the
+way a campaign tool feeds Postfix today: one SMTP transaction per personalised copy (16
+connections) into a private Postfix, which relays to the same destination (Postfix's smtp-sink,
+or the plain aiosmtpd server where smtp-sink is not installed).
 
-    .venv/bin/python bench/inject.py --recipients 100000     # the issue's size
-    .venv/bin/python bench/inject.py --recipients 2000       # a short run that checks the machinery
+    .venv/bin/python bench/inject.py --recipients 100000 --runs 3   # the goal's size
+    .venv/bin/python bench/inject.py --recipients 2000 --runs 1     # a short check of the machinery
 
-Prints one table: recipients per second end to end (from the first byte sent until every recipient
-is in a final state on the leader), seconds until the request (or the last SMTP transaction) is
-answered, body-store bytes per recipient, and the log bytes per recipient of the submit commands.
-Everything runs on 127.0.0.1.
+Per run, on fresh clusters:
+- "answered": seconds from the first byte of the request until its reply (200 only once the
+  whole request is committed on a majority), on an idle cluster, the campaign scheduled a day
+  ahead, so nothing else competes; the leader's RSS growth per queued recipient is measured then.
+- "end to end": a second request, sent now, until the destination counted every copy.
+- Postfix: the same number of copies rendered by the client, until the destination counted every one.
+Prints medians with min-max and the ratio to Postfix. Everything runs on 127.0.0.1; Postfix
+needs `bash bench/install-peers.sh`.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import smtplib
-import subprocess
+import statistics
 import sys
 import tempfile
 import threading
@@ -26,135 +32,181 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.lib.cluster import Cluster, ClusterSpec, queue_final  # noqa: E402
-from raftmail.consensus.commands import NewSubmission, Submit, encode_command  # noqa: E402
+from bench.lib.cluster import Cluster, ClusterSpec  # noqa: E402
+from bench.lib.peers import start_destination  # noqa: E402
+from bench.lib.postfix import PostfixRelay  # noqa: E402
+from bench.lib.procs import wait_until  # noqa: E402
+from bench.lib.report import describe_tree  # noqa: E402
 from raftmail.node.local_cluster import free_ports  # noqa: E402
 
-SMTP_CONNECTIONS = 16  # the campaign tool's parallel SMTP connections
+SMTP_CONNECTIONS = 16  # the campaign tool's parallel SMTP connections into Postfix
 
 
-def request(n: int, domain: str) -> dict:
-    return {"envelope_sender": "news@example.com", "campaign_id": f"bench-{domain.split('.')[0]}",
-            "content": {"from": {"email": "news@example.com", "name": "Bench News"},
-                        "subject": "Hello {{ name }}, your code {{ code }}",
-                        "text_body": "Dear {{ name }},\n\nyour personal code is {{ code }}.\n\nBench News\n",
-                        "html_body": "<p>Dear {{ name }},</p><p>your personal code is <b>{{ code }}</b>.</p>"},
-            "recipients": [{"email": f"r{i}@{domain}", "name": f"Reader {i}",
-                            "substitutions": {"code": f"C{i:07d}"}} for i in range(n)]}
+def request(n: int, campaign: str, send_at: str | None = None) -> dict:
+    r = {"envelope_sender": "news@example.com", "campaign_id": campaign,
+         "content": {"from": {"email": "news@example.com", "name": "Bench News"},
+                     "subject": "Hello {{ name }}, your code {{ code }}",
+                     "text_body": "Dear {{ name }},\n\nyour personal code is {{ code }}.\n\nBench News\n",
+                     "html_body": "<p>Dear {{ name }},</p><p>your personal code is <b>{{ code }}</b>.</p>"},
+         "recipients": [{"email": f"r{i}@{campaign}.bench", "name": f"Reader {i}",
+                         "substitutions": {"code": f"C{i:07d}"}} for i in range(n)]}
+    if send_at is not None:
+        r["send_at"] = send_at
+    return r
 
 
-def copy_for(i: int, domain: str) -> bytes:
+def copy_for(i: int) -> bytes:
     """What a campaign tool renders itself and submits, one transaction per copy."""
     m = EmailMessage()
     m["From"] = "Bench News <news@example.com>"
-    m["To"] = f"Reader {i} <r{i}@{domain}>"
+    m["To"] = f"Reader {i} <r{i}@postfix.bench>"
     m["Subject"] = f"Hello Reader {i}, your code C{i:07d}"
-    m["Message-ID"] = f"<bench-{i}@{domain}>"
-    m["X-Campaign-ID"] = f"bench-{domain.split('.')[0]}"
+    m["Message-ID"] = f"<bench-{i}@postfix.bench>"
     m.set_content(f"Dear Reader {i},\n\nyour personal code is C{i:07d}.\n\nBench News\n")
     m.add_alternative(f"<p>Dear Reader {i},</p><p>your personal code is <b>C{i:07d}</b>.</p>", subtype="html")
     return m.as_bytes()
 
 
-def wait_final(c: Cluster, total: int, timeout: float) -> float:
-    _, at = c.wait_queue(c.leader() or c.wait_ready(), lambda q: queue_final(q) >= total, timeout,
-                         f"{total} recipients in a final state", interval=0.2)
-    return at
+def start_cluster(root: Path, dest_port: int, n: int, per: int) -> tuple[Cluster, dict[str, int]]:
+    spec = ClusterSpec(relay_port=dest_port, extra={
+        "delivery": {"unsubscribe_url": "https://u.example.com/u/{token}"},
+        "feedback": {"unsubscribe_secret": ["bench-feedback-key-0123456789abcdef"]},
+        "api": {"recipients_per_submission": per, "max_recipients": max(n, 1000), "max_request_bytes": 256 * 2**20}})
+    c = Cluster(root, spec)
+    http = dict(zip(c.ids, free_ports(len(c.ids))))
+    text = c.config_path.read_text()
+    for nid, port in http.items():
+        admin = f'admin = "127.0.0.1:{c.by_id[nid].admin}"'
+        text = text.replace(admin, f'{admin}\nhttp = "127.0.0.1:{port}"')
+    c.config_path.write_text(text)
+    return c, http
 
 
-def body_bytes(c: Cluster) -> int:
-    return max(c.get(nid, "/status")["bodies"]["bytes"] for nid in c.ids)
-
-
-def run_api(c: Cluster, http_port: int, n: int, per: int, timeout: float) -> dict:
-    data = json.dumps(request(n, "api.bench")).encode()
-    bodies = body_bytes(c)
+def post(http_port: int, body: dict, key: str, timeout: float) -> tuple[dict, float, int]:
+    """The reply, seconds until it came, and the request's size."""
+    data = json.dumps(body).encode()
     started = time.monotonic()
     req = urllib.request.Request(f"http://127.0.0.1:{http_port}/api/inject/v1", data=data,
-                                 headers={"Content-Type": "application/json", "Idempotency-Key": "bench-api"})
+                                 headers={"Content-Type": "application/json", "Idempotency-Key": key})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         reply = json.loads(r.read())
-    answered = time.monotonic() - started
-    assert reply["success_count"] == n, reply
-    end = wait_final(c, n, timeout)
-    log_bytes = sum(len(encode_command(Submit(0.0, 86400.0, 10**7, [NewSubmission(
-        f"{reply['submission_id']}.{k}", "bench-api", "news@example.com", "0" * 64, len(data),
-        [f"r{i}@api.bench" for i in range(s, min(n, s + per))], "0" * 32, "example.com", None, s)])))
-        for k, s in enumerate(range(0, n, per)))
-    return {"rcpt_per_s": n / (end - started), "answered_s": answered,
-            "body_bytes_per_rcpt": (body_bytes(c) - bodies) / n, "log_bytes_per_rcpt": log_bytes / n,
-            "request_bytes": len(data)}
+    return reply, time.monotonic() - started, len(data)
 
 
-def run_smtp(c: Cluster, n: int, done_before: int, timeout: float) -> dict:
-    ports = [c.by_id[nid].smtp for nid in c.ids]
-    bodies = body_bytes(c)
-    failures: list[str] = []
-    last_answer = [0.0]
+def api_answered(root: Path, dest_port: int, n: int, per: int, timeout: float) -> dict:
+    """The request answered on an idle cluster (sent a day ahead), and state per queued recipient."""
+    c, http = start_cluster(root, dest_port, n, per)
+    try:
+        leader = c.start_all()
+        rss_before = c.rss(leader)
+        tomorrow = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).isoformat()
+        reply, answered, size = post(http[leader], request(n, "queued", tomorrow), "bench-queued", timeout)
+        assert reply["success_count"] == n, reply
+        wait_until(lambda: sum(c.get(leader, "/status")["queue"].values()) >= n, timeout, "the queue to show it")
+        rss_after = c.rss(leader)
+        bodies = c.get(leader, "/status")["bodies"]["bytes"]
+    finally:
+        c.stop_all()
+    return {"answered_s": answered, "state_bytes_per_rcpt": (rss_after - rss_before) / n,
+            "body_bytes_per_rcpt": bodies / n, "request_bytes": size}
 
-    def worker(w: int) -> None:
-        with smtplib.SMTP("127.0.0.1", ports[w % len(ports)], timeout=timeout) as s:
-            for i in range(w, n, SMTP_CONNECTIONS):
-                try:
-                    s.sendmail("news@example.com", [f"r{i}@smtp.bench"], copy_for(i, "smtp.bench"))
-                except smtplib.SMTPException as e:
-                    failures.append(str(e))
-        last_answer[0] = max(last_answer[0], time.monotonic())
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(SMTP_CONNECTIONS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if failures:
-        raise SystemExit(f"{len(failures)} SMTP transactions refused, e.g. {failures[0]}")
-    end = wait_final(c, done_before + n, timeout)
-    return {"rcpt_per_s": n / (end - started), "answered_s": last_answer[0] - started,
-            "body_bytes_per_rcpt": (body_bytes(c) - bodies) / n, "log_bytes_per_rcpt": None,
-            "request_bytes": None}
+def api_end_to_end(root: Path, dest, n: int, per: int, timeout: float) -> dict:
+    c, http = start_cluster(root, dest.port, n, per)
+    try:
+        leader = c.start_all()
+        before, cpu_before = dest.messages(), c.cpu_seconds()
+        started = time.monotonic()
+        reply, answered, _ = post(http[leader], request(n, "now"), "bench-now", timeout)
+        assert reply["success_count"] == n, reply
+        wait_until(lambda: dest.messages() >= before + n, timeout, f"{n} copies at the destination")
+        seconds = time.monotonic() - started
+        cpu = c.cpu_seconds() - cpu_before
+    finally:
+        c.stop_all()
+    return {"rcpt_per_s": n / seconds, "answered_under_load_s": answered, "cpu_ms_per_rcpt": 1000 * cpu / n}
+
+
+def postfix_end_to_end(root: Path, dest, n: int, timeout: float) -> dict:
+    relay = PostfixRelay(root, dest.port)
+    relay.start()
+    try:
+        before = dest.messages()
+        failures: list[str] = []
+        last_answer = [0.0]
+
+        def worker(w: int) -> None:
+            with smtplib.SMTP("127.0.0.1", relay.port, timeout=timeout) as s:
+                for i in range(w, n, SMTP_CONNECTIONS):
+                    try:
+                        s.sendmail("news@example.com", [f"r{i}@postfix.bench"], copy_for(i))
+                    except smtplib.SMTPException as e:
+                        failures.append(str(e))
+            last_answer[0] = max(last_answer[0], time.monotonic())
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(SMTP_CONNECTIONS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if failures:
+            raise SystemExit(f"{len(failures)} SMTP transactions refused by Postfix, e.g. {failures[0]}")
+        wait_until(lambda: dest.messages() >= before + n, timeout, f"{n} copies at the destination")
+        seconds = time.monotonic() - started
+    finally:
+        relay.stop()
+    return {"rcpt_per_s": n / seconds, "answered_s": last_answer[0] - started}
+
+
+def spread(values: list[float], digits: int) -> str:
+    med = statistics.median(values)
+    return f"{med:.{digits}f}" if len(values) == 1 else \
+        f"{med:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipients", type=int, default=2000)
-    parser.add_argument("--per-submission", type=int, default=1000)
-    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--per-submission", type=int, default=1000, help="[api] recipients_per_submission")
+    parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
+    n, tree = args.recipients, describe_tree()
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="raftmail-bench-inject-") as tmp:
-        root = Path(tmp)
-        sink_port = free_ports(1)[0]
-        sink = subprocess.Popen([sys.executable, str(Path(__file__).parent / "lib" / "plain_smtpd.py"),
-                                 "--port", str(sink_port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        assert sink.stdout is not None and sink.stdout.readline().startswith("READY")
-        spec = ClusterSpec(relay_port=sink_port, extra={
-            "delivery": {"unsubscribe_url": "https://u.example.com/u/{token}"},
-            "feedback": {"unsubscribe_secret": ["bench-feedback-key-0123456789abcdef"]},
-            "api": {"recipients_per_submission": args.per_submission, "max_recipients": max(args.recipients, 1000),
-                    "max_request_bytes": 256 * 2**20}})
-        c = Cluster(root, spec)
-        http = dict(zip(c.ids, free_ports(len(c.ids))))
-        text = c.config_path.read_text()
-        for nid, port in http.items():
-            admin = f'admin = "127.0.0.1:{c.by_id[nid].admin}"'
-            text = text.replace(admin, f'{admin}\nhttp = "127.0.0.1:{port}"')
-        c.config_path.write_text(text)
-        try:
-            leader = c.start_all()
-            rows = {"api (one request)": run_api(c, http[leader], args.recipients, args.per_submission, args.timeout),
-                    f"smtp ({SMTP_CONNECTIONS} connections, one transaction per copy)":
-                        run_smtp(c, args.recipients, args.recipients, args.timeout)}
-        finally:
-            c.stop_all()
-            sink.communicate("quit\n", timeout=10)
-    print(f"{args.recipients} personalised recipients, 3 nodes, into a counting SMTP server on 127.0.0.1\n")
-    print("| way in | rcpt/s end to end | answered after (s) | body bytes/rcpt | log bytes/rcpt (submit) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r in rows.items():
-        log = "–" if r["log_bytes_per_rcpt"] is None else f"{r['log_bytes_per_rcpt']:.0f}"
-        print(f"| {name} | {r['rcpt_per_s']:.0f} | {r['answered_s']:.2f} | {r['body_bytes_per_rcpt']:.0f} | {log} |")
-    api, smtp = rows["api (one request)"], next(v for k, v in rows.items() if k.startswith("smtp"))
-    print(f"\napi / smtp end to end: {api['rcpt_per_s'] / smtp['rcpt_per_s']:.1f}x")
+        for run in range(args.runs):
+            root = Path(tmp) / f"run{run}"
+            root.mkdir()
+            dest = start_destination(root / "dest")
+            try:
+                row: dict = {}
+                # Alternate the order, so drift over the whole run hits both alike.
+                steps = [("postfix", lambda: postfix_end_to_end(root / "postfix", dest, n, args.timeout)),
+                         ("e2e", lambda: api_end_to_end(root / "e2e", dest, n, args.per_submission, args.timeout))]
+                for name, step in (steps if run % 2 == 0 else steps[::-1]):
+                    row[name] = step()
+                row["answered"] = api_answered(root / "answered", dest.port, n, args.per_submission, args.timeout)
+            finally:
+                dest.stop()
+            runs.append(row)
+            print(f"run {run + 1}: api {row['e2e']['rcpt_per_s']:.0f} rcpt/s, postfix {row['postfix']['rcpt_per_s']:.0f}"
+                  f" rcpt/s, answered in {row['answered']['answered_s']:.2f} s", file=sys.stderr)
+    col = lambda step, key: [r[step][key] for r in runs]  # noqa: E731
+    ratios = [r["e2e"]["rcpt_per_s"] / r["postfix"]["rcpt_per_s"] for r in runs]
+    print(f"{n} personalised recipients, 3 raftmail nodes vs a private Postfix, into {dest.kind} on "
+          f"127.0.0.1; commit {tree}; median (min–max) of {args.runs} run(s)\n")
+    print("| measure | raftmail API (one request) | Postfix (one SMTP transaction per copy) |")
+    print("|---|---:|---:|")
+    print(f"| recipients/s end to end | {spread(col('e2e', 'rcpt_per_s'), 0)} | {spread(col('postfix', 'rcpt_per_s'), 0)} |")
+    print(f"| request answered after, idle (s) | {spread(col('answered', 'answered_s'), 2)} | – |")
+    print(f"| request answered after, while delivering (s) | {spread(col('e2e', 'answered_under_load_s'), 2)} | "
+          f"{spread(col('postfix', 'answered_s'), 2)} (last copy accepted) |")
+    print(f"| leader RSS growth per queued recipient (B) | {spread(col('answered', 'state_bytes_per_rcpt'), 0)} | – |")
+    print(f"| body store per recipient (B) | {spread(col('answered', 'body_bytes_per_rcpt'), 1)} | – |")
+    print(f"| node CPU per recipient, 3 nodes (ms) | {spread(col('e2e', 'cpu_ms_per_rcpt'), 2)} | – |")
+    print(f"\nraftmail API / Postfix, recipients/s end to end: {spread(ratios, 2)}x "
+          f"(request of {runs[0]['answered']['request_bytes'] / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":
