@@ -18,7 +18,7 @@ import json
 import re
 import string
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -533,18 +533,27 @@ def _string_list(sec: _Section, name: str) -> list[str]:
     return value
 
 
-def _sites(src: str, table: Mapping[str, Any]) -> Mapping[str, SiteSection]:
-    """[delivery.sites.NAME] tables: a receiver's MX host patterns and the limits its domains share."""
-    outer = _Section(src, "[delivery.sites]", table)
-    default = DomainLimits()
-    sites: dict[str, SiteSection] = {}
+def _named_tables(src: str, label: str, table: Mapping[str, Any], keys: list[str],
+                  example: str) -> Iterator[tuple[str, _Section]]:
+    """Each [label.NAME] table of `table`, its name checked, read as a section with `keys`."""
+    outer = _Section(src, f"[{label}]", table)
     for name, value in table.items():
         if not _NAME_RE.fullmatch(name):
             outer.fail(name, "must be a name of letters, digits, - and _ (at most 64)")
         if not isinstance(value, dict):
-            outer.fail(name, f'must be a table like [delivery.sites.{name}] with mx = ["*.example.net"]')
-        sec = _Section(src, f"[delivery.sites.{_toml_key(name)}]", value)
-        sec.check_keys(["mx", "max_connections", "max_per_minute"])
+            outer.fail(name, f"must be a table like [{label}.{name}] with {example}")
+        sec = _Section(src, f"[{label}.{name}]", value)
+        sec.check_keys(keys)
+        yield name, sec
+
+
+def _sites(src: str, table: Mapping[str, Any]) -> Mapping[str, SiteSection]:
+    """[delivery.sites.NAME] tables: a receiver's MX host patterns and the limits its domains share."""
+    default = DomainLimits()
+    sites: dict[str, SiteSection] = {}
+    for name, sec in _named_tables(src, "delivery.sites", table, ["mx", "max_connections", "max_per_minute"],
+                                   'mx = ["*.example.net"]'):
+        value = sec.table
         if not sec.has("mx"):
             sec.fail("mx", 'is required: the MX host names of this receiver, like ["*.google.com"]')
         patterns = tuple(normalise_domain(p) for p in _string_list(sec, "mx"))
@@ -601,17 +610,11 @@ def _source(src: str, label: str, value: Any) -> SourceAddress:
 
 def _pools(src: str, table: Mapping[str, Any]) -> Mapping[str, PoolSection]:
     """[delivery.pools.NAME] tables, each with [[delivery.pools.NAME.sources]]."""
-    outer = _Section(src, "[delivery.pools]", table)
     pools: dict[str, PoolSection] = {}
     seen: dict[str, str] = {}
-    for name, value in table.items():
-        if not _NAME_RE.fullmatch(name):
-            outer.fail(name, "must be a name of letters, digits, - and _ (at most 64)")
-        if not isinstance(value, dict):
-            outer.fail(name, f"must be a table like [delivery.pools.{name}] with [[delivery.pools.{name}.sources]]")
-        sec = _Section(src, f"[delivery.pools.{name}]", value)
-        sec.check_keys(["sources", "senders", "campaigns"])
-        raw = value.get("sources")
+    for name, sec in _named_tables(src, "delivery.pools", table, ["sources", "senders", "campaigns"],
+                                   "[[delivery.pools.NAME.sources]]"):
+        raw = sec.table.get("sources")
         if not isinstance(raw, list) or not raw:
             sec.fail("sources", f"needs at least one source: add [[delivery.pools.{name}.sources]] with address, "
                                 "node and ehlo")
