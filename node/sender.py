@@ -281,7 +281,9 @@ class Sender:
         self.finished: set[str] = set()
         self.stopping = False
         self.dkim = DkimKeyring(delivery.dkim) if delivery.dkim else None
-        self.resolver = make_resolver(delivery)  # MX lookups: [delivery] dns_servers or the system's
+        # MX lookups through [delivery] dns_servers; None: the system's resolver, read per lookup
+        # (a machine without /etc/resolv.conf still starts, and sends through routes or a relay).
+        self.resolver = make_resolver(delivery) if delivery.dns_servers else None
         self.render_limits = render_limits
         fb = feedback
         self.keys = FeedbackKeys(fb.unsubscribe_secret) if fb.unsubscribe_secret else None

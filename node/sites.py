@@ -63,7 +63,7 @@ class SiteMap:
     def __init__(self, delivery: DeliverySection, resolver: dns.asyncresolver.Resolver | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.delivery = delivery
-        self.resolver = resolver if resolver is not None else make_resolver(delivery)
+        self._resolver = resolver  # made at the first lookup: most clusters with a relay never need one
         self.clock = clock
         self._cache: OrderedDict[str, tuple[str, float]] = OrderedDict()  # domain -> (site, expires)
         self._lookups: dict[str, asyncio.Task] = {}
@@ -99,8 +99,10 @@ class SiteMap:
             self._cache.popitem(last=False)
 
     async def _resolve(self, domain: str) -> tuple[str, float]:
+        if self._resolver is None:
+            self._resolver = make_resolver(self.delivery)
         try:
-            answer = await self.resolver.resolve(domain, "MX", lifetime=self.delivery.dns_timeout)
+            answer = await self._resolver.resolve(domain, "MX", lifetime=self.delivery.dns_timeout)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.NoNameservers,
                 dns.exception.Timeout) as exc:
             log.info("MX lookup for %s: %s; it is its own site", domain, exc.__class__.__name__)
