@@ -175,6 +175,7 @@ def main() -> None:
     n, tree = args.recipients, describe_tree()
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="raftmail-bench-inject-") as tmp:
+        Path(tmp).chmod(0o755)  # Postfix's own user must reach its queue below it
         for run in range(args.runs):
             root = Path(tmp) / f"run{run}"
             root.mkdir()
