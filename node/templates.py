@@ -16,6 +16,7 @@ on the rendered size and the time per copy: the time is checked at every call, l
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import threading
@@ -24,10 +25,9 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from email import policy
-from email.headerregistry import Address
-from email.message import EmailMessage
-from email.utils import format_datetime
+from email.charset import QP, Charset
+from email.header import Header
+from email.utils import encode_rfc2231, format_datetime, formataddr
 from typing import Any, Iterator
 
 import msgpack
@@ -45,7 +45,6 @@ OWNED_HEADERS = frozenset({"from", "to", "reply-to", "subject", "date", "message
                            "content-type", "content-transfer-encoding", "content-disposition", "return-path",
                            "list-unsubscribe", "list-unsubscribe-post", "dkim-signature"})
 _FORMAT_WIDTH = re.compile(r"%[-#0 +]*(\d+)|\{[^{}]*:[^{}]*?(\d+)[^{}]*\}")
-SMTP_POLICY = policy.SMTP
 
 
 class TemplateFailure(ValueError):
@@ -207,6 +206,13 @@ class _Compiled:
     subs: dict
     rcpts: list
     templates: dict[str, Template]
+    _attachments: list[str] | None = None
+
+    def attachment_parts(self) -> list[str]:
+        """The attachments' MIME parts: the same for every copy, so encoded once."""
+        if self._attachments is None:
+            self._attachments = [_attachment_part(*a) for a in self.content.get("attachments", ())]
+        return self._attachments
 
 
 _cache: "OrderedDict[str, _Compiled]" = OrderedDict()
@@ -274,36 +280,87 @@ def _render(template: Template, context: dict) -> str:
 
 def _assemble(obj: _Compiled, text: dict[str, str], name: str | None, address: str, digest: str,
               position: int) -> bytes:
-    """MIME with the standard library: text and HTML as multipart/alternative, attachments after,
-    RFC 2047 for non-ASCII names and subjects (the SMTP policy does it)."""
+    """MIME from the standard library's encoders (RFC 2047 headers, quoted-printable and base64
+    bodies, RFC 2231 file names), laid out as the email package lays it out: text and HTML as
+    multipart/alternative, attachments after it in multipart/mixed. Written directly rather than
+    through EmailMessage, whose header registry cost 1.7 ms per copy; the tests parse every shape
+    back with the email package."""
     c = obj.content
-    msg = EmailMessage(policy=SMTP_POLICY)
-    msg["From"] = _address(c["from"])
-    msg["To"] = _address([address, name])
+    head = [_address_header("From", c["from"]), _address_header("To", [address, name])]
     if c.get("reply_to"):
-        msg["Reply-To"] = _address(c["reply_to"])
-    msg["Subject"] = text["content.subject"]
-    msg["Date"] = format_datetime(datetime.fromtimestamp(obj.date, timezone.utc))
-    for header, _ in c["headers"]:
-        msg[header] = text[f"content.headers.{header}"]
+        head.append(_address_header("Reply-To", c["reply_to"]))
+    head.append(_header("Subject", text["content.subject"]))
+    head.append(f"Date: {format_datetime(datetime.fromtimestamp(obj.date, timezone.utc))}{CRLF}")
+    head += [_header(header, text[f"content.headers.{header}"]) for header, _ in c["headers"]]
+    head.append(f"MIME-Version: 1.0{CRLF}")
     plain, html = text.get("content.text_body"), text.get("content.html_body")
-    if plain is not None:
-        msg.set_content(plain)
-        if html is not None:
-            msg.add_alternative(html, subtype="html")
-    else:
-        msg.set_content(html or "", subtype="html")
-    for data, content_type, file_name in c["attachments"]:
-        maintype, _, subtype = content_type.partition("/")
-        msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=file_name)
+    parts = [_text_part(plain, "plain")] if plain is not None else []
+    if html is not None or plain is None:
+        parts.append(_text_part(html or "", "html"))
     # Boundaries from the object and the position, so every rendering of this copy is the same.
     seed = hashlib.sha256(f"{digest}:{position}".encode()).hexdigest()[:24]
-    for n, part in enumerate(p for p in msg.walk() if p.is_multipart()):
-        part.set_boundary(f"=_rm_{seed}_{n}")
-    return msg.as_bytes(policy=SMTP_POLICY)
+    boundaries = iter(f"=_rm_{seed}_{n}" for n in range(2))
+    attachments = obj.attachment_parts()
+    outer = next(boundaries) if attachments else None
+    body = parts[0] if len(parts) == 1 else _multipart("alternative", next(boundaries), parts)
+    if outer is not None:
+        body = _multipart("mixed", outer, [body, *attachments])
+    return ("".join(head) + body).encode("ascii")
 
 
-def _address(pair: list) -> Address:
-    email, name = pair[0], pair[1] if len(pair) > 1 else None
-    local, _, domain = email.rpartition("@")
-    return Address(display_name=name or "", username=local, domain=domain)
+CRLF = "\r\n"
+MAX_LINE = 998  # characters of a line without its CRLF (RFC 5322 2.1.1)
+_QP = Charset("utf-8")
+_QP.body_encoding = QP
+
+
+def _no_line_break(what: str, value: str) -> None:
+    if "\r" in value or "\n" in value:
+        raise ValueError(f"{what} contains a linefeed or carriage return")
+
+
+def _header(name: str, value: str) -> str:
+    """One header field, folded at 78 columns; RFC 2047 encoded words when it is not ASCII."""
+    _no_line_break(name, value)
+    if value.isascii() and len(name) + 2 + len(value) <= 78:
+        return f"{name}: {value}{CRLF}"
+    charset = "us-ascii" if value.isascii() else "utf-8"
+    return f"{name}: {Header(value, charset, maxlinelen=78, header_name=name).encode(linesep=CRLF)}{CRLF}"
+
+
+def _address_header(name: str, pair: list) -> str:
+    email, display = pair[0], pair[1] if len(pair) > 1 else None
+    _no_line_break(name, email + (display or ""))
+    return _header(name, formataddr((display or "", email), charset="utf-8"))
+
+
+def _text_part(text: str, subtype: str) -> str:
+    """A text part: 7bit when it is ASCII with short lines, else quoted-printable UTF-8; it always
+    ends with a line break, as with the email package's set_content."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if text.isascii() and all(len(line) <= MAX_LINE for line in lines):
+        cte, body = "7bit", "".join(line + CRLF for line in lines)
+    else:
+        body = _QP.body_encode("\n".join(lines) + "\n").replace("\n", CRLF)
+        cte, body = "quoted-printable", body if body.endswith(CRLF) else body + CRLF
+    return f'Content-Type: text/{subtype}; charset="utf-8"{CRLF}Content-Transfer-Encoding: {cte}{CRLF}{CRLF}{body}'
+
+
+def _multipart(subtype: str, boundary: str, parts: list[str]) -> str:
+    # The line break before a delimiter belongs to it (RFC 2046 5.1.1): each part keeps its own.
+    inner = "".join(f"--{boundary}{CRLF}{part}{CRLF}" for part in parts)
+    return f'Content-Type: multipart/{subtype}; boundary="{boundary}"{CRLF}{CRLF}{inner}--{boundary}--{CRLF}'
+
+
+def _attachment_part(data: bytes, content_type: str, file_name: str) -> str:
+    _no_line_break("an attachment's file name", file_name)
+    if file_name.isascii():
+        quoted = file_name.replace("\\", "\\\\").replace('"', '\\"')
+        disposition = f'attachment; filename="{quoted}"'
+    else:
+        disposition = f"attachment; filename*={encode_rfc2231(file_name, 'utf-8')}"
+    encoded = base64.encodebytes(data).decode("ascii").replace("\n", CRLF)
+    return (f"Content-Type: {content_type}{CRLF}Content-Transfer-Encoding: base64{CRLF}"
+            f"Content-Disposition: {disposition}{CRLF}{CRLF}{encoded}")

@@ -97,3 +97,41 @@ def test_the_api_section_reads_keys_and_bounds(tmp_path) -> None:
     path.write_text(CLUSTER + NODES + '[api]\nmax_recipients = 10\nrecipients_per_submission = 50\n')
     with pytest.raises(ConfigError, match="recipients_per_submission"):
         load_config(path)
+
+
+SHAPES = {
+    "text and html": {},
+    "text only": {"html_body": None, "attachments": []},
+    "html only": {"text_body": None, "attachments": []},
+    "non-ascii everywhere": {"from": ["news@shop.test", "Bäckerei Müller, Köln"], "subject": "Grüße, {{ name }} — "
+                             "ein sehr langer Betreff, der gefaltet werden muss, weil er länger als eine Zeile ist",
+                             "text_body": "Schöne Grüße\n{{ code }}\n", "headers": [["X-Note", "Straße {{ code }}"]]},
+    "long ascii subject and lines": {"subject": "word " * 40 + "{{ code }}", "text_body": "x" * 2000 + "\nend\n"},
+    "attachments with hard names": {"attachments": [[bytes(range(256)) * 40, "application/octet-stream",
+                                                     'a "quoted" \\ name.bin'],
+                                                    [b"hello", "text/plain", "Übersicht.txt"]]},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_shape_of_copy_parses_back_to_what_was_asked(shape: str) -> None:
+    content = {**CONTENT, **SHAPES[shape]}
+    content = {k: v for k, v in content.items() if v is not None}
+    raw = render_copy(obj(content, [["Zoë O'Brien", {"code": "C-1"}]]), "d-" + shape, 0, "zoe@x.test", LIMITS)
+    assert raw.isascii() and all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    assert b"\n" not in raw.replace(b"\r\n", b"")
+    m = message_from_bytes(raw, policy=policy.default)
+    name = "Zoë O'Brien"
+    assert m["From"].addresses[0].display_name == (content["from"][1] or "")
+    assert m["To"].addresses[0].display_name == name and m["To"].addresses[0].addr_spec == "zoe@x.test"
+    assert m["Subject"] == content["subject"].replace("{{ name }}", name).replace("{{ code }}", "C-1")
+    for header, template in content["headers"]:
+        assert m[header] == template.replace("{{ code }}", "C-1")
+    text, html = m.get_body(("plain",)), m.get_body(("html",))
+    if content.get("text_body") is not None:
+        expected = content["text_body"].replace("{{ code }}", "C-1")
+        assert text.get_content().replace("\r\n", "\n") == expected
+    if content.get("html_body") is not None:
+        assert html.get_content().replace("\r\n", "\n") == "<p>Zoë O&#39;Brien</p>\n"
+    attachments = [(p.get_content(), p.get_content_type(), p.get_filename()) for p in m.iter_attachments()]
+    assert attachments == [(d if t != "text/plain" else d.decode(), t, f) for d, t, f in content["attachments"]]
