@@ -9,7 +9,8 @@ or the plain aiosmtpd server where smtp-sink is not installed).
 Per run, on fresh clusters:
 - "answered": seconds from the first byte of the request until its reply (200 only once the
   whole request is committed on a majority), on an idle cluster, the campaign scheduled a day
-  ahead, so nothing else competes; the leader's RSS growth per queued recipient is measured then.
+  ahead, so nothing else competes; RSS growth per queued recipient is measured then: a follower's
+  (the replicated state and the Raft log) and the leader's (which also parsed the request).
 - "end to end": a second request, sent now, until the destination counted every copy.
 - Postfix: the same number of copies rendered by the client, until the destination counted every one.
 Prints medians with min-max and the ratio to Postfix. Everything runs on 127.0.0.1; Postfix
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import smtplib
 import statistics
@@ -26,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 import urllib.request
 from email.message import EmailMessage
 from pathlib import Path
@@ -37,6 +40,8 @@ from bench.lib.peers import start_destination  # noqa: E402
 from bench.lib.postfix import PostfixRelay  # noqa: E402
 from bench.lib.procs import wait_until  # noqa: E402
 from bench.lib.report import describe_tree  # noqa: E402
+from raftmail.consensus.commands import NewSubmission, Submit, encode_command  # noqa: E402
+from raftmail.consensus.state import MailState  # noqa: E402
 from raftmail.node.local_cluster import free_ports  # noqa: E402
 
 SMTP_CONNECTIONS = 16  # the campaign tool's parallel SMTP connections into Postfix
@@ -98,16 +103,19 @@ def api_answered(root: Path, dest_port: int, n: int, per: int, timeout: float) -
     c, http = start_cluster(root, dest_port, n, per)
     try:
         leader = c.start_all()
-        rss_before = c.rss(leader)
+        rss_before = {nid: c.rss(nid) for nid in c.ids}
         tomorrow = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).isoformat()
         reply, answered, size = post(http[leader], request(n, "queued", tomorrow), "bench-queued", timeout)
         assert reply["success_count"] == n, reply
-        wait_until(lambda: sum(c.get(leader, "/status")["queue"].values()) >= n, timeout, "the queue to show it")
-        rss_after = c.rss(leader)
+        for nid in c.ids:
+            wait_until(lambda: sum(c.get(nid, "/status")["queue"].values()) >= n, timeout, f"{nid} to apply it")
+        growth = {nid: (c.rss(nid) - rss_before[nid]) / n for nid in c.ids}
         bodies = c.get(leader, "/status")["bodies"]["bytes"]
     finally:
         c.stop_all()
-    return {"answered_s": answered, "state_bytes_per_rcpt": (rss_after - rss_before) / n,
+    # A follower holds the replicated state and the Raft log; the leader also parsed the request.
+    return {"answered_s": answered, "leader_bytes_per_rcpt": growth[leader],
+            "state_bytes_per_rcpt": max(v for nid, v in growth.items() if nid != leader),
             "body_bytes_per_rcpt": bodies / n, "request_bytes": size}
 
 
@@ -128,6 +136,7 @@ def api_end_to_end(root: Path, dest, n: int, per: int, timeout: float) -> dict:
 
 
 def postfix_end_to_end(root: Path, dest, n: int, timeout: float) -> dict:
+    copies = [copy_for(i) for i in range(n)]  # rendered before the clock starts, as the API's request is built
     relay = PostfixRelay(root, dest.port)
     relay.start()
     try:
@@ -139,7 +148,7 @@ def postfix_end_to_end(root: Path, dest, n: int, timeout: float) -> dict:
             with smtplib.SMTP("127.0.0.1", relay.port, timeout=timeout) as s:
                 for i in range(w, n, SMTP_CONNECTIONS):
                     try:
-                        s.sendmail("news@example.com", [f"r{i}@postfix.bench"], copy_for(i))
+                        s.sendmail("news@example.com", [f"r{i}@postfix.bench"], copies[i])
                     except smtplib.SMTPException as e:
                         failures.append(str(e))
             last_answer[0] = max(last_answer[0], time.monotonic())
@@ -157,6 +166,29 @@ def postfix_end_to_end(root: Path, dest, n: int, timeout: float) -> dict:
     finally:
         relay.stop()
     return {"rcpt_per_s": n / seconds, "answered_s": last_answer[0] - started}
+
+
+def state_bytes(n: int, per: int) -> float:
+    """Bytes the replicated state holds per queued recipient of a request: the same submit
+    commands the API proposes, applied in this process and counted by tracemalloc (the RSS rows
+    add the Raft log kept until compaction, and what the allocator keeps after parsing)."""
+    state, now = MailState(), time.time()
+
+    def submit(prefix: str) -> bytes:
+        return encode_command(Submit(now, 86400.0, 10**8, [NewSubmission(
+            f"{prefix}.{k}", "queued", "news@example.com", "0" * 64, 1000,
+            [f"r{i}@queued.bench" for i in range(s, min(n, s + per))], None, "example.com", now + 86400, s)
+            for k, s in enumerate(range(0, n, per))]))
+    state.apply_blob(submit("warm"))  # the first of everything (campaign, interned names) not counted
+    blob = submit("queued")
+    gc.collect()
+    tracemalloc.start()
+    state.apply_blob(blob)
+    del blob
+    gc.collect()
+    held = sum(stat.size for stat in tracemalloc.take_snapshot().statistics("filename"))
+    tracemalloc.stop()
+    return held / n
 
 
 def spread(values: list[float], digits: int) -> str:
@@ -203,7 +235,11 @@ def main() -> None:
     print(f"| request answered after, idle (s) | {spread(col('answered', 'answered_s'), 2)} | – |")
     print(f"| request answered after, while delivering (s) | {spread(col('e2e', 'answered_under_load_s'), 2)} | "
           f"{spread(col('postfix', 'answered_s'), 2)} (last copy accepted) |")
-    print(f"| leader RSS growth per queued recipient (B) | {spread(col('answered', 'state_bytes_per_rcpt'), 0)} | – |")
+    print(f"| replicated state per queued recipient (B) | {state_bytes(n, args.per_submission):.0f} | – |")
+    print(f"| follower RSS growth per queued recipient: state and log (B) | "
+          f"{spread(col('answered', 'state_bytes_per_rcpt'), 0)} | – |")
+    print(f"| leader RSS growth per queued recipient, request parsing included (B) | "
+          f"{spread(col('answered', 'leader_bytes_per_rcpt'), 0)} | – |")
     print(f"| body store per recipient (B) | {spread(col('answered', 'body_bytes_per_rcpt'), 1)} | – |")
     print(f"| node CPU per recipient, 3 nodes (ms) | {spread(col('e2e', 'cpu_ms_per_rcpt'), 2)} | – |")
     print(f"\nraftmail API / Postfix, recipients/s end to end: {spread(ratios, 2)}x "
