@@ -45,6 +45,7 @@ from raftmail.consensus.state import MailState  # noqa: E402
 from raftmail.node.local_cluster import free_ports  # noqa: E402
 
 SMTP_CONNECTIONS = 16  # the campaign tool's parallel SMTP connections into Postfix
+POSTFIX_DESTINATION_CONCURRENCY = 20  # Postfix's default_destination_concurrency_limit
 
 
 def request(n: int, campaign: str, send_at: str | None = None) -> dict:
@@ -73,8 +74,11 @@ def copy_for(i: int) -> bytes:
 
 
 def start_cluster(root: Path, dest_port: int, n: int, per: int) -> tuple[Cluster, dict[str, int]]:
+    # Postfix's default_destination_concurrency_limit is 20 connections to one destination: the
+    # same for raftmail's one destination domain (its default is 10).
     spec = ClusterSpec(relay_port=dest_port, extra={
         "delivery": {"unsubscribe_url": "https://u.example.com/u/{token}"},
+        "delivery.domains.default": {"max_connections": POSTFIX_DESTINATION_CONCURRENCY},
         "feedback": {"unsubscribe_secret": ["bench-feedback-key-0123456789abcdef"]},
         "api": {"recipients_per_submission": per, "max_recipients": max(n, 1000), "max_request_bytes": 256 * 2**20}})
     c = Cluster(root, spec)
