@@ -5,7 +5,7 @@ reports, expiry, and giving back a restarted holder's batches. Handlers of the s
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from .commands import Abandon, Assign, Expire, Incarnate, Renew, Report, Result
 from .outcomes import CANCELLED, DEFERRED, DELIVERED, EXPIRED, IN_FLIGHT, SUPPRESSED, WAITING_STATES
@@ -31,9 +31,9 @@ def assign(st: MailState, c: Assign) -> Result:
         quota = min(quota, c.max_per_minute - sent_last_minute(st, site, now))
         if quota <= 0:
             return Result(batch=None, reason="max_per_minute")
-    warmup_key = f"{c.source} {site}"
+    warmup = warmup_key(c.source or "", site)
     if c.source and c.daily_cap is not None:
-        quota = min(quota, c.daily_cap - warmed_today(st, warmup_key, now))
+        quota = min(quota, c.daily_cap - count_today(st.warmup.get(warmup), now))
         if quota <= 0:
             return Result(batch=None, reason="daily_cap")
     chosen: dict[tuple[str, int], None] = {}
@@ -70,7 +70,7 @@ def assign(st: MailState, c: Assign) -> Result:
     if c.max_per_minute > 0:
         st.site_recent.setdefault(site, deque()).append(Assigned(now, len(chosen)))
     if c.source and c.daily_cap is not None:
-        st.warmup[warmup_key] = [utc_day(now), warmed_today(st, warmup_key, now) + len(chosen)]
+        st.warmup[warmup] = [utc_day(now), count_today(st.warmup.get(warmup), now) + len(chosen)]
     return Result(batch=bid, n=len(chosen), leased=[bid, 0])
 
 
@@ -92,11 +92,15 @@ def utc_day(now: float) -> int:
     return int(now // 86400)
 
 
-def warmed_today(st: MailState, key: str, now: float) -> int:
-    """Recipients handed to a source address for a site (`key`) on `now`'s UTC day. A recipient
-    assigned again after a deferral counts again: a warm-up cap errs on the side of sending less."""
-    day, n = st.warmup.get(key, (0, 0))
-    return n if day == utc_day(now) else 0
+def warmup_key(source: str, site: str) -> str:
+    """The key of st.warmup for a source address and a destination site."""
+    return f"{source} {site}"
+
+
+def count_today(entry: Sequence[int] | None, now: float) -> int:
+    """Recipients a st.warmup entry ([UTC day, count]) says were handed over on `now`'s UTC day. A
+    recipient assigned again after a deferral counts again: a warm-up cap errs towards sending less."""
+    return entry[1] if entry is not None and entry[0] == utc_day(now) else 0
 
 
 def prune_warmup(st: MailState, now: float) -> None:

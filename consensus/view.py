@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 from . import readindex
-from .batches import utc_day
+from .batches import count_today, warmup_key
 from .outcomes import STATE_NAMES
 from .readindex import Due, Ready
 from .shaping import DomainBackoff
@@ -81,8 +81,7 @@ class StateView:
 
     def warmed_today(self, source: str, site: str, now: float) -> int:
         """As consensus/batches.py's: recipients handed to `source` for `site` on `now`'s UTC day."""
-        day, n = self.warmup.get(f"{source} {site}", (0, 0))
-        return n if day == utc_day(now) else 0
+        return count_today(self.warmup.get(warmup_key(source, site)), now)
 
     def batches_of(self, node: str) -> list[BatchView]:
         return [b for b in self.batches.values() if b.node == node]

@@ -20,10 +20,10 @@ from raftmail.consensus.domains import normalise_domain
 if TYPE_CHECKING:
     from raftmail.node.config import Address
 
-log = logging.getLogger("raftmail.node.delivery")
+log = logging.getLogger("raftmail.node.delivery")  # route trouble is delivery trouble to an operator
 
 MAX_MX_HOSTS = 10  # MX hosts of a domain tried, most preferred first
-MAX_ROUTES = 20  # addresses tried for one batch: each failure can cost a connect timeout  # route trouble is delivery trouble to an operator
+MAX_ROUTES = 20  # addresses tried for one batch: each failure can cost a connect timeout
 
 
 @dataclass(frozen=True)

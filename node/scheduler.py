@@ -12,7 +12,6 @@ import logging
 import time
 from typing import Any, Awaitable, Callable
 
-from raftmail.consensus.batches import utc_day
 from raftmail.consensus.commands import Assign, Backoff, Command, Expire, ExpireUnsent, Prune
 from raftmail.consensus.shaping import limits_at, next_step
 from raftmail.consensus.view import StateView
@@ -59,8 +58,8 @@ def warmup_status(view: StateView, delivery: DeliverySection, now: float) -> dic
             cap = source.daily_cap(now)
             if cap is None:
                 continue
-            used = {key.split(" ", 1)[1]: n for key, (day, n) in sorted(view.warmup.items())
-                    if key.startswith(source.address + " ") and day == utc_day(now)}
+            sites = sorted(key.partition(" ")[2] for key in view.warmup if key.partition(" ")[0] == source.address)
+            used = {site: n for site in sites if (n := view.warmed_today(source.address, site, now))}
             shown[source.address] = {"pool": pool.name, "node": source.node, "cap": cap, "sites": used}
     return shown
 
@@ -178,9 +177,12 @@ class Scheduler:
         if not self.delivery.pools:
             return [(None, items)]
         groups: dict[str | None, tuple[PoolSection | None, list[list]]] = {}
+        pool_of: dict[str, PoolSection | None] = {}  # a submission's recipients share its pool
         for item in items:
-            sender, campaign = view.head_submissions.get(item[0], ("", ""))
-            pool = pool_for(self.delivery, sender, campaign)
+            sid = item[0]
+            if sid not in pool_of:
+                pool_of[sid] = pool_for(self.delivery, *view.head_submissions.get(sid, ("", "")))
+            pool = pool_of[sid]
             groups.setdefault(pool.name if pool else None, (pool, []))[1].append(item)
         return list(groups.values())
 
