@@ -1,28 +1,32 @@
 """Sending one batch (one destination domain) over one reused SMTP connection.
 
 `deliver_batch` sends each recipient its own transaction, over the routes node/routes.py picked,
-and reports one `Outcome` per recipient it attempted. SMTP and network trouble never
+and reports one `Outcome` per recipient it attempted. The session is node/smtp_client.py's:
+MAIL, RCPT and DATA go in one write when the receiver offers PIPELINING. SMTP and network trouble never
 raises out of here: it becomes a code-0 outcome, which the classifier treats as a deferral.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import aiosmtplib
-from aiosmtplib.protocol import normalize_message_line_endings
-
 from raftmail.consensus.outcomes import parse_enhanced
 from raftmail.node.message import seven_bit_copy
 from raftmail.node.routes import Route
+from raftmail.node.smtp_client import (
+    SmtpReply,
+    SmtpReplyError,
+    SmtpSession,
+    check_helo_name,
+    data_payload,
+    envelope_command,
+)
 from raftmail.node.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,6 @@ NO_8BITMIME_TEXT = "4.6.3 receiver does not take 8-bit content and this message 
 # recipient may have received it, so a retry can duplicate it (reported, not hidden).
 AMBIGUOUS_PREFIX = "ambiguous: "
 LEASE_POLL_SECONDS = 0.1  # how often a command waiting for its reply re-reads the lease
-_LEADING_PERIOD = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
 T = TypeVar("T")
 
 
@@ -172,9 +175,8 @@ class _BatchSender:
         seven_bit: Callable[[bytes], bytes] = seven_bit_copy,
         source_address: str | None = None,
     ) -> None:
-        # A bad HELO name is a configuration error: raise it now, before anything is sent,
-        # using aiosmtplib's own check of the name.
-        aiosmtplib.SMTP(local_hostname=helo_name)
+        # A bad HELO name is a configuration error: raise it now, before anything is sent.
+        check_helo_name(helo_name)
         self._routes = list(routes)
         self._mail_from = mail_from
         self._helo_name = helo_name
@@ -187,7 +189,7 @@ class _BatchSender:
         self._reconnects_left = max_reconnects
         self._lease_left = lease_left
         self._seven_bit = seven_bit
-        self._smtp: aiosmtplib.SMTP | None = None
+        self._session: SmtpSession | None = None
         self._remote = ""
         self._opened_before = False
         # Once set, the batch cannot be sent: (text, enhanced, remote) for every further recipient.
@@ -230,87 +232,76 @@ class _BatchSender:
                 await asyncio.gather(task, return_exceptions=True)
 
     async def _transaction(self, index: int, recipient: str, message: bytes, mail_from: str) -> Outcome | None:
-        smtp = self._smtp
-        assert smtp is not None
+        session = self._session
+        assert session is not None
         stage = "MAIL FROM"
-        if not message.isascii() and not smtp.supports_extension("8bitmime"):
+        if not message.isascii() and not session.supports("8bitmime"):
             try:
                 message = self._seven_bit(message)
             except ValueError as exc:
                 return Outcome(index, 0, None, f"{NO_8BITMIME_TEXT}: {exc}", self._remote)
         try:
             mail_options, encoding = self._envelope_options(mail_from, recipient, message)
-            if self._lease_left is not None and self._lease_left() <= 0:
-                return None
-            await self._bounded(smtp.mail(mail_from, options=mail_options, encoding=encoding,
-                                          timeout=None), stage)
-            stage = "RCPT TO"
-            await self._bounded(smtp.rcpt(recipient, encoding=encoding, timeout=None), stage)
-            stage = "DATA command"
-            start = await self._bounded(smtp.execute_command(b"DATA", timeout=None), stage)
-            if start.code != 354:
-                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            commands = [
+                ("MAIL FROM", envelope_command(b"MAIL FROM:", mail_from, mail_options, encoding)),
+                ("RCPT TO", envelope_command(b"RCPT TO:", recipient, [], encoding)),
+                ("DATA command", b"DATA\r\n"),
+            ]
+        except ValueError as exc:
+            # The address cannot go on a command line (non-ASCII without SMTPUTF8); nothing
+            # was sent for it, so the session stays usable.
+            return Outcome(index, 0, None, f"{stage} not sent: {exc}", self._remote)
+        if self._lease_left is not None and self._lease_left() <= 0:
+            return None
+        try:
+            refused: SmtpReply | None = None
+            if session.pipelining:  # RFC 2920: the three commands in one write, replies in order
+                session.write(b"".join(line for _, line in commands))
+            for stage, line in commands:
+                if not session.pipelining:
+                    if refused is not None:
+                        break
+                    session.write(line)
+                reply = await self._bounded(session.reply(), stage)
+                if refused is None and not (reply.code == 354 if stage == "DATA command" else reply.ok):
+                    refused = reply
+            if refused is not None:
+                if stage == "DATA command" and reply.code == 354:
+                    # DATA accepted although MAIL or RCPT was refused: end it with no content.
+                    session.write(b".\r\n")
+                    await self._bounded(session.reply(), "an empty DATA")
+                await self._reset()
+                return self._outcome(index, refused.code, refused.text)
             stage = "DATA"
             if self._lease_left is not None and self._lease_left() <= 0:
                 # Cut off from the cluster (no renewal): no copy may leave after the lease.
                 self.abort()
                 return None
-            reply = await self._send_content(smtp, message)
+            session.write(data_payload(message))
+            reply = await self._bounded(session.reply(), "the final dot")
             if reply.code != 250:
-                raise aiosmtplib.SMTPDataError(reply.code, reply.message)
-            return self._outcome(index, reply.code, reply.message)
-        except aiosmtplib.SMTPResponseException as exc:
-            await self._reset()
-            return self._outcome(index, exc.code, exc.message)
-        except ValueError as exc:
-            # aiosmtplib will not put this address on a command line (syntax, or non-ASCII
-            # without SMTPUTF8); nothing was sent for it, so the session stays usable.
-            await self._reset()
-            return Outcome(index, 0, None, f"{stage} not sent: {exc}", self._remote)
+                await self._reset()
+            return self._outcome(index, reply.code, reply.text)
         except _LeaseEnded as exc:
             self.abort()
             if stage == "DATA":
                 return Outcome(index, 0, None, f"{AMBIGUOUS_PREFIX}{exc}", self._remote, maybe_delivered=True)
             return None
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (OSError, asyncio.TimeoutError) as exc:
             self.abort()
             maybe = stage == "DATA"
             prefix = AMBIGUOUS_PREFIX if maybe else ""
             text = f"{prefix}connection lost during {stage}: {_describe(exc)}"
             return Outcome(index, 0, None, text, self._remote, maybe_delivered=maybe)
 
-    async def _send_content(self, smtp: aiosmtplib.SMTP, message: bytes) -> aiosmtplib.SMTPResponse:
-        """The message and its final dot, then the reply, bounded like every command. aiosmtplib's
-        data() sends DATA and the content in one call, with no chance to stop between them."""
-        protocol = smtp.protocol
-        if protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("connection lost")
-        payload = normalize_message_line_endings(message)
-        payload = _LEADING_PERIOD.sub(b"..", payload) + b".\r\n"
-
-        async def content_and_reply() -> aiosmtplib.SMTPResponse:
-            # Written in the same step that starts waiting for the reply: aiosmtplib drops data
-            # that arrives while no reply is awaited, and under uvloop the reply can arrive
-            # before a task wrapped around read_response alone has started.
-            protocol.write(payload)
-            return await protocol.read_response(timeout=None)
-
-        try:
-            return await self._bounded(content_and_reply(), "the final dot")
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-            smtp.close()
-            raise
-
     def _envelope_options(self, mail_from: str, recipient: str, message: bytes) -> tuple[list[str], str]:
-        assert self._smtp is not None
+        assert self._session is not None
         options: list[str] = []
         encoding = "ascii"
-        if not (mail_from.isascii() and recipient.isascii()) and self._smtp.supports_extension(
-            "smtputf8"
-        ):
+        if not (mail_from.isascii() and recipient.isascii()) and self._session.supports("smtputf8"):
             options.append("SMTPUTF8")
             encoding = "utf-8"
-        if not message.isascii() and self._smtp.supports_extension("8bitmime"):
+        if not message.isascii() and self._session.supports("8bitmime"):
             options.append("BODY=8BITMIME")
         return options, encoding
 
@@ -321,16 +312,16 @@ class _BatchSender:
         # RSET ends the refused transaction so the next recipient starts clean.
         if not self._connected():
             return
-        assert self._smtp is not None
+        assert self._session is not None
         try:
-            await self._smtp.rset()
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            await self._bounded(self._session.command(b"RSET"), "RSET")
+        except (_LeaseEnded, OSError, asyncio.TimeoutError):
             self.abort()
 
     # -- session -------------------------------------------------------------------------------
 
     def _connected(self) -> bool:
-        return self._smtp is not None and self._smtp.is_connected
+        return self._session is not None and self._session.connected
 
     async def _reopen(self) -> None:
         if self._opened_before:
@@ -347,7 +338,7 @@ class _BatchSender:
         tls_missing = untrusted = 0
         for route in self._routes:
             try:
-                self._smtp = await self._open(route, try_tls=True)
+                self._session = await self._open(route, try_tls=True)
                 self._remote = route.remote
                 return None
             except _TlsNotOffered:
@@ -366,42 +357,42 @@ class _BatchSender:
             return (text, parse_enhanced(TLS_UNTRUSTED_TEXT), last_remote)
         return ("connection failed: " + "; ".join(reasons), None, last_remote)
 
-    async def _open(self, route: Route, *, try_tls: bool) -> aiosmtplib.SMTP:
+    async def _open(self, route: Route, *, try_tls: bool) -> SmtpSession:
         # A password, or a domain that must never see clear text, needs a receiver we can trust;
         # otherwise TLS is opportunistic: encrypt even with an unverifiable certificate.
         verify = self._tls_verify and (route.username is not None or self._require_tls)
         # No plaintext retry once STARTTLS broke when a password or TLS is at stake.
         may_fall_back = route.username is None and not self._require_tls
-        smtp = aiosmtplib.SMTP(
-            hostname=route.address or route.host,
-            port=route.port,
-            local_hostname=self._helo_name,
-            source_address=(self._source_address, 0) if self._source_address else None,
-            timeout=self._command_timeout,
-            start_tls=False,  # STARTTLS is done below, so its failure can be told apart
-            tls_context=client_context(verify=verify, ca_file=self._tls_ca_file if verify else None),
-        )
         stage = "connect"
+        session: SmtpSession | None = None
         try:
-            await smtp.connect(timeout=self._connect_timeout)
+            session = await SmtpSession.connect(
+                route.address or route.host, route.port, source_address=self._source_address,
+                connect_timeout=self._connect_timeout, timeout=self._command_timeout)
             stage = "EHLO"
-            await self._greet(smtp)
-            if smtp.supports_extension("starttls") and try_tls:
+            await session.greet(self._helo_name)
+            if session.supports("starttls") and try_tls:
                 stage = "STARTTLS"
-                await smtp.starttls(server_hostname=route.host)
+                context = client_context(verify=verify, ca_file=self._tls_ca_file if verify else None)
+                await session.starttls(context, server_hostname=route.host)
                 stage = "EHLO after STARTTLS"
-                await self._greet(smtp)
+                await session.greet(self._helo_name)
             elif self._require_tls:
                 raise _TlsNotOffered(TLS_NOT_OFFERED_TEXT)
             if route.username is not None:
                 stage = "AUTH"
-                await self._login(smtp, route)
-            return smtp
+                if not session.tls and not session.peer_is_loopback():
+                    # Relay passwords never travel in clear text over a network (Postfix's noplaintext).
+                    raise _RouteFailed("AUTH refused: connection is not encrypted")
+                await session.login(route.username, route.password or "")
+            return session
         except _RouteFailed:
-            smtp.close()
+            if session is not None:
+                session.close()
             raise
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError, ValueError) as exc:
-            smtp.close()
+        except (SmtpReplyError, OSError, asyncio.TimeoutError, ValueError) as exc:
+            if session is not None:
+                session.close()
             if isinstance(exc, ssl.SSLCertVerificationError):
                 log.warning("STARTTLS with %s: certificate not trusted (%s); nothing sent there",
                             route.remote, exc.verify_message)
@@ -413,41 +404,15 @@ class _BatchSender:
                 return await self._open(route, try_tls=False)
             raise _RouteFailed(f"{stage} failed: {_describe(exc)}") from exc
 
-    async def _greet(self, smtp: aiosmtplib.SMTP) -> None:
-        try:
-            await smtp.ehlo(hostname=self._helo_name)
-        except aiosmtplib.SMTPHeloError:
-            if not smtp.is_connected:
-                raise
-            await smtp.helo(hostname=self._helo_name)
-
-    async def _login(self, smtp: aiosmtplib.SMTP, route: Route) -> None:
-        encrypted = smtp.get_transport_info("sslcontext") is not None
-        if not encrypted and not _is_loopback_peer(smtp):
-            # Relay passwords never travel in clear text over a network (Postfix's noplaintext).
-            raise _RouteFailed("AUTH refused: connection is not encrypted")
-        await smtp.login(route.username or "", route.password or "")
-
     async def quit(self) -> None:
         if self._connected():
-            assert self._smtp is not None
-            try:
-                await self._smtp.quit()
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                pass
+            assert self._session is not None
+            await self._session.quit()
         self.abort()
 
     def abort(self) -> None:
-        if self._smtp is not None:
-            self._smtp.close()
-
-
-def _is_loopback_peer(smtp: aiosmtplib.SMTP) -> bool:
-    peer = smtp.get_transport_info("peername")
-    try:
-        return bool(peer) and ipaddress.ip_address(peer[0]).is_loopback
-    except ValueError:
-        return False
+        if self._session is not None:
+            self._session.close()
 
 
 def _describe(exc: BaseException) -> str:

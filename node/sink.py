@@ -257,6 +257,9 @@ class _SinkHandler:
     async def handle_EHLO(self, server: _SinkSMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
+        # aiosmtpd reads and answers commands in order, so pipelined clients work; it only
+        # does not say so. Real receivers do, and so do we, so senders pipeline to the sink.
+        responses = responses[:-1] + ["250-PIPELINING"] + responses[-1:]
         if self._sink.eight_bit_mime:
             return responses
         return [r for r in responses if r[4:].upper() != "8BITMIME"]

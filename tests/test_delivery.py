@@ -56,11 +56,24 @@ class Transaction:
     login: bytes | None
 
 
+# Whether the test servers offer PIPELINING (RFC 2920); every test here runs both ways.
+OFFER_PIPELINING = [False]
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["one-by-one", "pipelined"])
+def offer_pipelining(request: pytest.FixtureRequest):
+    OFFER_PIPELINING[0] = request.param
+    yield request.param
+    OFFER_PIPELINING[0] = False
+
+
 @dataclass
 class Recorder:
     """aiosmtpd handler: records envelopes, refuses chosen RCPTs, can drop the connection."""
 
     reject: dict[str, str] = field(default_factory=dict)
+    pipelining: bool = field(default_factory=lambda: OFFER_PIPELINING[0])
+    ehlo_names: list[str] = field(default_factory=list)
     drop_on_data: set[str] = field(default_factory=set)
     stop_listening_on_drop: bool = False
     transactions: list[Transaction] = field(default_factory=list)
@@ -69,6 +82,11 @@ class Recorder:
     connections: int = 0
     logins: list[tuple[bytes, bytes]] = field(default_factory=list)
     listener: asyncio.AbstractServer | None = None
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses) -> list[str]:
+        session.host_name = hostname
+        self.ehlo_names.append(hostname)
+        return responses[:-1] + ["250-PIPELINING"] + responses[-1:] if self.pipelining else responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
         if address in self.reject:
@@ -453,6 +471,89 @@ def test_bad_helo_name_is_a_configuration_error() -> None:
                 connect_timeout=1, command_timeout=1, may_send=lambda: True, on_outcome=lambda o: None,
             )
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# PIPELINING (RFC 2920), against a scripted receiver that shows what arrived in which order
+
+
+class Scripted(asyncio.Protocol):
+    """A receiver that offers PIPELINING and answers MAIL, RCPT and DATA only once all three have
+    arrived: a client that waits for each reply before its next command gets no answer at all.
+    `rcpt_reply` and `data_reply` are its answers; every line it reads is kept in `seen`."""
+
+    def __init__(self, seen: list[bytes], rcpt_reply: bytes = b"250 ok", data_reply: bytes = b"354 go") -> None:
+        self.seen, self.rcpt_reply, self.data_reply = seen, rcpt_reply, data_reply
+        self.buffer = b""
+        self.held: list[bytes] = []
+        self.in_content = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(b"220 scripted ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            self.seen.append(line)
+            self.answer(line)
+
+    def answer(self, line: bytes) -> None:
+        if self.in_content:
+            if line == b".":
+                self.in_content = False
+                self.transport.write(b"250 2.0.0 queued\r\n")
+            return
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            self.transport.write(b"250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        elif verb in (b"MAIL", b"RCPT", b"DATA"):
+            self.held.append(verb)
+            if verb == b"DATA":  # the whole group is here: answer it in order
+                self.transport.write(b"250 ok\r\n" + self.rcpt_reply + b"\r\n" + self.data_reply + b"\r\n")
+                self.in_content = self.data_reply.startswith(b"354")
+        elif verb == b"RSET":
+            self.transport.write(b"250 reset\r\n")
+        elif verb == b"QUIT":
+            self.transport.write(b"221 bye\r\n")
+            self.transport.close()
+
+
+async def scripted_batch(count: int, **script: bytes) -> tuple[list[Outcome], list[bytes]]:
+    seen: list[bytes] = []
+    listener = await asyncio.get_running_loop().create_server(lambda: Scripted(seen, **script), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        return await run_batch([Route("127.0.0.1", port)], make_messages(count), command_timeout=1.0), seen
+    finally:
+        listener.close()
+
+
+def test_pipelining_receiver_gets_mail_rcpt_and_data_in_one_write() -> None:
+    outcomes, seen = asyncio.run(scripted_batch(3))
+    # A client that waited for the reply to MAIL before sending RCPT would have timed out here.
+    assert [(o.index, o.code, o.enhanced) for o in outcomes] == [(i, 250, "2.0.0") for i in range(3)]
+    verbs = [line.split(b":")[0] if line[:4] in (b"MAIL", b"RCPT") else line for line in seen]
+    assert verbs[:4] == [b"EHLO sender.raftmail.test", b"MAIL FROM", b"RCPT TO", b"DATA"]
+    assert seen.count(b".") == 3 and seen.count(b"..dot") == 3  # content dot-stuffed, then the final dot
+
+
+def test_pipelined_refusal_ends_a_stray_354_with_an_empty_message() -> None:
+    # A receiver that refuses the recipient but still says 354 to DATA gets the final dot alone
+    # (nothing of the message), then RSET; the refusal is the recipient's outcome.
+    outcomes, seen = asyncio.run(scripted_batch(2, rcpt_reply=b"550 5.1.1 no such user"))
+    assert [(o.code, o.enhanced) for o in outcomes] == [(550, "5.1.1")] * 2
+    data = seen.index(b"DATA")
+    assert seen[data + 1:data + 3] == [b".", b"RSET"]
+    assert not any(line.startswith(b"Subject") for line in seen)
+
+
+def test_pipelined_refusal_at_data_resets_and_goes_on() -> None:
+    outcomes, seen = asyncio.run(scripted_batch(2, rcpt_reply=b"450 4.2.1 try later",
+                                                data_reply=b"554 5.5.1 no valid recipients"))
+    assert [(o.code, o.enhanced) for o in outcomes] == [(450, "4.2.1")] * 2  # the first refusal counts
+    assert seen.count(b"RSET") == 2 and seen.count(b".") == 0
 
 
 # ---------------------------------------------------------------------------------------------
