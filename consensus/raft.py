@@ -136,6 +136,9 @@ class RaftNode(SyncObj):
         # loaded a snapshot or changed whether this node leads: the node makes its read view there
         # (consensus/view.py).
         self.on_tick: Callable[[MailState], None] | None = None
+        # Asked after a tick that applied nothing new: True makes the tick call on_tick anyway
+        # (a reader waits for something only a fresh call makes, such as the queue's heads).
+        self.on_tick_wanted: Callable[[], bool] = lambda: False
         self._ticked_at: tuple = ()  # (state object, commands applied, leads) last handed on
         self._stopping = threading.Event()
         self.leader_changes = 0
@@ -443,7 +446,8 @@ class RaftNode(SyncObj):
 
     def _after_tick(self) -> None:
         publish, st = self.on_tick, self.state
-        if publish is None or (id(st), st.applied, self._isLeader()) == self._ticked_at:
+        if publish is None or ((id(st), st.applied, self._isLeader()) == self._ticked_at
+                               and not self.on_tick_wanted()):
             return
         with self.state_lock:
             st = self.state

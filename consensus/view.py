@@ -64,6 +64,7 @@ class StateView:
     incarnations: Mapping[str, str] = _none()  # node -> the process that announced itself last
     members: Mapping[str, Mapping[str, str]] = _none()  # members added or removed at run time
     # The heads of the queue, bounded (empty in the views of a node that does not lead).
+    heads: bool = False  # the leader's view made for its scheduler: ready and deferred are filled
     ready: tuple[Ready, ...] = ()
     deferred: tuple[Due, ...] = ()
     oldest_waiting: float | None = None  # accepted_at of the oldest submission still waiting
@@ -109,6 +110,6 @@ def view_of(st: MailState, node: str, queue_head: int) -> StateView:
                                            for sid in heads}),
         incarnations=MappingProxyType(dict(st.incarnations)),
         members=MappingProxyType({k: MappingProxyType(dict(v)) for k, v in st.members.items()}),
-        ready=ready, deferred=deferred,
+        heads=queue_head > 0, ready=ready, deferred=deferred,
         oldest_waiting=ix.oldest_waiting(),
     )

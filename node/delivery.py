@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 from raftmail.consensus.outcomes import parse_enhanced
 from raftmail.node.message import seven_bit_copy
@@ -42,7 +41,6 @@ NO_8BITMIME_TEXT = "4.6.3 receiver does not take 8-bit content and this message 
 # recipient may have received it, so a retry can duplicate it (reported, not hidden).
 AMBIGUOUS_PREFIX = "ambiguous: "
 LEASE_POLL_SECONDS = 0.1  # how often a command waiting for its reply re-reads the lease
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -209,27 +207,22 @@ class _BatchSender:
             return Outcome(index, 0, enhanced, text, remote)
         return await self._transaction(index, recipient, message, mail_from or self._mail_from)
 
-    async def _bounded(self, command: Awaitable[T], stage: str) -> T:
-        """Await one SMTP command's reply, at most `command_timeout` and never past the lease
-        (re-read as it waits: renewals move it). Raises _LeaseEnded or asyncio.TimeoutError."""
-        task = asyncio.ensure_future(command)
+    async def _reply(self, stage: str) -> SmtpReply:
+        """The next reply, waited for at most `command_timeout` and never past the lease (re-read
+        as it waits: renewals move it). Raises _LeaseEnded or asyncio.TimeoutError."""
+        session = self._session
+        assert session is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._command_timeout
-        try:
-            while True:
-                left = deadline - loop.time()
-                lease = self._lease_left() if self._lease_left is not None else left
-                if lease <= 0:
-                    raise _LeaseEnded(f"lease ended waiting for the reply to {stage}")
-                if left <= 0:
-                    raise asyncio.TimeoutError(f"no reply to {stage} within {self._command_timeout:g}s")
-                done, _ = await asyncio.wait({task}, timeout=min(left, lease, LEASE_POLL_SECONDS))
-                if done:
-                    return task.result()
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        while (reply := session.reply_nowait()) is None:
+            left = deadline - loop.time()
+            lease = self._lease_left() if self._lease_left is not None else left
+            if lease <= 0:
+                raise _LeaseEnded(f"lease ended waiting for the reply to {stage}")
+            if left <= 0:
+                raise asyncio.TimeoutError(f"no reply to {stage} within {self._command_timeout:g}s")
+            await session.wait(min(left, lease, LEASE_POLL_SECONDS))
+        return reply
 
     async def _transaction(self, index: int, recipient: str, message: bytes, mail_from: str) -> Outcome | None:
         session = self._session
@@ -262,14 +255,14 @@ class _BatchSender:
                     if refused is not None:
                         break
                     session.write(line)
-                reply = await self._bounded(session.reply(), stage)
+                reply = await self._reply(stage)
                 if refused is None and not (reply.code == 354 if stage == "DATA command" else reply.ok):
                     refused = reply
             if refused is not None:
                 if stage == "DATA command" and reply.code == 354:
                     # DATA accepted although MAIL or RCPT was refused: end it with no content.
                     session.write(b".\r\n")
-                    await self._bounded(session.reply(), "an empty DATA")
+                    await self._reply("an empty DATA")
                 await self._reset()
                 return self._outcome(index, refused.code, refused.text)
             stage = "DATA"
@@ -278,7 +271,7 @@ class _BatchSender:
                 self.abort()
                 return None
             session.write(data_payload(message))
-            reply = await self._bounded(session.reply(), "the final dot")
+            reply = await self._reply("the final dot")
             if reply.code != 250:
                 await self._reset()
             return self._outcome(index, reply.code, reply.text)
@@ -314,7 +307,8 @@ class _BatchSender:
             return
         assert self._session is not None
         try:
-            await self._bounded(self._session.command(b"RSET"), "RSET")
+            self._session.write(b"RSET\r\n")
+            await self._reply("RSET")
         except (_LeaseEnded, OSError, asyncio.TimeoutError):
             self.abort()
 

@@ -5,6 +5,10 @@ sender, /status, /metrics, housekeeping) take `ReadView.current` without any loc
 Handed over in loop order: a proposal's result reaches the loop before the view of the tick that
 applied it, and the task awaiting that result resumes after both, so a coroutine that committed a
 command reads a view that holds it.
+
+The queue's heads (the recipients the leader's scheduler may assign next, thousands of them) are
+made only when the scheduler asks, once a round, not after every tick: a busy leader applies
+hundreds of ticks a second, and making the heads for each was half its CPU.
 """
 from __future__ import annotations
 
@@ -28,14 +32,23 @@ class ReadView:
         self.current = StateView()
         self.published = 0  # views handed to the loop
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Set on the loop, cleared on the tick thread once it made a view with the heads.
+        self._heads_wanted = False
+        self._heads_waiters: list[asyncio.Future[StateView]] = []
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """From now on views reach the loop through its queue."""
         self._loop = loop
 
+    def heads_wanted(self) -> bool:
+        """Whether the next tick must make a view even if it applied nothing (tick thread)."""
+        return self._heads_wanted
+
     def publish(self, st: MailState) -> None:
-        # Only the leader's scheduler reads the queue's heads: the others skip making them.
-        view = view_of(st, self.node_id, self.queue_head(st) if self.leads() else 0)
+        # Only the leader's scheduler reads the queue's heads, and only when it asked for them.
+        heads = self._heads_wanted and self.leads()
+        self._heads_wanted = False  # a request made from here on is served by the next tick
+        view = view_of(st, self.node_id, self.queue_head(st) if heads else 0)
         self.published += 1
         loop = self._loop
         if loop is None:
@@ -48,3 +61,20 @@ class ReadView:
 
     def _set(self, view: StateView) -> None:
         self.current = view
+        if view.heads:
+            waiters, self._heads_waiters = self._heads_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(view)
+
+    async def with_heads(self, timeout: float) -> StateView:
+        """A view that holds the queue's heads, handed over after this call (so it holds every
+        command whose result the caller saw); the current view, without heads, if none comes in
+        `timeout` (the apply lock held long, or this node no longer leads): it assigns nothing."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._heads_waiters.append(waiter)
+        self._heads_wanted = True
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            return self.current

@@ -91,6 +91,7 @@ class MailNode:
                                   self.raft.is_leader)
         self.raft.read(self.read_view.publish)
         self.raft.on_tick = self.read_view.publish
+        self.raft.on_tick_wanted = self.read_view.heads_wanted
         self.view = ClusterView(config, node_id, self.raft, records=lambda: self.read_view.current.members)
         self.maintenance = Maintenance(self.raft, self.view_now, self.store, self.view, self.peers, self.body,
                                        interval=config.storage.maintenance_interval_seconds,
@@ -247,7 +248,8 @@ class MailNode:
         self.feedback = FeedbackDesk(c, self.id, self.proposer.propose)
         sources.feedback_counters = lambda: self.feedback.counters
         self.inject = InjectApi(c, self.intake, self.raft.read)
-        self.scheduler = Scheduler(self.view_now, self.proposer.propose, c.delivery, c.intake, c.storage, self.leases,
+        self.scheduler = Scheduler(self.view_now, self.read_view.with_heads, self.proposer.propose, c.delivery,
+                                   c.intake, c.storage, self.leases,
                                    self.view.live_nodes, self.raft.is_leader, lambda: self.raft.raftCurrentTerm)
         api = c.api
         self.sender = Sender(self.id, self.incarnation, c.delivery, c.feedback, c.intake.commit_timeout, self.view_now,

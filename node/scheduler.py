@@ -23,6 +23,7 @@ from raftmail.node.sites import SiteMap, SourceChooser, pool_for
 log = logging.getLogger("raftmail.scheduler")
 
 SCHEDULE_INTERVAL = 0.1  # seconds between scheduling rounds on the leader
+HEADS_WAIT_SECONDS = 0.5  # a round waits this long for the tick thread to make the queue's heads
 MAX_EXPIRE = 1000  # batches named in one expire command
 UNSENT_CHECK_INTERVAL = 1.0  # seconds between the leader's scans for waiting recipients past max_age
 
@@ -67,10 +68,12 @@ def warmup_status(view: StateView, delivery: DeliverySection, now: float) -> dic
 class Scheduler:
     """Reads only the published view (node/readview.py): a round never waits for the apply lock."""
 
-    def __init__(self, view: Callable[[], StateView], propose: Callable[[Command, float], Awaitable[Any]],
+    def __init__(self, view: Callable[[], StateView], heads_view: Callable[[float], Awaitable[StateView]],
+                 propose: Callable[[Command, float], Awaitable[Any]],
                  delivery: DeliverySection, intake: IntakeSection, storage: StorageSection, leases: LeaseClock,
                  live_nodes: Callable[[], list[str]], is_leader: Callable[[], bool], term: Callable[[], int]) -> None:
         self.view = view
+        self.heads_view = heads_view  # a view with the queue's heads, made on request
         self.propose = propose
         self.delivery = delivery
         self.intake = intake
@@ -119,7 +122,8 @@ class Scheduler:
                          res["archived"], res["dropped"])
         view = self.view()
         await self.step_backoff(view, now, timeout)
-        view = self.view()  # with the steps just committed: their limits apply to this round
+        # With the steps just committed (their limits apply to this round) and the queue's heads.
+        view = await self.heads_view(HEADS_WAIT_SECONDS)
         self._warmed.clear()
         # Only node processes that announced their incarnation take batches (node/sender.py).
         live = [n for n in self.live_nodes() if n in view.incarnations]

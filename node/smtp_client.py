@@ -145,16 +145,42 @@ class _ReplyReader(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    async def next_reply(self) -> SmtpReply:
-        while not self._replies:
-            if self._error is not None:
-                raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._replies.popleft()
+    def reply_nowait(self) -> SmtpReply | None:
+        """The next reply if it is here; None if not yet; SmtpSessionError if none will come."""
+        if self._replies:
+            return self._replies.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
+
+    async def wait(self, timeout: float) -> None:
+        """Until bytes arrive, the session breaks, or `timeout` passes: one future and one timer,
+        no task (this runs for every reply of every message)."""
+        if self._replies or self._error is not None:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _done, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    async def next_reply(self, timeout: float) -> SmtpReply:
+        """The next reply; asyncio.TimeoutError when none comes within `timeout`."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while (reply := self.reply_nowait()) is None:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                raise asyncio.TimeoutError(f"no reply within {timeout:g}s")
+            await self.wait(left)
+        return reply
+
+
+def _done(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class SmtpSession:
@@ -179,7 +205,7 @@ class SmtpSession:
             connect_timeout)
         session = cls(transport, reader, timeout)  # type: ignore[arg-type]
         try:
-            greeting = await asyncio.wait_for(reader.next_reply(), connect_timeout)
+            greeting = await reader.next_reply(connect_timeout)
             if greeting.code != 220:
                 raise SmtpReplyError("greeting", greeting)
         except BaseException:
@@ -205,13 +231,18 @@ class SmtpSession:
             raise SmtpSessionError("connection lost")
         self._transport.write(data)
 
-    async def reply(self) -> SmtpReply:
-        """The next reply, unbounded: the caller bounds the wait."""
-        return await self._reader.next_reply()
+    def reply_nowait(self) -> SmtpReply | None:
+        """The next reply if it has arrived (None if not yet); SmtpSessionError if none will."""
+        return self._reader.reply_nowait()
+
+    async def wait(self, timeout: float) -> None:
+        """Until more of the receiver's bytes arrive, the session breaks, or `timeout` passes."""
+        await self._reader.wait(timeout)
 
     async def command(self, line: bytes) -> SmtpReply:
+        """One command and its reply, bounded by the session's timeout."""
         self.write(line + b"\r\n")
-        return await asyncio.wait_for(self._reader.next_reply(), self._timeout)
+        return await self._reader.next_reply(self._timeout)
 
     # -- set-up --------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ def test_the_scheduler_reads_the_published_view_and_never_the_apply_lock(tmp_pat
     view = ReadView("n1", lambda st: 1000, raft.is_leader)
     raft.read(view.publish)
     raft.on_tick = view.publish
+    raft.on_tick_wanted = view.heads_wanted
     try:
         for i in range(3):
             propose_sync(raft, {**submit_cmd(i), "now": time.time()})  # not past max_age
@@ -67,10 +68,17 @@ def test_the_scheduler_reads_the_published_view_and_never_the_apply_lock(tmp_pat
             view.attach(loop)
             await until(lambda: view.current.counts[0] == 3 and "n1" in view.current.incarnations,
                         what="the view to show the queue")
+            # The queue's heads are made only on request: the views of plain ticks have none.
+            assert not view.current.heads and view.current.ready == ()
+            published = view.published
+            with_heads = await view.with_heads(2.0)
+            assert with_heads.heads
+            assert sorted((r.submission, r.index) for r in with_heads.ready) == [("s0", 0), ("s1", 0), ("s2", 0)]
+            assert view.published == published + 1  # one view made for it, though nothing was applied
             proposer = Proposer(raft, loop, 100)
             # A relay: every domain is its own site, and no MX lookup leaves the machine.
             relayed = DeliverySection(relay=Address("127.0.0.1", 9))
-            scheduler = Scheduler(lambda: view.current, proposer.propose, relayed, IntakeSection(),
+            scheduler = Scheduler(lambda: view.current, view.with_heads, proposer.propose, relayed, IntakeSection(),
                                   StorageSection(), LeaseClock(), lambda: ["n1"], raft.is_leader,
                                   lambda: raft.raftCurrentTerm)
             loop_thread = threading.get_ident()
