@@ -25,15 +25,15 @@ log = logging.getLogger("raftmail.node")
 class ReadView:
     """The current view; `publish` runs on the tick thread under the apply lock."""
 
-    def __init__(self, node_id: str, queue_head: Callable[[MailState], int], leads: Callable[[], bool]) -> None:
+    def __init__(self, node_id: str, leads: Callable[[], bool]) -> None:
         self.node_id = node_id
-        self.queue_head = queue_head  # recipients per queue head, for the leader's scheduler
         self.leads = leads
         self.current = StateView()
         self.published = 0  # views handed to the loop
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Set on the loop, cleared on the tick thread once it made a view with the heads.
-        self._heads_wanted = False
+        # Recipients wanted in each of the queue's heads (0: none): set on the loop, cleared on the
+        # tick thread once it made a view with them.
+        self._heads_wanted = 0
         self._heads_waiters: list[asyncio.Future[StateView]] = []
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -42,13 +42,13 @@ class ReadView:
 
     def heads_wanted(self) -> bool:
         """Whether the next tick must make a view even if it applied nothing (tick thread)."""
-        return self._heads_wanted
+        return self._heads_wanted > 0
 
     def publish(self, st: MailState) -> None:
         # Only the leader's scheduler reads the queue's heads, and only when it asked for them.
-        heads = self._heads_wanted and self.leads()
-        self._heads_wanted = False  # a request made from here on is served by the next tick
-        view = view_of(st, self.node_id, self.queue_head(st) if heads else 0)
+        heads = self._heads_wanted if self.leads() else 0
+        self._heads_wanted = 0  # a request made from here on is served by the next tick
+        view = view_of(st, self.node_id, heads)
         self.published += 1
         loop = self._loop
         if loop is None:
@@ -67,13 +67,13 @@ class ReadView:
                 if not waiter.done():
                     waiter.set_result(view)
 
-    async def with_heads(self, timeout: float) -> StateView:
-        """A view that holds the queue's heads, handed over after this call (so it holds every
+    async def with_heads(self, recipients: int, timeout: float) -> StateView:
+        """A view that holds the queue's heads (up to `recipients` in each), handed over after this call (so it holds every
         command whose result the caller saw); the current view, without heads, if none comes in
         `timeout` (the apply lock held long, or this node no longer leads): it assigns nothing."""
         waiter = asyncio.get_running_loop().create_future()
         self._heads_waiters.append(waiter)
-        self._heads_wanted = True
+        self._heads_wanted = max(self._heads_wanted, recipients, 1)
         try:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:

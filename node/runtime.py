@@ -86,9 +86,7 @@ class MailNode:
             fsync_journal=config.cluster.fsync,
         )
         # What the event loop reads of the replicated state, made by the tick thread after it applies.
-        d = config.delivery
-        self.read_view = ReadView(node_id, lambda st: d.max_concurrent_batches * d.batch_size * len(st.incarnations),
-                                  self.raft.is_leader)
+        self.read_view = ReadView(node_id, self.raft.is_leader)
         self.raft.read(self.read_view.publish)
         self.raft.on_tick = self.read_view.publish
         self.raft.on_tick_wanted = self.read_view.heads_wanted

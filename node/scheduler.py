@@ -68,7 +68,7 @@ def warmup_status(view: StateView, delivery: DeliverySection, now: float) -> dic
 class Scheduler:
     """Reads only the published view (node/readview.py): a round never waits for the apply lock."""
 
-    def __init__(self, view: Callable[[], StateView], heads_view: Callable[[float], Awaitable[StateView]],
+    def __init__(self, view: Callable[[], StateView], heads_view: Callable[[int, float], Awaitable[StateView]],
                  propose: Callable[[Command, float], Awaitable[Any]],
                  delivery: DeliverySection, intake: IntakeSection, storage: StorageSection, leases: LeaseClock,
                  live_nodes: Callable[[], list[str]], is_leader: Callable[[], bool], term: Callable[[], int]) -> None:
@@ -122,14 +122,17 @@ class Scheduler:
                          res["archived"], res["dropped"])
         view = self.view()
         await self.step_backoff(view, now, timeout)
-        # With the steps just committed (their limits apply to this round) and the queue's heads.
-        view = await self.heads_view(HEADS_WAIT_SECONDS)
         self._warmed.clear()
         # Only node processes that announced their incarnation take batches (node/sender.py).
         live = [n for n in self.live_nodes() if n in view.incarnations]
         if not live:
             return
         capacity = d.max_concurrent_batches * len(live)
+        if capacity <= len(view.batches):
+            return
+        # With the steps just committed (their limits apply to this round) and the queue's heads,
+        # as many recipients as the free batches could take.
+        view = await self.heads_view((capacity - len(view.batches)) * d.batch_size, HEADS_WAIT_SECONDS)
         room = capacity - len(view.batches)
         if room <= 0:
             return

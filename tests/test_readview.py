@@ -54,7 +54,7 @@ async def until(pred, timeout: float = 10.0, what: str = "condition") -> None:
 def test_the_scheduler_reads_the_published_view_and_never_the_apply_lock(tmp_path) -> None:
     raft = start_single(tmp_path / "raft", f"127.0.0.1:{free_port()}")
     lock = raft.state_lock = CountingLock()
-    view = ReadView("n1", lambda st: 1000, raft.is_leader)
+    view = ReadView("n1", raft.is_leader)
     raft.read(view.publish)
     raft.on_tick = view.publish
     raft.on_tick_wanted = view.heads_wanted
@@ -71,7 +71,7 @@ def test_the_scheduler_reads_the_published_view_and_never_the_apply_lock(tmp_pat
             # The queue's heads are made only on request: the views of plain ticks have none.
             assert not view.current.heads and view.current.ready == ()
             published = view.published
-            with_heads = await view.with_heads(2.0)
+            with_heads = await view.with_heads(1000, 2.0)
             assert with_heads.heads
             assert sorted((r.submission, r.index) for r in with_heads.ready) == [("s0", 0), ("s1", 0), ("s2", 0)]
             assert view.published == published + 1  # one view made for it, though nothing was applied
