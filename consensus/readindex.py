@@ -11,6 +11,7 @@ clock, no I/O; the time a read is about arrives as an argument.
 from __future__ import annotations
 
 import heapq
+from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
 from .outcomes import DEFERRED, PENDING
@@ -63,6 +64,9 @@ class ReadIndex:
         # Heap of (accepted_at, submission) of open submissions, cleaned the same way.
         self.waiting_age: list[tuple[float, str]] = []
         self.node_batches: dict[str, int] = {}  # batches held per node
+        # submission id -> its recipients' domains, made when a read first needs them and dropped
+        # when the submission leaves the open list.
+        self._domains: dict[str, list[str]] = {}
 
     # ---------------------------------------------------------------- kept in step by the state
 
@@ -75,6 +79,7 @@ class ReadIndex:
     def closed(self, st: MailState, sid: str) -> None:
         """`sid` left st.open."""
         self.open_pos.pop(sid, None)
+        self._domains.pop(sid, None)
         age = self.waiting_age
         while age and age[0][1] not in st.open:
             heapq.heappop(age)
@@ -136,20 +141,27 @@ class ReadIndex:
     # ---------------------------------------------------------------- reads
 
     def ready_head(self, st: MailState, limit: int) -> list[Ready]:
-        """Up to `limit` pending recipients of active campaigns, in the queue's order."""
+        """Up to `limit` pending recipients of active campaigns, in the queue's order. The leader
+        makes thousands of these a second: tuples are made without Ready's Python-level __new__."""
         out: list[Ready] = []
         if limit <= 0:
             return out
+        make = tuple.__new__
         for sid, pending in self.ready.items():
-            sub = st.submissions[sid]
+            domains = self._domains_of(st, sid)
             pos = self.open_pos[sid]
-            for idx in pending:
-                out.append(Ready(pos, sid, idx, domain_of(sub.rcpts[idx])))
-                if len(out) >= limit:
-                    out.sort()
-                    return out
+            out += [make(Ready, (pos, sid, idx, domains[idx])) for idx in islice(pending, limit - len(out))]
+            if len(out) >= limit:
+                break
         out.sort()
         return out
+
+    def _domains_of(self, st: MailState, sid: str) -> list[str]:
+        """The domain of each of the submission's recipients, kept while it has some waiting."""
+        domains = self._domains.get(sid)
+        if domains is None:
+            domains = self._domains[sid] = [domain_of(r) for r in st.submissions[sid].rcpts]
+        return domains
 
     def deferred_head(self, st: MailState, limit: int, until: float | None = None) -> list[Due]:
         """Up to `limit` deferred recipients of active campaigns, earliest retry first (only
@@ -159,7 +171,7 @@ class ReadIndex:
             if len(out) >= limit:
                 break
             if self._valid_deferred(st, next_at, sid, idx):
-                out.append(Due(next_at, self.open_pos[sid], sid, idx, domain_of(st.submissions[sid].rcpts[idx])))
+                out.append(Due(next_at, self.open_pos[sid], sid, idx, self._domains_of(st, sid)[idx]))
         return out
 
     def scheduled_head(self, st: MailState, limit: int, until: float | None = None) -> list[Due]:
@@ -174,9 +186,9 @@ class ReadIndex:
         for send_at, pos, sid in times:
             if until is not None and send_at > until:
                 break
-            sub = st.submissions[sid]
+            domains = self._domains_of(st, sid)
             for idx in self.scheduled[sid]:
-                out.append(Due(send_at, pos, sid, idx, domain_of(sub.rcpts[idx])))
+                out.append(Due(send_at, pos, sid, idx, domains[idx]))
                 if len(out) >= limit:
                     return out
         return out
@@ -230,10 +242,12 @@ def eligible(ready: Iterable[Ready], deferred: Iterable[Due], now: float, limit:
     """Recipients that may be assigned at `now`, grouped by domain, in the queue's order (oldest
     submission first, then by index), at most `limit`: the pending ones and the deferred ones due
     by `now`. The one rule, for the state's own read and for a published view's heads."""
-    items = sorted([(r.pos, r.index, r.submission, r.domain) for r in ready]
-                   + [(d.pos, d.index, d.submission, d.domain) for d in deferred if d.next_at <= now])
+    # `ready` comes sorted (ready_head), and a submission's position is its own: (pos, submission,
+    # index) is the queue's order. Due recipients (few) are merged in only when there are some.
+    due = [(d.pos, d.submission, d.index, d.domain) for d in deferred if d.next_at <= now]
+    items: Iterable[tuple] = sorted([*ready, *due]) if due else ready
     out: dict[str, list[list]] = {}
-    for _pos, idx, sid, domain in items[:max(0, limit)]:
+    for _pos, sid, idx, domain in islice(items, max(0, limit)):
         out.setdefault(domain, []).append([sid, idx])
     return out
 

@@ -1105,11 +1105,31 @@ def test_valid_histories_never_strand_a_recipient(data: st.DataObject) -> None:
         assert_counts_match(state)
         assert_leases_consistent(state)
         assert_cancelled_campaigns_are_not_waiting(state)
+        for at in (now, now + DAY):  # the read indexes answer what a scan of every recipient does
+            assert state.eligible(at, 10**6) == eligible_by_scan(state, at)
     # Once every lease has run out, nothing is left in flight.
     state.apply_blob(encode_command({"op": "expire", "now": now + 365 * DAY,
                                      "batches": [[b.id, b.renewals] for b in state.batches.values()]}))
     assert state.queue_counts()["in_flight"] == 0
     assert_leases_consistent(state)
+
+
+def eligible_by_scan(state: MailState, now: float) -> dict[str, list[list]]:
+    """What MailState.eligible answers, from every recipient of every open submission in the
+    queue's order: pending ones (once their send time came) and deferred ones due by `now`, of
+    campaigns neither paused nor cancelled."""
+    out: dict[str, list[list]] = {}
+    for sid in sorted(state.open, key=lambda s: state.index.open_pos[s]):
+        sub = state.submissions[sid]
+        camp = state.campaigns[sub.campaign]
+        if camp.paused or camp.cancelled:
+            continue
+        for idx, s in enumerate(sub.states):
+            due = (s == PENDING and (sub.not_before is None or sub.not_before <= now)) or \
+                (s == DEFERRED and sub.detail[idx].next_at <= now)
+            if due:
+                out.setdefault(sub.rcpts[idx].rpartition("@")[2].lower(), []).append([sid, idx])
+    return out
 
 
 def test_abandon_returns_a_restarted_holders_batch_and_counts_it() -> None:
