@@ -71,10 +71,15 @@ def envelope_command(verb: bytes, address: str, options: list[str], encoding: st
 def data_payload(message: bytes) -> bytes:
     """The content as it goes on the wire after 354: CRLF line ends, dot-stuffed (RFC 5321
     4.5.2), ending with the final dot."""
-    payload = _LINE_END.sub(b"\r\n", message)
+    crlf = message.count(b"\r\n")
+    # Copies we render have CRLF line ends and rarely a line that starts with a dot: counting
+    # is cheaper than the substitutions, which run only when there is something to change.
+    payload = message if message.count(b"\n") == crlf == message.count(b"\r") else _LINE_END.sub(b"\r\n", message)
     if not payload.endswith(b"\r\n"):
         payload += b"\r\n"
-    return _LEADING_PERIOD.sub(b"..", payload) + b".\r\n"
+    if payload.startswith(b".") or b"\n." in payload:
+        payload = _LEADING_PERIOD.sub(b"..", payload)
+    return payload + b".\r\n"
 
 
 class _ReplyReader(asyncio.Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from typing import Any
 
 import dns.asyncresolver
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 from raftmail.node.delivery import (
@@ -644,3 +647,25 @@ def test_resolve_address_literal() -> None:
         assert Route("::1", 25).remote == "[::1]:25"
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("message, wire", [
+    (b"a\r\nb\r\n", b"a\r\nb\r\n.\r\n"),
+    (b"a\r\nb", b"a\r\nb\r\n.\r\n"),
+    (b".a\r\n.\r\nb.\r\n", b"..a\r\n..\r\nb.\r\n.\r\n"),
+    (b"a\nb\r.c\r\n", b"a\r\nb\r\n..c\r\n.\r\n"),
+    (b"a\r\r\n.", b"a\r\n\r\n..\r\n.\r\n"),  # a lone CR is a line end too
+])
+def test_data_payload_line_ends_and_dot_stuffing(message: bytes, wire: bytes) -> None:
+    from raftmail.node.smtp_client import data_payload
+    assert data_payload(message) == wire
+
+
+@given(st.binary(max_size=40).map(lambda b: bytes(b"ab.\r\n"[x % 5] for x in b)))
+@settings(max_examples=500, deadline=None)
+def test_data_payload_equals_the_plain_substitutions(message: bytes) -> None:
+    # The counting fast path gives what the two substitutions always give.
+    from raftmail.node.smtp_client import data_payload
+    plain = re.sub(rb"\r\n|\n|\r(?!\n)", b"\r\n", message)
+    plain = plain if plain.endswith(b"\r\n") else plain + b"\r\n"
+    assert data_payload(message) == re.sub(rb"(?m)^\.", b"..", plain) + b".\r\n"
