@@ -235,19 +235,18 @@ class _BatchSender:
                 return Outcome(index, 0, None, f"{NO_8BITMIME_TEXT}: {exc}", self._remote)
         try:
             mail_options, encoding = self._envelope_options(mail_from, recipient, message)
-            commands = [
-                ("MAIL FROM", envelope_command(b"MAIL FROM:", mail_from, mail_options, encoding)),
-                ("RCPT TO", envelope_command(b"RCPT TO:", recipient, [], encoding)),
-                ("DATA command", b"DATA\r\n"),
-            ]
+            mail = envelope_command(b"MAIL FROM:", mail_from, mail_options, encoding)
+            stage = "RCPT TO"
+            rcpt = envelope_command(b"RCPT TO:", recipient, [], encoding)
         except ValueError as exc:
             # The address cannot go on a command line (non-ASCII without SMTPUTF8); nothing
             # was sent for it, so the session stays usable.
             return Outcome(index, 0, None, f"{stage} not sent: {exc}", self._remote)
         if self._lease_left is not None and self._lease_left() <= 0:
             return None
+        commands = [("MAIL FROM", mail), ("RCPT TO", rcpt), ("DATA command", b"DATA\r\n")]
+        refused: SmtpReply | None = None
         try:
-            refused: SmtpReply | None = None
             if session.pipelining:  # RFC 2920: the three commands in one write, replies in order
                 session.write(b"".join(line for _, line in commands))
             for stage, line in commands:
@@ -275,14 +274,17 @@ class _BatchSender:
             if reply.code != 250:
                 await self._reset()
             return self._outcome(index, reply.code, reply.text)
-        except _LeaseEnded as exc:
+        except (_LeaseEnded, OSError, asyncio.TimeoutError) as exc:
             self.abort()
-            if stage == "DATA":
-                return Outcome(index, 0, None, f"{AMBIGUOUS_PREFIX}{exc}", self._remote, maybe_delivered=True)
-            return None
-        except (OSError, asyncio.TimeoutError) as exc:
-            self.abort()
-            maybe = stage == "DATA"
+            if refused is not None:
+                # The receiver answered before the session broke (a 421 and a close, say):
+                # its answer is the outcome, and nothing of the message was sent.
+                return self._outcome(index, refused.code, refused.text)
+            maybe = stage == "DATA"  # the content was sent: the receiver may have the message
+            if isinstance(exc, _LeaseEnded):
+                # Before the content, no outcome: the lease decides and nothing was sent.
+                return Outcome(index, 0, None, f"{AMBIGUOUS_PREFIX}{exc}", self._remote, maybe_delivered=True) \
+                    if maybe else None
             prefix = AMBIGUOUS_PREFIX if maybe else ""
             text = f"{prefix}connection lost during {stage}: {_describe(exc)}"
             return Outcome(index, 0, None, text, self._remote, maybe_delivered=maybe)

@@ -485,8 +485,10 @@ class Scripted(asyncio.Protocol):
     arrived: a client that waits for each reply before its next command gets no answer at all.
     `rcpt_reply` and `data_reply` are its answers; every line it reads is kept in `seen`."""
 
-    def __init__(self, seen: list[bytes], rcpt_reply: bytes = b"250 ok", data_reply: bytes = b"354 go") -> None:
+    def __init__(self, seen: list[bytes], rcpt_reply: bytes = b"250 ok", data_reply: bytes = b"354 go",
+                 close_after_rcpt: bool = False) -> None:
         self.seen, self.rcpt_reply, self.data_reply = seen, rcpt_reply, data_reply
+        self.close_after_rcpt = close_after_rcpt
         self.buffer = b""
         self.held: list[bytes] = []
         self.in_content = False
@@ -513,7 +515,10 @@ class Scripted(asyncio.Protocol):
             self.transport.write(b"250-scripted\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
         elif verb in (b"MAIL", b"RCPT", b"DATA"):
             self.held.append(verb)
-            if verb == b"DATA":  # the whole group is here: answer it in order
+            if verb == b"DATA" and self.close_after_rcpt:
+                self.transport.write(b"250 ok\r\n" + self.rcpt_reply + b"\r\n")
+                self.transport.close()
+            elif verb == b"DATA":  # the whole group is here: answer it in order
                 self.transport.write(b"250 ok\r\n" + self.rcpt_reply + b"\r\n" + self.data_reply + b"\r\n")
                 self.in_content = self.data_reply.startswith(b"354")
         elif verb == b"RSET":
@@ -523,7 +528,7 @@ class Scripted(asyncio.Protocol):
             self.transport.close()
 
 
-async def scripted_batch(count: int, **script: bytes) -> tuple[list[Outcome], list[bytes]]:
+async def scripted_batch(count: int, **script: Any) -> tuple[list[Outcome], list[bytes]]:
     seen: list[bytes] = []
     listener = await asyncio.get_running_loop().create_server(lambda: Scripted(seen, **script), "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
@@ -550,6 +555,16 @@ def test_pipelined_refusal_ends_a_stray_354_with_an_empty_message() -> None:
     data = seen.index(b"DATA")
     assert seen[data + 1:data + 3] == [b".", b"RSET"]
     assert not any(line.startswith(b"Subject") for line in seen)
+
+
+def test_a_refusal_before_the_connection_closes_is_the_outcome() -> None:
+    # 421 to RCPT, then the receiver hangs up before answering DATA: its 421 is what the
+    # recipient gets (a deferral with the receiver's reason), not a lost connection.
+    outcomes, seen = asyncio.run(scripted_batch(2, rcpt_reply=b"421 4.3.2 closing, too busy",
+                                                close_after_rcpt=True))
+    assert [(o.code, o.enhanced) for o in outcomes] == [(421, "4.3.2")] * 2
+    assert all("too busy" in o.text and not o.maybe_delivered for o in outcomes)
+    assert seen.count(b"EHLO sender.raftmail.test") == 2  # reconnected once for the second
 
 
 def test_pipelined_refusal_at_data_resets_and_goes_on() -> None:
