@@ -22,6 +22,7 @@ from raftmail.node.smtp_client import (
     SmtpReply,
     SmtpReplyError,
     SmtpSession,
+    SmtpSessionError,
     check_helo_name,
     data_payload,
     envelope_command,
@@ -256,6 +257,8 @@ class _BatchSender:
                     session.write(line)
                 reply = await self._reply(stage)
                 if refused is None and not (reply.code == 354 if stage == "DATA command" else reply.ok):
+                    if reply.code < 400:  # neither accepted nor refused: not a receiver to trust
+                        raise SmtpSessionError(f"unexpected reply to {stage}: {reply.code} {reply.text[:100]}")
                     refused = reply
             if refused is not None:
                 if stage == "DATA command" and reply.code == 354:

@@ -68,9 +68,10 @@ class ReadView:
                     waiter.set_result(view)
 
     async def with_heads(self, recipients: int, timeout: float) -> StateView:
-        """A view that holds the queue's heads (up to `recipients` in each), handed over after this call (so it holds every
-        command whose result the caller saw); the current view, without heads, if none comes in
-        `timeout` (the apply lock held long, or this node no longer leads): it assigns nothing."""
+        """A view that holds the queue's heads (up to `recipients` in each), handed over after
+        this call, so it holds every command whose result the caller saw. The current view,
+        without heads, if none comes in `timeout` (the apply lock held long, or this node no longer
+        leads): a scheduler assigns nothing from it."""
         waiter = asyncio.get_running_loop().create_future()
         self._heads_waiters.append(waiter)
         self._heads_wanted = max(self._heads_wanted, recipients, 1)
@@ -78,3 +79,6 @@ class ReadView:
             return await asyncio.wait_for(waiter, timeout)
         except asyncio.TimeoutError:
             return self.current
+        finally:
+            if waiter in self._heads_waiters:
+                self._heads_waiters.remove(waiter)

@@ -150,6 +150,9 @@ class _ReplyReader(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def has_replies(self) -> bool:
+        return bool(self._replies)
+
     def reply_nowait(self) -> SmtpReply | None:
         """The next reply if it is here; None if not yet; SmtpSessionError if none will come."""
         if self._replies:
@@ -232,8 +235,13 @@ class SmtpSession:
         return keyword.lower() in self.extensions
 
     def write(self, data: bytes) -> None:
+        """Send command lines (or content). Every reply to what was sent before must have been
+        taken: one still waiting is a reply nobody asked for, and pairing it with the next
+        command would be wrong, so the session breaks instead."""
         if self._transport.is_closing():
             raise SmtpSessionError("connection lost")
+        if self._reader.has_replies():
+            raise SmtpSessionError("the receiver sent a reply nobody asked for")
         self._transport.write(data)
 
     def reply_nowait(self) -> SmtpReply | None:
