@@ -231,6 +231,11 @@ def _compiled(digest: str, data: bytes, limits: RenderLimits) -> _Compiled:
     with _bounded(limits):
         templates = {name: (_HTML if name == "content.html_body" else _TEXT).from_string(text)
                      for name, text in templated_fields(obj["content"])}
+    for template in templates.values():
+        # A template's globals are a ChainMap over its environment's, which Jinja copies into
+        # every render's context key by key in Python: 40 % of a copy's render time. Ours are
+        # fixed when the module loads, so a plain dict of the same names renders the same.
+        template.globals = dict(template.globals)
     entry = _Compiled(obj["date"], obj["content"], obj["subs"], obj["rcpts"], templates)
     with _cache_lock:
         _cache[digest] = entry
