@@ -138,6 +138,9 @@ class NodeMetrics:
         self.batches_started = Counter("raftmail_batches_started", "Leased batches this node started "
                                        "delivering", registry=reg)
         self._batch_clock: OrderedDict[str, float] = OrderedDict()
+        # (outcome, domain label) -> its delivery counter and latency histogram: looking a labelled
+        # child up costs more than counting with it, once per recipient. Bounded like the labels.
+        self._outcome_children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._write_proof = 0.0  # monotonic time of the last committed /readyz noop
         self._proving: asyncio.Future[tuple[bool, str]] | None = None  # the one noop in flight
         reg.register(_NodeCollector(self))
@@ -167,12 +170,15 @@ class NodeMetrics:
 
     def delivery_outcome(self, bid: str, domain: str, outcome: str) -> None:
         """One recipient attempt finished with `outcome` (delivered, deferred, bounced)."""
-        label = domain_label(domain, self.domains)
-        self.deliveries.labels(outcome, label).inc()
+        key = (outcome, domain_label(domain, self.domains))
+        children = self._outcome_children.get(key)
+        if children is None:
+            children = self._outcome_children[key] = (self.deliveries.labels(*key), self.delivery_seconds.labels(key[1]))
+        children[0].inc()
         now = time.monotonic()
         last = self._batch_clock.get(bid)
         if last is not None:
-            self.delivery_seconds.labels(label).observe(now - last)
+            children[1].observe(now - last)
             self._batch_clock[bid] = now
 
     # ---------------------------------------------------------------- probes
