@@ -47,7 +47,6 @@ class SmtpReplyError(Exception):
 
     def __init__(self, stage: str, reply: SmtpReply) -> None:
         super().__init__(f"{stage}: {reply.code} {reply.text}")
-        self.reply = reply
 
 
 def check_helo_name(name: str) -> str:
@@ -193,7 +192,8 @@ def _done(waiter: asyncio.Future[None]) -> None:
 
 class SmtpSession:
     """One connection to one receiver. `write` sends command lines (any number at once);
-    `reply` takes the next reply in order. Set-up helpers bound each reply by `timeout`."""
+    `reply_nowait` and `wait` take the replies in order, the caller bounding the wait (delivery
+    also by the batch's lease). Set-up commands bound each reply by `timeout`."""
 
     def __init__(self, transport: asyncio.Transport, reader: _ReplyReader, timeout: float) -> None:
         self._transport = transport
