@@ -173,18 +173,23 @@ class Cluster(LocalCluster):
             if ld is not None and (ld == to if to else ld != away_from):
                 return ld
             if ld is not None:
-                token = self.admin_token()
-                req = urllib.request.Request(
-                    self.admin_url(ld, "/cluster/transfer"), data=json.dumps({"to": to} if to else {}).encode(),
-                    method="POST", headers={"Content-Type": "application/json",
-                                            **({"Authorization": f"Bearer {token}"} if token else {})})
-                try:
-                    ADMIN_OPENER.open(req, timeout=5).read()
-                except OSError:
-                    pass
+                self.ask_transfer(ld, to)
             return None
         return wait_for(done, timeout, f"{to} to lead" if to else f"leadership to move off {away_from}",
                         interval=0.5)
+
+    def ask_transfer(self, leader: str, to: str | None = None) -> None:
+        """Ask `leader` once to hand leadership to `to` (else to a caught-up follower); whether
+        it did shows in `leader()` later."""
+        token = self.admin_token()
+        req = urllib.request.Request(
+            self.admin_url(leader, "/cluster/transfer"), data=json.dumps({"to": to} if to else {}).encode(),
+            method="POST", headers={"Content-Type": "application/json",
+                                    **({"Authorization": f"Bearer {token}"} if token else {})})
+        try:
+            ADMIN_OPENER.open(req, timeout=5).read()
+        except OSError:
+            pass
 
     def wait_leader(self, timeout: float = 30.0, among: list[str] | None = None) -> str:
         return wait_for(lambda: self.leader(among), timeout, "a leader followed by every live node")
