@@ -169,3 +169,56 @@ def test_a_stalled_follower_reads_the_heartbeats_before_it_starts_an_election(
     finally:
         for n in nodes:
             n.stop()
+
+
+class SlowDialRaftNode(RaftNode):
+    """Re-dials a peer that was down only after its election timeout (the 1 s we once had), and
+    a started node's first election timeout is the usual one."""
+
+    @staticmethod
+    def dial_retry_seconds(election_timeout_min: float) -> float:
+        return 1.0
+
+    def startup_grace_seconds(self, election_timeout_min: float, heartbeat_interval: float) -> float:
+        return 0.0
+
+
+@pytest.mark.parametrize("cls,keeps_leader", [(RaftNode, True), (SlowDialRaftNode, False)])
+def test_a_node_that_restarts_is_dialled_before_its_election_timeout(
+        tmp_path: Path, cls: type[RaftNode], keeps_leader: bool) -> None:
+    """The follower with the least address is dialled by both others (pysyncobj lets only the
+    greater address dial). It restarts just after the leader tried to dial it and failed, while
+    the other follower dials it at once: it must hear the leader before its election timeout, or
+    it starts an election with its remembered term + 1 that unseats the leader."""
+    addrs = sorted(f"127.0.0.1:{free_port()}" for _ in range(3))
+    least, others = addrs[0], addrs[1:]
+    make = lambda a: cls(a, addrs, tmp_path / a.replace(":", "_"), password=SECRET,  # noqa: E731
+                         compaction_min_entries=10**6, compaction_min_seconds=10**6)
+    nodes = [make(a) for a in others]  # the least address joins later, so it never leads
+    restarted: RaftNode | None = None
+    try:
+        wait_for(lambda: sum(n.is_leader() for n in nodes) == 1, 30, "a leader of the two")
+        leader = next(n for n in nodes if n.is_leader())
+        follower = next(n for n in nodes if n is not leader)
+        first = make(least)
+        term = leader.raftCurrentTerm
+        wait_for(lambda: str(first._getLeader()) == str(leader.selfNode) and first.raftCurrentTerm == term, 10,
+                 "the third node to follow")
+        first.stop()
+        dials = {n: n._SyncObj__transport for n in nodes}
+        wait_for(lambda: all(dials[n]._lastConnectAttempt.get(dials[n]._nodeAddrToNode[least]) for n in nodes), 10,
+                 "both to have tried to dial it again")
+        dials[leader]._lastConnectAttempt[dials[leader]._nodeAddrToNode[least]] = time.monotonic()  # just failed
+        dials[follower]._lastConnectAttempt.pop(dials[follower]._nodeAddrToNode[least], None)  # dials at once
+        restarted = make(least)
+        started = time.monotonic()
+        # Three maximum election timeouts: a needless election would have happened by then.
+        wait_for(lambda: time.monotonic() - started > 2.1, 5, "three election timeouts")
+        if keeps_leader:
+            assert leader.is_leader() and leader.raftCurrentTerm == term and restarted.raftCurrentTerm == term
+            assert str(restarted._getLeader()) == str(leader.selfNode)
+        else:
+            assert leader.raftCurrentTerm > term, "the slow dial was expected to cost an election"
+    finally:
+        for n in nodes + ([restarted] if restarted is not None else []):
+            n.stop()
