@@ -297,11 +297,22 @@ def resume_campaign(c: Cluster, campaign: str = TAIL) -> None:
 
 
 def wait_holder(c: Cluster, choose: Callable[[dict[str, int], str | None], str | None],
-                timeout: float = 30.0, what: str = "a node holding batches") -> str:
-    """Poll the batch holders until `choose(holders, leader)` names a node."""
+                timeout: float = 30.0, what: str = "a node holding batches", led_by: str | None = None) -> str:
+    """Poll the batch holders until `choose(holders, leader)` names a node. With `led_by`, only
+    while that node leads: an election on a loaded machine (timeouts of 0.3-0.7 s) may move
+    leadership off it meanwhile, and it is handed back."""
+    asked = [0.0]
+
     def pick():
         ld = c.leader()
-        return choose(holders(c), ld) if ld else None
+        if ld is None:
+            return None
+        if led_by is not None and ld != led_by:
+            if time.monotonic() - asked[0] > 0.5:
+                asked[0] = time.monotonic()
+                c.ask_transfer(ld, led_by)
+            return None
+        return choose(holders(c), ld)
     return wait_for(pick, timeout, what, interval=0.02)
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster import PY, libfaketime, skewed_launch, wait_for
+from cluster import PY, libfaketime, skewed_launch
 
 from .driver import (Traffic, check, holders, kill, make_fault_cluster, make_letters, record,
-                     restart, seeds, verify)
+                     restart, seeds, verify, wait_holder)
 from .test_faults import SCENARIO_TIMEOUT, wait_acked
 
 pytestmark = [pytest.mark.faults, pytest.mark.cluster, pytest.mark.timeout(SCENARIO_TIMEOUT)]
@@ -32,21 +32,6 @@ def transfer_to(c, target: str, timeout: float = 30.0) -> None:
     """Ask the leader to hand leadership to `target` until it leads (a transfer to a follower
     that is not caught up does nothing: asked again)."""
     c.hand_leadership(to=target, timeout=timeout)
-
-
-def wait_holder_led_by(c, leader: str, choose, what: str) -> str:
-    """Poll the batch holders until `choose(holders)` names a node while `leader` leads. An
-    election on a loaded machine (timeouts of 0.3-0.7 s) may move leadership off `leader`
-    meanwhile; the scenario needs the skewed leader to assign, so it is handed back."""
-    asked = [0.0]
-
-    def pick():
-        ld = c.leader()
-        if ld is not None and ld != leader and time.monotonic() - asked[0] > 0.5:
-            asked[0] = time.monotonic()
-            c.ask_transfer(ld, leader)
-        return choose(holders(c)) if ld == leader else None
-    return wait_for(pick, HOLDER_WAIT, what, interval=0.02)
 
 
 @pytest.mark.skipif(libfaketime() is None, reason="libfaketime (package faketime) is not installed")
@@ -83,11 +68,11 @@ def test_clock_skew_leader_ahead_holder_behind(tmp_path: Path, seed: int) -> Non
         traffic = Traffic(c, make_letters(rng, f"skew{seed}", c.ids, 40), seed, pace=0.3).start()
         wait_acked(traffic, 6)
         # A node 10 s behind holds batches that the leader 10 s ahead assigned.
-        wait_holder_led_by(c, ahead, lambda h: behind if h.get(behind) else None,
-                           f"{behind} (behind) to hold batches from {ahead} (ahead)")
+        wait_holder(c, lambda h, _ld: behind if h.get(behind) else None, HOLDER_WAIT,
+                    f"{behind} (behind) to hold batches from {ahead} (ahead)", led_by=ahead)
         # A holder SIGKILLed and restarted at once while the leader is ahead.
-        victim = wait_holder_led_by(c, ahead, lambda h: next((n for n in (behind, plain) if h.get(n)), None),
-                                    "a follower holding batches")
+        victim = wait_holder(c, lambda h, _ld: next((n for n in (behind, plain) if h.get(n)), None), HOLDER_WAIT,
+                             "a follower holding batches", led_by=ahead)
         kill(c, [victim])
         restart(c, [victim])
         print(f"  killed holder {victim} ({skews[victim]:+d}s) and restarted it at once; leader {ahead}", flush=True)
