@@ -557,7 +557,10 @@ class IntakeSMTP(_HookListing, SMTP):
 
 async def start_smtp_server(intake: Intake, host: str, port: int, *, hostname: str,
                             observer: IntakeObserver | None = None,
-                            feedback: FeedbackDesk | None = None) -> asyncio.AbstractServer:
+                            feedback: FeedbackDesk | None = None,
+                            reuse_port: bool = False) -> asyncio.AbstractServer:
+    """The SMTP listener of `intake`. With `reuse_port`, several processes may listen on the same
+    port and the kernel spreads connections over them (bench/multicore.py's intake workers)."""
     limits = intake.limits
     tls_context = None
     if limits.tls_cert is not None and limits.tls_key is not None:
@@ -582,5 +585,5 @@ async def start_smtp_server(intake: Intake, host: str, port: int, *, hostname: s
                            tls_context=tls_context, require_starttls=False,
                            # Intake decides when AUTH is allowed (auth_refusal), per session.
                            auth_require_tls=False),
-        host, port, reuse_address=True, backlog=512)
+        host, port, reuse_address=True, reuse_port=reuse_port, backlog=512)
     return server

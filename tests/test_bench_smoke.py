@@ -107,3 +107,17 @@ def test_raftmail_cluster_intake(tmp_path: Path) -> None:
     assert_measured(rows, "intake-raftmail")
     # No baseline was selected, so the ratio column says so instead of inventing one.
     assert "intake-baseline not measured" in table_line(markdown, "intake-raftmail")
+
+
+def test_intake_workers_prototype_answers_250_only_for_committed_submissions() -> None:
+    """bench/multicore.py: SMTP intake in worker processes beside each node's core. The script
+    itself fails when a 250 from a worker is not counted by the leader, or a worker dies."""
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "multicore.py"), "--runs", "1",
+                           "--messages", "200", "--nodes", "3"],
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    split = [line for line in done.stdout.splitlines() if line.startswith("| 3 | core + 1 intake worker")]
+    assert len(split) == 1, done.stdout
+    rate, core_ms, workers_ms = (float(cell.split()[0]) for cell in split[0].split("|")[3:6])
+    # The workers took the load: SMTP sessions cost CPU in them, and the cores committed.
+    assert rate > 0 and core_ms > 0 and workers_ms > 0, split[0]
