@@ -61,6 +61,9 @@ class ReadIndex:
         # submission id -> when it entered the open list (MailState.open): the queue's order.
         self.open_pos: dict[str, int] = {}
         self.pos_seq = 0
+        # Positions count again from 0 when the index is made anew (a snapshot load): a reader that
+        # remembers a position (bodies_opened_since) remembers this token with it.
+        self.positions: object = object()
         # Heap of (accepted_at, submission) of open submissions, cleaned the same way.
         self.waiting_age: list[tuple[float, str]] = []
         self.node_batches: dict[str, int] = {}  # batches held per node
@@ -197,6 +200,23 @@ class ReadIndex:
         """Up to `limit` recipients that wait for a time (a retry or a send time), earliest first."""
         due = self.deferred_head(st, limit, until) + self.scheduled_head(st, limit, until)
         return sorted(due)[:max(0, limit)] if self.scheduled else due
+
+    def bodies_opened_since(self, st: MailState,
+                            since: tuple[object, int] | None) -> tuple[tuple[object, int], list[str]]:
+        """Bodies of the submissions that entered the open list after `since` (a mark this returned
+        before), newest first, and the mark to ask from next time. Without a mark, or with one from
+        before the index was made anew: every open submission's body and every body held by a batch.
+        Costs the number of submissions opened since, however long the queue."""
+        mark = (self.positions, self.pos_seq)
+        if since is None or since[0] is not self.positions:
+            return mark, ([st.submissions[sid].body for sid in st.open]
+                          + [st.submissions[sid].body for b in st.batches.values() for sid, _ in b.items])
+        bodies = []
+        for sid in reversed(st.open):  # the open list is in position order: newest last
+            if self.open_pos[sid] <= since[1]:
+                break
+            bodies.append(st.submissions[sid].body)
+        return mark, bodies
 
     def oldest_waiting(self) -> float | None:
         """accepted_at of the oldest submission with recipients waiting (None: none waits)."""

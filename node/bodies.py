@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Collection, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 from raftmail.consensus.journal import fsync_dir, is_no_space
 
@@ -32,8 +32,13 @@ _HASH_CHUNK = 1 << 20
 # The repair pass re-reads and re-hashes at most this many held bodies per pass, oldest checked
 # first, so a body deleted or rotted after it was first seen is fetched again, at bounded cost.
 BODY_RECHECK_PER_PASS = 50
-# Bodies looked for on disk (new ones) per repair pass, and fetched per pass.
+# Bodies fetched per repair pass.
 BODY_REPAIR_MAX = 1000
+# Bodies of newly queued submissions looked for on disk per pass (a stat each, in a thread).
+BODY_LOOK_PER_PASS = 10000
+# Held bodies asked of the state per pass whether a submission still refers to them (a dict
+# lookup each, under the apply lock): in turn, so each is asked again after a round of them all.
+BODY_FORGET_PER_PASS = 5000
 # After a write failed for want of space: how often to look at the file system again, and how
 # much must be free (at least, and in multiples of the body that failed) to take bodies again.
 _SPACE_CHECK_SECONDS = 1.0
@@ -429,39 +434,84 @@ def collect_unreferenced(store: BodyStore, referenced: Collection[str], grace: f
 class BodyRepair:
     """Which bodies this node must fetch: those that unfinished submissions need and it lacks.
 
-    A body seen on disk is remembered, and re-checked (read and hashed) later in turn,
-    BODY_RECHECK_PER_PASS per pass: one deleted or rotted since is fetched again."""
+    No pass walks the queue: with millions of queued submissions a walk under the apply lock
+    would stall Raft every pass. A submission's body is looked for once, when the submission
+    enters the open list (every open one's after a start or a snapshot load). A body seen on disk
+    is remembered and re-checked (read and hashed) later in turn, BODY_RECHECK_PER_PASS per pass,
+    so one deleted or rotted since is fetched again; it is forgotten once no submission refers to
+    it (asked in turn, BODY_FORGET_PER_PASS per pass). A body not on disk is fetched every pass
+    until it is, or until no submission refers to it.
+
+    A pass is `state_read()` run under the apply lock, then `missing()` on its result, in a
+    thread (it reads the disk)."""
 
     def __init__(self, store: BodyStore, recheck_per_pass: int = BODY_RECHECK_PER_PASS,
-                 max_fetch: int = BODY_REPAIR_MAX) -> None:
+                 max_fetch: int = BODY_REPAIR_MAX, look_per_pass: int = BODY_LOOK_PER_PASS,
+                 forget_per_pass: int = BODY_FORGET_PER_PASS) -> None:
         self.store = store
         self.recheck_per_pass = recheck_per_pass
         self.max_fetch = max_fetch
-        self.held: collections.OrderedDict[str, None] = collections.OrderedDict()  # oldest check first
+        self.look_per_pass = look_per_pass
+        self.forget_per_pass = forget_per_pass
+        self.held: collections.OrderedDict[str, None] = collections.OrderedDict()  # least recently verified first
+        self.visits: collections.deque[str] = collections.deque()  # held bodies, in their turn to be asked about
+        self.lacking: collections.OrderedDict[str, None] = collections.OrderedDict()  # to fetch, in turn
+        self.unchecked: collections.deque[str] = collections.deque()  # newly queued, not looked for yet
+        self.mark: Any = None  # where the state's open list was read up to (ReadIndex.bodies_opened_since)
+        self._visited: list[str] = []
+        self._fetching: list[str] = []
         self.rechecked = 0  # bodies re-verified, for tests and metrics
 
-    def missing(self, wanted: Collection[str]) -> list[str]:
-        """One pass (blocking disk reads: run it in a thread); the digests to fetch."""
-        for digest in [d for d in self.held if d not in wanted]:
-            del self.held[digest]
-        lacking = []
-        looked = 0
-        for digest in wanted:
-            if digest in self.held:
+    def state_read(self) -> Callable[[Any], tuple[Any, list[str], set[str]]]:
+        """What the next pass needs of the replicated state, as a function of it: the bodies of
+        submissions queued since the last pass, and which of the bodies this pass asks about no
+        submission refers to any more. Its cost is theirs, not the queue's."""
+        mark = self.mark
+        count = min(self.forget_per_pass, len(self.visits))
+        self._visited = [self.visits.popleft() for _ in range(count)]
+        asked = (self._visited + list(itertools.islice(self.held, self.recheck_per_pass))
+                 + list(itertools.islice(self.lacking, self.max_fetch)))
+
+        def read(st: Any) -> tuple[Any, list[str], set[str]]:
+            new_mark, bodies = st.index.bodies_opened_since(st, mark)
+            return new_mark, bodies, {d for d in asked if d not in st.body_refs}
+        return read
+
+    def missing(self, read: tuple[Any, list[str], set[str]]) -> list[str]:
+        """One pass on what `state_read()` returned (blocking disk reads: run it in a thread); the
+        digests to fetch."""
+        self.mark, bodies, unreferenced = read
+        for digest in unreferenced:
+            self.held.pop(digest, None)
+            self.lacking.pop(digest, None)
+        self.visits.extend(d for d in self._visited if d in self.held)
+        for digest in self._fetching:  # fetched since the last pass?
+            if digest in self.lacking and self.store.has(digest):
+                del self.lacking[digest]
+                self._hold(digest)
+        self.unchecked.extend(bodies)
+        for _ in range(min(self.look_per_pass, len(self.unchecked))):
+            digest = self.unchecked.popleft()
+            if digest in self.held or digest in self.lacking:
                 continue
-            if looked >= self.max_fetch:
-                break
-            looked += 1
             if self.store.has(digest):
-                self.held[digest] = None
+                self._hold(digest)
             else:
-                lacking.append(digest)
+                self.lacking[digest] = None
         for digest in list(itertools.islice(self.held, self.recheck_per_pass)):
             self.rechecked += 1
             if self.store.verify(digest):
                 self.held.move_to_end(digest)
             else:
-                del self.held[digest]
+                del self.held[digest]  # (its turn in visits lapses: it is no longer held)
                 log.warning("body %s that this node held is gone or corrupt: fetching it again", digest[:12])
-                lacking.append(digest)
-        return lacking[:self.max_fetch]
+                self.lacking[digest] = None
+        # Those fetched now go to the back: bodies no peer has cannot hold up the others.
+        self._fetching = list(itertools.islice(self.lacking, self.max_fetch))
+        for digest in self._fetching:
+            self.lacking.move_to_end(digest)
+        return self._fetching
+
+    def _hold(self, digest: str) -> None:
+        self.held[digest] = None
+        self.visits.append(digest)

@@ -48,13 +48,9 @@ class Maintenance:
             if self.store.space_problem():
                 continue  # nowhere to put them (logged once, and in /metrics): fetch nothing
             try:
-                # Unfinished = waiting (st.open) or in flight (held by a batch): no scan of the
-                # finished ones, which may be many. In a worker thread: the loop never waits for
-                # the apply lock.
-                wanted = await asyncio.to_thread(self.raft.read, lambda st: (
-                    {st.submissions[sid].body for sid in st.open}
-                    | {st.submissions[sid].body for b in st.batches.values() for sid, _ in b.items}))
-                missing = await asyncio.to_thread(repair.missing, wanted)
+                # In a worker thread: the loop never waits for the apply lock.
+                read = await asyncio.to_thread(self.raft.read, repair.state_read())
+                missing = await asyncio.to_thread(repair.missing, read)
                 await asyncio.gather(*(fetch(d) for d in missing))
             except Exception:
                 log.exception("body repair failed")

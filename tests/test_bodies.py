@@ -6,6 +6,7 @@ import hashlib
 import os
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -384,18 +385,95 @@ def test_a_body_archived_then_stored_again_is_not_collected_before_it_is_applied
     assert digest in state.body_refs  # from here on the reference keeps it, whatever its age
 
 
+def _queue(state, store: BodyStore, ids: range, *, stored: bool = True, t: float = 1000.0) -> list[str]:
+    """One submission per id, each with a body of its own (in `store` unless not `stored`)."""
+    from test_state import submit_cmd
+    digests = []
+    for i in ids:
+        data = f"Subject: {i}\r\n\r\nbody {i}\r\n".encode()
+        digest = store.put(data) if stored else hashlib.sha256(data).hexdigest()
+        state.apply(submit_cmd(t, {"id": f"s{i}", "campaign": "c", "sender": "a@x.test", "body": digest,
+                                   "size": len(data), "rcpts": [f"r{i}@x.test"]}))
+        digests.append(digest)
+    return digests
+
+
+def _repair_pass(repair, state) -> list[str]:
+    return repair.missing(repair.state_read()(state))
+
+
 def test_repair_fetches_again_a_body_lost_after_it_was_seen(tmp_path: Path) -> None:
+    from raftmail.consensus.state import MailState
     from raftmail.node.bodies import BodyRepair
-    store = BodyStore(tmp_path, fsync=False)
-    digests = [store.put(f"body {i}".encode()) for i in range(5)]
-    absent = hashlib.sha256(b"absent").hexdigest()
+    store, state = BodyStore(tmp_path, fsync=False), MailState()
+    digests = _queue(state, store, range(5))
+    absent = _queue(state, store, range(5, 6), stored=False)[0]
     repair = BodyRepair(store, recheck_per_pass=2)
-    assert repair.missing(set(digests) | {absent}) == [absent]
+    assert _repair_pass(repair, state) == [absent]
     body_path(tmp_path, digests[3]).unlink()
     body_path(tmp_path, digests[1]).write_bytes(b"rotted")
     found: set[str] = set()
     for _ in range(3):  # 2 re-checks a pass: every held body within 3 passes
-        found.update(repair.missing(set(digests)))  # (nothing fetches here: a lost body stays missing)
-    assert found == {digests[1], digests[3]}
+        found.update(_repair_pass(repair, state))  # (nothing fetches here: a lost body stays missing)
+    assert found == {absent, digests[1], digests[3]}
     assert not body_path(tmp_path, digests[1]).exists()  # the corrupt copy is removed
     assert repair.rechecked == 8  # 2 per pass, 4 passes
+
+
+def test_a_repair_pass_reads_only_what_was_queued_since_the_last(tmp_path: Path) -> None:
+    """With millions of queued submissions a pass that walked the queue under the apply lock
+    would stall Raft: after the first pass each reads only the submissions queued since."""
+    from raftmail.consensus import snapshot
+    from raftmail.consensus.state import MailState
+    from raftmail.node.bodies import BodyRepair
+    store, state = BodyStore(tmp_path, fsync=False), MailState()
+    first = _queue(state, store, range(3000))
+    repair = BodyRepair(store, recheck_per_pass=0)
+    reads = []
+
+    def one_pass() -> list[str]:
+        read = repair.state_read()(state)
+        reads.append(read[1])
+        return repair.missing(read)
+
+    assert one_pass() == [] and sorted(reads[-1]) == sorted(first)
+    assert one_pass() == [] and reads[-1] == []
+    later = _queue(state, store, range(3000, 3003)) + _queue(state, store, range(3003, 3004), stored=False)
+    assert one_pass() == [later[-1]] and sorted(reads[-1]) == sorted(later)
+    assert one_pass() == [later[-1]] and reads[-1] == []  # still lacking: fetched again
+    store.put(b"Subject: 3003\r\n\r\nbody 3003\r\n")  # the fetch arrived
+    assert one_pass() == [] and reads[-1] == []
+    assert len(repair.held) == 3004
+    # A state loaded from a snapshot counts positions afresh: the next pass reads it whole.
+    state = snapshot.load(MailState(), zlib.compress(snapshot.pack(state)))
+    assert one_pass() == [] and len(reads[-1]) == 3004
+
+
+def test_repair_forgets_bodies_no_submission_refers_to(tmp_path: Path) -> None:
+    from raftmail.consensus.state import MailState
+    from raftmail.node.bodies import BodyRepair
+    from test_state import assign_cmd, outcome, prune_cmd, report_cmd
+    store, state = BodyStore(tmp_path, fsync=False), MailState()
+    kept = _queue(state, store, range(3))
+    done = _queue(state, store, range(3, 4))[0]
+    lost = _queue(state, store, range(4, 5), stored=False)[0]
+    repair = BodyRepair(store, recheck_per_pass=0, max_fetch=1)
+    assert _repair_pass(repair, state) == [lost]
+    assert set(repair.held) == set(kept) | {done}
+    for sid in ("s3", "s4"):  # delivered (s4 by a node that had its body), then archived
+        bid = state.apply(assign_cmd("n1", "x.test", [(sid, 0)], 1001.0))["batch"]
+        state.apply(report_cmd("n1", bid, 1002.0, [outcome(sid, 0, 250)]))
+    state.apply(prune_cmd(1002.0 + 7200))
+    assert done not in state.body_refs and lost not in state.body_refs
+    assert _repair_pass(repair, state) == []
+    assert set(repair.held) == set(kept) and not repair.lacking
+
+
+def test_a_body_no_peer_has_does_not_hold_up_the_others(tmp_path: Path) -> None:
+    from raftmail.consensus.state import MailState
+    from raftmail.node.bodies import BodyRepair
+    store, state = BodyStore(tmp_path, fsync=False), MailState()
+    lacking = _queue(state, store, range(3), stored=False)
+    repair = BodyRepair(store, recheck_per_pass=0, max_fetch=2)
+    assert _repair_pass(repair, state) == lacking[:2]
+    assert _repair_pass(repair, state) == [lacking[2], lacking[0]]  # the first two failed: to the back
