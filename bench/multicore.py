@@ -35,7 +35,6 @@ import os
 import secrets
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -47,9 +46,10 @@ import msgpack  # noqa: E402
 
 from bench.lib.cases import committed_recipients  # noqa: E402
 from bench.lib.cluster import Cluster, ClusterSpec  # noqa: E402
-from bench.lib.cpu import read_stat  # noqa: E402
+from bench.lib.cpu import cpu_seconds  # noqa: E402
 from bench.lib.peers import Load, drive, find_tool, start_destination  # noqa: E402
 from bench.lib.procs import BenchError, Child, free_port, spawn, wait_port  # noqa: E402
+from bench.lib.report import describe_tree  # noqa: E402
 from raftmail.consensus.commands import NewSubmission  # noqa: E402
 from raftmail.node.bodies import BodyStore  # noqa: E402
 from raftmail.node.bridge import ProposalFailed  # noqa: E402
@@ -62,7 +62,6 @@ from raftmail.node.runtime import MailNode  # noqa: E402
 from raftmail.node.smtp_server import start_smtp_server  # noqa: E402
 
 HERE = Path(__file__).resolve()
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LEN = struct.Struct(">I")
 MAX_REQUEST_BYTES = 1 << 20   # a request carries one submission's metadata, never a body
 STATE_REFRESH_SECONDS = 0.1   # how stale a worker's view of quorum and membership may be
@@ -219,16 +218,6 @@ def worker_main(config_path: str, node_id: str, index: int, port: int) -> None:
 
 # -- the measurement ----------------------------------------------------------------------------
 
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
-    for pid in pids:
-        stat = read_stat(Path(f"/proc/{pid}"))
-        if stat is None:
-            raise BenchError(f"process {pid} is gone: its CPU cannot be counted")
-        ticks += stat.ticks
-    return ticks / CLK_TCK
-
-
 def one_run(root: Path, nodes: int, workers: int, messages: int, generator: str, python: str) -> dict[str, float]:
     """workers = 0: single-process nodes, the product as it is."""
     destination = start_destination(root / "dest")
@@ -272,13 +261,6 @@ def one_run(root: Path, nodes: int, workers: int, messages: int, generator: str,
         destination.stop()
 
 
-def commit_of_tree() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True).stdout.strip()
-    head = git("rev-parse", "--short", "HEAD")
-    return head + (" + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def measure(args: argparse.Namespace) -> None:
     # smtp-source is the load of record (bench/install-peers.sh); the Python one is for a check.
     generator = "smtp-source" if find_tool("smtp-source") else "python"
@@ -294,7 +276,7 @@ def measure(args: argparse.Namespace) -> None:
                   + ", ".join(f"{k} {v:.2f}" for k, v in sample.items()), file=sys.stderr, flush=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# Intake workers beside the core (bench/multicore.py), {stamp}\n")
-    print(f"- raftmail: {commit_of_tree()}; {os.cpu_count()} CPUs; {args.messages} × 2 KB per run, "
+    print(f"- raftmail: {describe_tree()}; {os.cpu_count()} CPUs; {args.messages} × 2 KB per run, "
           f"20 sessions, {generator}; median of {args.runs} runs (range)\n")
     print("| nodes | layout | accepted msg/s | core CPU ms/msg | workers CPU ms/msg | core's share |")
     print("|---:|---|---:|---:|---:|---:|")

@@ -14,7 +14,7 @@ from typing import Any
 
 from raftmail.node.local_cluster import LocalCluster, local_nodes, render_config
 
-from .cpu import CLK_TCK, read_stat
+from .cpu import cpu_seconds
 from .procs import LOOPBACK, BenchError, Child, rss_bytes, spawn, wait_until
 
 DEFAULT_NODES = 3
@@ -150,13 +150,7 @@ class Cluster(LocalCluster):
 
     def cpu_seconds(self) -> float:
         """User + system CPU the node processes have used so far, all threads, together."""
-        ticks = 0
-        for proc in self.procs.values():
-            stat = read_stat(Path(f"/proc/{proc.pid}"))
-            if stat is None:
-                raise BenchError(f"node process {proc.pid} is gone: its CPU cannot be counted")
-            ticks += stat.ticks
-        return ticks / CLK_TCK
+        return cpu_seconds(proc.pid for proc in self.procs.values())
 
     def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT, among: list[str] | None = None) -> str:
         def ready() -> str | None:

@@ -11,6 +11,9 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
+
+from .procs import BenchError
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PF_KTHREAD = 0x00200000
@@ -49,6 +52,17 @@ def read_stat(pid_dir: Path) -> ProcCpu | None:
     # cmajflt utime stime ...
     return ProcCpu(ppid=int(fields[1]), ticks=int(fields[11]) + int(fields[12]),
                    kernel_thread=bool(int(fields[6]) & PF_KTHREAD))
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU the processes have used so far, all threads, together."""
+    ticks = 0
+    for pid in pids:
+        stat = read_stat(Path(f"/proc/{pid}"))
+        if stat is None:
+            raise BenchError(f"process {pid} is gone: its CPU cannot be counted")
+        ticks += stat.ticks
+    return ticks / CLK_TCK
 
 
 def snapshot() -> dict[int, ProcCpu]:
