@@ -467,6 +467,7 @@ class BodyRepair:
         submissions queued since the last pass, and which of the bodies this pass asks about no
         submission refers to any more. Its cost is theirs, not the queue's."""
         mark = self.mark
+        self.visits.extend(self._visited)  # a pass that failed after its read: their turn again
         count = min(self.forget_per_pass, len(self.visits))
         self._visited = [self.visits.popleft() for _ in range(count)]
         asked = (self._visited + list(itertools.islice(self.held, self.recheck_per_pass))
@@ -485,6 +486,7 @@ class BodyRepair:
             self.held.pop(digest, None)
             self.lacking.pop(digest, None)
         self.visits.extend(d for d in self._visited if d in self.held)
+        self._visited = []
         for digest in self._fetching:  # fetched since the last pass?
             if digest in self.lacking and self.store.has(digest):
                 del self.lacking[digest]

@@ -477,3 +477,15 @@ def test_a_body_no_peer_has_does_not_hold_up_the_others(tmp_path: Path) -> None:
     repair = BodyRepair(store, recheck_per_pass=0, max_fetch=2)
     assert _repair_pass(repair, state) == lacking[:2]
     assert _repair_pass(repair, state) == [lacking[2], lacking[0]]  # the first two failed: to the back
+
+
+def test_a_pass_whose_read_failed_leaves_every_held_body_its_turn(tmp_path: Path) -> None:
+    from raftmail.consensus.state import MailState
+    from raftmail.node.bodies import BodyRepair
+    store, state = BodyStore(tmp_path, fsync=False), MailState()
+    digests = _queue(state, store, range(4))
+    repair = BodyRepair(store, recheck_per_pass=0, forget_per_pass=2)
+    _repair_pass(repair, state)
+    repair.state_read()  # its read under the apply lock failed: missing() never ran
+    _repair_pass(repair, state)
+    assert sorted(repair.visits) == sorted(digests)  # each still asked about in turn
