@@ -147,7 +147,7 @@ class CoreLink:
 
     async def connect(self, path: Path) -> None:
         self.reader, self.writer = await asyncio.open_unix_connection(str(path))
-        asyncio.create_task(self._read())
+        self._reader = asyncio.create_task(self._read())  # held: the loop keeps tasks only weakly
         await self.refresh()
 
     async def _read(self) -> None:
